@@ -1,0 +1,71 @@
+"""Where lmproxy keeps things, for the user manager and for the system manager."""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class Scope(enum.Enum):
+    """Which systemd instance owns the units: the system manager or a user's manager."""
+
+    SYSTEM = "system"
+    USER = "user"
+
+    @classmethod
+    def default(cls) -> Scope:
+        """Root manages the system; everyone else their own user manager."""
+        return cls.SYSTEM if os.geteuid() == 0 else cls.USER
+
+    @property
+    def bus(self) -> str:
+        """jeepney's name for the bus that this manager listens on."""
+        return "SYSTEM" if self is Scope.SYSTEM else "SESSION"
+
+    @property
+    def systemctl_flag(self) -> str:
+        return f"--{self.value}"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every path lmproxy writes to or reads from, for one scope."""
+
+    unit_dir: Path  # where rendered units are installed
+    config_dir: Path  # where the installed copy of the config lives
+    runtime_dir: Path  # the ledger and other run-time state (tmpfs, gone at reboot)
+
+    @property
+    def installed_config(self) -> Path:
+        return self.config_dir / "config.json"
+
+    @property
+    def ledger(self) -> Path:
+        return self.runtime_dir / "ledger.json"
+
+    @property
+    def manifest(self) -> Path:
+        """The list of unit files the last `lmproxy install` wrote, so that a later
+        install or uninstall removes exactly those and nothing else."""
+        return self.config_dir / "installed-units.json"
+
+
+def paths_for(scope: Scope, environ: Mapping[str, str] | None = None) -> Paths:
+    env = os.environ if environ is None else environ
+    if scope is Scope.SYSTEM:
+        return Paths(
+            unit_dir=Path("/etc/systemd/system"),
+            config_dir=Path("/etc/lmproxy"),
+            runtime_dir=Path("/run/lmproxy"),
+        )
+    home = Path(env.get("HOME") or Path.home())
+    config_home = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
+    runtime = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    return Paths(
+        unit_dir=config_home / "systemd" / "user",
+        config_dir=config_home / "lmproxy",
+        runtime_dir=Path(runtime) / "lmproxy",
+    )
