@@ -93,8 +93,9 @@ class Sandbox:
         return merged
 
     def command(self, argv: Sequence[str]) -> list[str]:
-        """argv, made to run inside the sandbox's mount namespace (needed for journalctl)."""
-        return ["nsenter", f"--target={self.manager_pid}", "--mount", "--", *argv]
+        """argv, made to run inside the sandbox's mount namespace (needed for journalctl),
+        in this process's working directory (nsenter would use the manager's)."""
+        return ["nsenter", f"--target={self.manager_pid}", "--mount", f"--wd={os.getcwd()}", "--", *argv]
 
     def run(
         self, argv: Sequence[str], *, timeout: float = 60, check: bool = False

@@ -1,0 +1,1 @@
+"""One module per `lmproxy` verb; each parses its options and calls into the core."""

@@ -1,0 +1,45 @@
+"""lmproxy install / uninstall: put the units into systemd, or take them out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from lmproxy.commands.common import config_option, fail, refuse_config, resolve_scope, scope_option
+from lmproxy.config import ConfigError
+
+
+@click.command()
+@config_option
+@scope_option
+@click.option("--now", is_flag=True, help="Also start the sockets (they listen at once).")
+def install(config_path: Path, scope: str | None, now: bool) -> None:
+    """Render units from a config and install them into systemd.
+
+    Re-running it with a changed config updates the units in place, removes
+    those of services that left the config, and leaves the others running.
+    A bad config is refused (exit 2) and nothing is changed.
+    """
+    from lmproxy import installer
+    from lmproxy.systemd import SystemdError
+
+    try:
+        installer.install(config_path, resolve_scope(scope), now=now, say=click.echo)
+    except ConfigError as error:
+        refuse_config(error, config_path)
+    except SystemdError as error:
+        fail(str(error))
+
+
+@click.command()
+@scope_option
+def uninstall(scope: str | None) -> None:
+    """Stop and remove every unit lmproxy installed, and nothing else."""
+    from lmproxy import installer
+    from lmproxy.systemd import SystemdError
+
+    try:
+        installer.uninstall(resolve_scope(scope), say=click.echo)
+    except SystemdError as error:
+        fail(str(error))

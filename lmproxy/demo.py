@@ -1,0 +1,107 @@
+"""The demo: two fake models that cannot share one fake GPU, end to end.
+
+It installs them into a real systemd user manager (a private sandboxed one
+when this machine was not booted with systemd), connects to each in turn, and
+shows the lazy start, the eviction, `lmproxy status` and the logs, then
+removes everything it installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from lmproxy import sandbox
+from lmproxy.render import current_interpreter
+
+GPU = "VRAM-GPU-0"
+
+
+def demo_config(small_port: int, large_port: int) -> dict[str, object]:
+    def model(name: str, port: int, vram: int, delay: float) -> dict[str, object]:
+        return {
+            "Name": name,
+            "ListenPort": str(port),
+            "ProxyTargetHost": "127.0.0.1",
+            "ProxyTargetPort": str(port + 10000),
+            "Command": sys.executable,
+            "Args": f"-m lmproxy.fakemodel --name {name} --port {port + 10000} --delay {delay}",
+            "ResourceRequirements": {GPU: vram, "RAM": 4000},
+            # lmproxy's own additions: found by a source checkout's interpreter too
+            "Environment": dict(current_interpreter().environment),
+        }
+
+    return {
+        "ResourcesAvailable": {GPU: 24000, "RAM": 32000},
+        "Services": [
+            model("small-model", small_port, 16000, 1.0),
+            model("large-model", large_port, 20000, 1.5),
+        ],
+    }
+
+
+def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
+    with _manager() as (environ, wrap), tempfile.TemporaryDirectory() as workdir:
+        config = Path(workdir) / "config.json"
+        config.write_text(json.dumps(demo_config(small_port, large_port), indent=2))
+        say(f"# config: two fake models, 16000 and 20000 of {GPU} (24000 available)")
+        say(config.read_text())
+
+        def lmproxy(*args: str) -> None:
+            argv = wrap([sys.executable, "-m", "lmproxy", *args])
+            say(f"$ lmproxy {' '.join(args)}")
+            result = subprocess.run(argv, env=environ, capture_output=True, text=True, check=False)
+            say((result.stdout + result.stderr).rstrip())
+            if result.returncode != 0:
+                raise SystemExit(f"lmproxy {args[0]} failed with status {result.returncode}")
+
+        try:
+            lmproxy("install", "--user", "--config", str(config), "--now")
+            lmproxy("status", "--user")
+            for name, port in (("small-model", small_port), ("large-model", large_port)):
+                say(f"\n# a client connects to {name} on port {port}: it starts on demand")
+                started = time.monotonic()
+                body = http_get(port)
+                say(f"answered after {time.monotonic() - started:.2f} s: {body}")
+                lmproxy("status", "--user")
+            say("\n# small-model was stopped to make room; a second request to large-model is instant")
+            started = time.monotonic()
+            http_get(large_port)
+            say(f"answered after {(time.monotonic() - started) * 1000:.0f} ms")
+            say("\n# what happened, from the journal")
+            lmproxy("logs", "small-model")
+            lmproxy("logs", "large-model")
+        finally:
+            lmproxy("uninstall", "--user")
+
+
+def http_get(port: int, path: str = "/", timeout: float = 60) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while data := conn.recv(65536):
+            chunks.append(data)
+    response = b"".join(chunks).decode(errors="replace")
+    return response.split("\r\n\r\n", 1)[-1]
+
+
+Wrap = Callable[[Sequence[str]], list[str]]
+
+
+@contextlib.contextmanager
+def _manager() -> Iterator[tuple[dict[str, str], Wrap]]:
+    """The environment and command wrapper that reach a user manager."""
+    if sandbox.host_has_systemd() and sandbox.unavailable_reason() is not None:
+        import os
+
+        yield dict(os.environ), list
+        return
+    with sandbox.running() as box:
+        yield box.env(), box.command

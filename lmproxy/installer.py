@@ -1,0 +1,197 @@
+"""Installing, updating and removing lmproxy's units in a systemd manager.
+
+The config is validated and every unit rendered before anything is written,
+so a bad config changes nothing. A manifest of the unit files written by the
+last install lets a later install remove the units of services that left the
+config, and uninstall remove exactly what lmproxy installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmproxy import unitnames
+from lmproxy.config import Config, load_config
+from lmproxy.paths import Paths, Scope, paths_for
+from lmproxy.render import current_interpreter, render_units
+from lmproxy.systemd import Manager, SystemdError
+
+JOB_TIMEOUT_S = 120.0
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an install changes, computed before anything is touched."""
+
+    write: dict[str, str]  # unit file name -> new contents (new or changed)
+    keep: tuple[str, ...]  # unit files already as they should be
+    remove: tuple[str, ...]  # unit files of a previous install that are no longer wanted
+
+
+def render_for(config: Config, scope: Scope) -> dict[str, str]:
+    paths = paths_for(scope)
+    return render_units(
+        config, scope=scope, config_path=paths.installed_config, interpreter=current_interpreter()
+    )
+
+
+def plan_install(units: dict[str, str], paths: Paths) -> Plan:
+    previous = read_manifest(paths)
+    write, keep = {}, []
+    for name, text in units.items():
+        current = paths.unit_dir / name
+        if current.is_file() and current.read_text() == text:
+            keep.append(name)
+        else:
+            write[name] = text
+    remove = tuple(sorted(name for name in previous if name not in units))
+    return Plan(write, tuple(sorted(keep)), remove)
+
+
+def install(config_path: Path, scope: Scope, *, now: bool, say: Say) -> None:
+    """Validates, renders, writes, reloads, enables (and with now, starts)."""
+    config = load_config(config_path)
+    config_text = config_path.read_bytes()
+    paths = paths_for(scope)
+    units = render_for(config, scope)
+    with Manager.connect(scope) as manager, _install_lock(paths):
+        plan = plan_install(units, paths)
+        _stop_units(manager, _stop_order(plan.remove), say)
+        if plan.remove:
+            manager.disable_unit_files([n for n in plan.remove if _enableable(n)])
+        _write_atomically(paths.installed_config, config_text, 0o644)
+        for name, text in plan.write.items():
+            _write_atomically(paths.unit_dir / name, text.encode(), 0o644)
+        for name in plan.remove:
+            with contextlib.suppress(FileNotFoundError):
+                (paths.unit_dir / name).unlink()
+        _write_manifest(paths, sorted(units))
+        manager.reload()
+        manager.enable_unit_files([n for n in sorted(units) if _enableable(n)])
+        sockets = [unitnames.socket_unit(s.name) for s in config.services]
+        if now:
+            _start_sockets(manager, sockets, plan, say)
+    for name in plan.remove:
+        say(f"removed {name}")
+    for name in plan.write:
+        say(f"wrote {paths.unit_dir / name}")
+    say(
+        f"installed {len(config.services)} service(s) for the {scope.value} manager"
+        + ("; sockets listening" if now else "; start them with --now or `systemctl "
+           f"{scope.systemctl_flag} start {unitnames.TARGET}`")
+    )
+
+
+def uninstall(scope: Scope, *, say: Say) -> None:
+    """Stops and removes every unit the last install wrote, and nothing else."""
+    paths = paths_for(scope)
+    with Manager.connect(scope) as manager, _install_lock(paths):
+        installed = read_manifest(paths)
+        if not installed:
+            say(f"nothing to uninstall for the {scope.value} manager")
+            return
+        _stop_units(manager, _stop_order(installed), say)
+        manager.disable_unit_files([n for n in installed if _enableable(n)])
+        for name in installed:
+            with contextlib.suppress(FileNotFoundError):
+                (paths.unit_dir / name).unlink()
+        for leftover in (paths.installed_config, paths.manifest, paths.ledger):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        manager.reload()
+    say(f"removed {len(installed)} unit(s) from the {scope.value} manager")
+
+
+def read_manifest(paths: Paths) -> list[str]:
+    try:
+        names = json.loads(paths.manifest.read_text())
+    except FileNotFoundError:
+        return []
+    # Only names lmproxy could have written: a tampered manifest cannot make
+    # uninstall remove someone else's units.
+    return [
+        n
+        for n in names
+        if isinstance(n, str)
+        and "/" not in n
+        and (n.startswith(unitnames.PREFIX) or n in (unitnames.TARGET, unitnames.SLICE))
+    ]
+
+
+def _stop_order(units: Sequence[str]) -> list[str]:
+    """Sockets first (no new shims), then shims, then backends."""
+
+    def rank(name: str) -> int:
+        if name.endswith(".socket") or name == unitnames.TARGET:
+            return 0
+        if name.endswith("-backend.service"):
+            return 2
+        return 1
+
+    return sorted((n for n in units if n != unitnames.SLICE), key=rank)
+
+
+def _enableable(name: str) -> bool:
+    return name.endswith(".socket") or name == unitnames.TARGET
+
+
+def _stop_units(manager: Manager, units: Sequence[str], say: Say) -> None:
+    for name in units:
+        try:
+            manager.stop_unit(name, JOB_TIMEOUT_S)
+        except SystemdError as error:
+            say(f"warning: {error}")
+
+
+def _start_sockets(manager: Manager, sockets: Sequence[str], plan: Plan, say: Say) -> None:
+    for name in sockets:
+        if name in plan.write and manager.unit_state(name).running:
+            # A changed socket (new port or address) only binds anew when restarted;
+            # its shim stops with it, its backend keeps running and is adopted.
+            manager.stop_unit(name, JOB_TIMEOUT_S)
+            say(f"restarting {name}: its settings changed")
+        manager.start_unit(name, JOB_TIMEOUT_S)
+    manager.start_unit(unitnames.TARGET, JOB_TIMEOUT_S)
+
+
+def _write_manifest(paths: Paths, names: list[str]) -> None:
+    _write_atomically(paths.manifest, json.dumps(names, indent=1).encode(), 0o644)
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Writes to a temporary file in the same directory, then renames it into place:
+    a reader or a crash never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+@contextlib.contextmanager
+def _install_lock(paths: Paths) -> Iterator[None]:
+    """One install or uninstall at a time per manager."""
+    paths.config_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.config_dir / ".install.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,110 @@
+"""Knowing when a backend answers: poll its port with a millisecond backoff,
+then run its health check, within the startup deadline."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Connect attempts on loopback cost microseconds; waking this often keeps the
+# delay between the port opening and the first relayed byte at a few ms.
+FIRST_DELAY_S = 0.001
+MAX_DELAY_S = 0.005
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the backend listens, resolved once (getaddrinfo is not free)."""
+
+    family: int
+    address: tuple[str, int] | tuple[str, int, int, int]
+
+    def connect(self, timeout: float) -> socket.socket:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+def resolve(host: str, port: int) -> list[Target]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [Target(family, address) for family, _, _, _, address in infos]  # type: ignore[misc]
+
+
+class NotReady(Exception):
+    """The backend did not become ready; the message says why."""
+
+
+def wait_until_ready(
+    host: str,
+    port: int,
+    *,
+    deadline: float,
+    healthcheck: str | None,
+    healthcheck_interval_s: float,
+    gone: Callable[[], bool],
+) -> Target:
+    """Returns the address that answered, or raises NotReady.
+
+    gone() tells that the backend unit stopped: no point waiting any longer.
+    """
+    target = _wait_for_port(host, port, deadline, gone)
+    if healthcheck:
+        _wait_for_healthcheck(healthcheck, healthcheck_interval_s, deadline, gone)
+    return target
+
+
+def _wait_for_port(host: str, port: int, deadline: float, gone: Callable[[], bool]) -> Target:
+    delay = FIRST_DELAY_S
+    while True:
+        try:
+            targets = resolve(host, port)
+        except OSError as error:
+            raise NotReady(f"cannot resolve {host}: {error}") from error
+        for target in targets:
+            try:
+                target.connect(timeout=1.0).close()
+                return target
+            except OSError:
+                continue
+        if gone():
+            raise NotReady(f"the backend stopped before it opened {host}:{port}")
+        if time.monotonic() >= deadline:
+            raise NotReady(f"{host}:{port} did not accept connections before the startup timeout")
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_DELAY_S)
+
+
+def _wait_for_healthcheck(
+    command: str, interval_s: float, deadline: float, gone: Callable[[], bool]
+) -> None:
+    last = "it never ran"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NotReady(f"the health check did not pass before the startup timeout ({last})")
+        try:
+            result = subprocess.run(
+                ["/bin/sh", "-c", command],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=remaining,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            continue
+        if result.returncode == 0:
+            return
+        output = (result.stdout + result.stderr).decode(errors="replace").strip()[-200:]
+        last = f"last exit status {result.returncode}" + (f": {output}" if output else "")
+        if gone():
+            raise NotReady("the backend stopped while its health check was failing")
+        time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))

@@ -1,0 +1,135 @@
+"""Rendering a config into systemd units, with the Jinja2 templates in templates/.
+
+Every value reaches a unit through one of the escaping filters of
+`lmproxy.unitsyntax`: the environment's `finalize` refuses anything else, so a
+template cannot put a raw config string into a unit by mistake, and a config
+cannot inject a directive, a specifier or another unit.
+"""
+
+from __future__ import annotations
+
+import site
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from lmproxy import resources, unitnames, unitsyntax
+from lmproxy.config import Config, Service
+from lmproxy.paths import Scope
+
+BACKEND_STOP_TIMEOUT_S = 30
+
+
+class Escaped(str):
+    """A string already made safe for a unit file by lmproxy.unitsyntax."""
+
+
+def _refuse_unescaped(value: object) -> object:
+    if isinstance(value, Escaped):
+        return value
+    raise TypeError(f"unescaped value {value!r} in a unit template")
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resources.data_dir("templates"))),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        finalize=_refuse_unescaped,
+    )
+    return env
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """How units run lmproxy's own Python modules (the shim, the log tee)."""
+
+    executable: str
+    environment: Mapping[str, str]
+
+    def module(self, module: str, *args: str) -> list[str]:
+        return [self.executable, "-m", module, *args]
+
+
+def current_interpreter() -> Interpreter:
+    """The interpreter running now: right for Debian's package, a venv and a
+    source checkout alike. A checkout is not on the interpreter's path, so its
+    units get PYTHONPATH."""
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    site_dirs = {
+        str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]
+    }
+    environment = {} if package_parent in site_dirs else {"PYTHONPATH": package_parent}
+    return Interpreter(sys.executable, environment)
+
+
+def render_units(
+    config: Config,
+    *,
+    scope: Scope,
+    config_path: Path,
+    interpreter: Interpreter,
+) -> dict[str, str]:
+    """Every unit file lmproxy installs for config: file name -> contents."""
+    env = _environment()
+    units: dict[str, str] = {}
+    for service in config.services:
+        values = _values(service, scope, config_path, interpreter)
+        units[unitnames.socket_unit(service.name)] = env.get_template("socket.j2").render(values)
+        units[unitnames.shim_unit(service.name)] = env.get_template("shim.service.j2").render(
+            values
+        )
+        units[unitnames.backend_unit(service.name)] = env.get_template(
+            "backend.service.j2"
+        ).render(values)
+    for static in sorted(resources.data_dir("units").iterdir()):
+        if static.suffix in (".target", ".slice"):
+            units[static.name] = static.read_text()
+    return units
+
+
+def _values(
+    service: Service,
+    scope: Scope,
+    config_path: Path,
+    interpreter: Interpreter,
+) -> dict[str, object]:
+    name = service.name
+    shim_argv = interpreter.module(
+        "lmproxy", "shim", scope.systemctl_flag, "--config", str(config_path), name
+    )
+    backend_argv: Sequence[str] = service.argv
+    backend_environment = dict(service.environment)
+    if service.log_file_path:
+        # LogFilePath gets the output as well as the journal: a small tee runs the command.
+        backend_argv = interpreter.module("lmproxy.logtee", service.log_file_path, "--", *service.argv)
+        backend_environment = {**interpreter.environment, **backend_environment}
+    return {
+        "name": Escaped(unitsyntax.quote_value(name)),
+        "config_path": Escaped(unitsyntax.quote_value(str(config_path))),
+        "socket": Escaped(unitnames.socket_unit(name)),
+        "backend": Escaped(unitnames.backend_unit(name)),
+        "listen": Escaped(unitsyntax.listen_stream(service.listen_address, service.listen_port)),
+        "shim_exec": Escaped(unitsyntax.exec_line(shim_argv)),
+        "shim_environment": [
+            Escaped(unitsyntax.environment_assignment(k, v)) for k, v in interpreter.environment.items()
+        ],
+        "exec_start": Escaped(unitsyntax.exec_line(backend_argv)),
+        "exec_stop": Escaped(unitsyntax.exec_line(["/bin/sh", "-c", service.kill_command]))
+        if service.kill_command
+        else None,
+        "work_dir": Escaped(unitsyntax.path_value(service.work_dir)) if service.work_dir else None,
+        "environment": [
+            Escaped(unitsyntax.environment_assignment(k, v)) for k, v in backend_environment.items()
+        ],
+        "user": Escaped(unitsyntax.quote_value(service.user)) if service.user else None,
+        "remain_after_exit": Escaped("yes") if not service.consider_stopped_on_process_exit else None,
+        "syslog_identifier": Escaped(unitnames.syslog_identifier(name)),
+        "stop_timeout_s": Escaped(str(BACKEND_STOP_TIMEOUT_S)),
+    }

@@ -1,0 +1,397 @@
+"""The shim: `lmproxy shim NAME`, started by systemd when a client connects.
+
+It receives the listening socket (socket activation, Accept=no), makes room
+in the ledger (stopping least recently used services if it must), starts its
+backend unit, waits until it answers, then accepts and relays every client
+until the backend stops (evicted, idle, crashed, stopped by hand); then it
+exits and leaves the socket to systemd, which starts it again on the next
+connection.
+
+Only this module's edges do I/O: the ledger file, D-Bus (lmproxy.systemd),
+the sockets (lmproxy.relay) and the journal. The decisions are
+lmproxy.eviction's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from lmproxy import eviction, unitnames
+from lmproxy.config import Config, Service, load_config
+from lmproxy.eviction import Entry, State
+from lmproxy.journal import Logger
+from lmproxy.ledger import Ledger
+from lmproxy.paths import Scope, paths_for
+from lmproxy.readiness import NotReady, Target, wait_until_ready
+from lmproxy.relay import Relay
+from lmproxy.systemd import Manager, SystemdError
+
+# How long to wait for a D-Bus start or stop job beyond the unit's own timeouts.
+JOB_TIMEOUT_S = 120.0
+# How often the ledger learns of relay activity (last used time, for LRU).
+PUBLISH_INTERVAL_S = 1.0
+# While waiting for other services: first and longest pause between tries.
+WAIT_FIRST_S = 0.01
+WAIT_MAX_S = 0.25
+
+
+class Outcome(enum.Enum):
+    BACKEND_GONE = "backend stopped"
+    IDLE = "idle"
+    RESTART = "backend refused a connection"
+
+
+class StartFailed(Exception):
+    """The backend could not be made to serve; the message says why."""
+
+
+class Shim:
+    def __init__(self, config: Config, service: Service, scope: Scope, listener: socket.socket):
+        self.config = config
+        self.service = service
+        self.name = service.name
+        self.scope = scope
+        self.listener = listener
+        self.backend = unitnames.backend_unit(self.name)
+        self.log = Logger(self.name)
+        self._managers = threading.local()
+        self.ledger = Ledger(
+            paths_for(scope).runtime_dir,
+            config.resources_available,
+            {s.name: s.resource_requirements for s in config.services},
+            self._probe,
+            lambda message: self.log.info(message, event="reconcile"),
+        )
+        self.relay = Relay(on_change=self._connections_changed)
+        self.target: Target | None = None
+        self.backend_gone = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._published = threading.Event()
+
+    # --- edges ------------------------------------------------------------
+
+    def manager(self) -> Manager:
+        """A D-Bus connection for the calling thread (connections are not thread-safe)."""
+        manager: Manager | None = getattr(self._managers, "manager", None)
+        if manager is None:
+            manager = Manager.connect(self.scope)
+            self._managers.manager = manager
+        return manager
+
+    def _probe(self, units: Sequence[str]) -> Mapping[str, bool]:
+        return {name: state.running for name, state in self.manager().unit_states(units).items()}
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    # --- the life of a shim ------------------------------------------------
+
+    def run(self) -> int:
+        self.listener.setblocking(False)
+        self.relay.start()
+        threading.Thread(target=self._publisher, name="publisher", daemon=True).start()
+        notify("READY=1", f"STATUS=starting {self.backend}")
+        while True:
+            try:
+                self.target = self._ensure_backend()
+            except StartFailed as failure:
+                self.log.error(f"cannot serve {self.name}: {failure}", event="failed")
+                turned_away = self._turn_away_waiting_clients()
+                self.log.info(f"closed {turned_away} waiting client(s)", event="turned-away")
+                return 1
+            notify(f"STATUS=relaying to {self.backend}")
+            outcome = self._serve()
+            self.relay.close_all()
+            if outcome is Outcome.RESTART:
+                self.log.warning(f"restarting {self.backend}: it refused a connection", event="restart")
+                self._stop_own_backend()
+                continue
+            self._release()
+            self.log.info(f"{self.backend} is no longer running ({outcome.value}); exiting", event="exit")
+            return 0
+
+    def _ensure_backend(self) -> Target:
+        """Reserves, evicts, starts and waits; returns the address that answers."""
+        self._reserve()
+        try:
+            already = self.manager().unit_state(self.backend).running
+            if not already:
+                started = time.monotonic()
+                self.manager().start_unit(self.backend, JOB_TIMEOUT_S)
+                self.log.info(f"started {self.backend}", event="started")
+            else:
+                started = time.monotonic()
+            self._watch_backend()
+            deadline = started + self.service.startup_timeout_ms / 1000
+            target = wait_until_ready(
+                self.service.proxy_target_host,
+                self.service.proxy_target_port,
+                deadline=deadline,
+                healthcheck=self.service.healthcheck_command,
+                healthcheck_interval_s=self.service.healthcheck_interval_ms / 1000,
+                gone=self.backend_gone.is_set,
+            )
+        except (SystemdError, NotReady) as error:
+            self._roll_back()
+            raise StartFailed(str(error)) from error
+        ready_ms = (time.monotonic() - started) * 1000
+        with self.ledger.transaction() as txn:
+            if self.name in txn.entries:
+                txn.set(self.name, state=State.RUNNING, last_used=time.time())
+        self.log.info(f"{self.name} ready after {ready_ms:.0f} ms", event="ready", ready_ms=ready_ms)
+        return target
+
+    def _reserve(self) -> None:
+        """Loops until this service holds its reservation, stopping victims and
+        waiting for busy services as the planner says."""
+        needs = self.service.resource_requirements
+        give_up = time.monotonic() + self.config.max_wait_for_connection_close_s
+        pause = WAIT_FIRST_S
+        while True:
+            victims: tuple[str, ...] = ()
+            with self.ledger.transaction() as txn:
+                entry = txn.entries.get(self.name)
+                if entry is not None and entry.state in (State.STARTING, State.RUNNING):
+                    return  # ours already (a shim before us reserved, or adoption)
+                if entry is not None and entry.state is State.STOPPING:
+                    decision: eviction.Decision = eviction.Wait(
+                        eviction.WaitReason.STOPPING, (self.name,)
+                    )
+                else:
+                    decision = eviction.plan(txn.available, txn.entries, self.name, needs)
+                now = time.time()
+                match decision:
+                    case eviction.Reserve():
+                        txn.entries[self.name] = Entry(State.STARTING, dict(needs), 0, now)
+                        self.log.info(f"reserved {_amounts(needs)}", event="reserved")
+                        return
+                    case eviction.Evict(victims=victims):
+                        for victim in victims:
+                            txn.set(victim, state=State.STOPPING)
+                        txn.entries[self.name] = Entry(State.WAITING, {}, 0, now)
+                    case eviction.Wait():
+                        if entry is None or entry.state is not State.STOPPING:
+                            txn.entries[self.name] = Entry(State.WAITING, {}, 0, now)
+                    case eviction.Impossible(shortfall=shortfall):
+                        txn.entries.pop(self.name, None)
+                        raise StartFailed(f"needs {_amounts(shortfall)} more than exists")
+            if victims:
+                self._evict(victims, needs)
+                pause = WAIT_FIRST_S
+                continue
+            assert isinstance(decision, eviction.Wait)
+            if time.monotonic() >= give_up:
+                with self.ledger.transaction() as txn:
+                    if (e := txn.entries.get(self.name)) is not None and e.state is State.WAITING:
+                        del txn.entries[self.name]
+                raise StartFailed(
+                    f"gave up after {self.config.max_wait_for_connection_close_s} s "
+                    f"{decision.reason.value}: {', '.join(decision.services)}"
+                )
+            notify(f"STATUS={decision.reason.value}: {', '.join(decision.services)}")
+            time.sleep(pause)
+            pause = min(pause * 2, WAIT_MAX_S)
+
+    def _evict(self, victims: tuple[str, ...], needs: Mapping[str, int]) -> None:
+        for victim in victims:
+            self.log.info(
+                f"evicting {victim} to free room for {_amounts(needs)}", event="evict", victim=victim
+            )
+            try:
+                self.manager().stop_unit(unitnames.backend_unit(victim), JOB_TIMEOUT_S)
+            except SystemdError as error:
+                # Its entry stays STOPPING only while its backend runs: reconciliation
+                # drops it once the unit is gone, so the next round sees the truth.
+                self.log.error(f"could not stop {victim}: {error}", event="evict-failed")
+
+    def _watch_backend(self) -> None:
+        self.backend_gone.clear()
+
+        def watch() -> None:
+            try:
+                with Manager.connect(self.scope) as manager:
+                    manager.wait_until_inactive(self.backend)
+            except SystemdError as error:
+                self.log.error(f"lost track of {self.backend}: {error}", event="watch-failed")
+            self.backend_gone.set()
+            self._wake()
+
+        threading.Thread(target=watch, name="watch-backend", daemon=True).start()
+
+    def _roll_back(self) -> None:
+        """A start that failed: stop what may have started, release the reservation."""
+        with contextlib.suppress(SystemdError):
+            self.manager().stop_unit(self.backend, JOB_TIMEOUT_S)
+        self._release()
+
+    def _release(self) -> None:
+        with self.ledger.transaction() as txn:
+            txn.entries.pop(self.name, None)
+
+    def _stop_own_backend(self) -> None:
+        with self.ledger.transaction() as txn:
+            if self.name in txn.entries:
+                txn.set(self.name, state=State.STOPPING)
+        with contextlib.suppress(SystemdError):
+            self.manager().stop_unit(self.backend, JOB_TIMEOUT_S)
+        self.backend_gone.wait(JOB_TIMEOUT_S)
+        self._release()
+
+    # --- serving ----------------------------------------------------------
+
+    def _serve(self) -> Outcome:
+        idle_after = self.service.shutdown_after_inactivity_s
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            if self.backend_gone.is_set():
+                return Outcome.BACKEND_GONE
+            timeout_ms: int | None = None
+            if idle_after and self.relay.active == 0:
+                idle_for = time.monotonic() - self.relay.last_activity
+                if idle_for >= idle_after:
+                    if self._stop_for_idleness():
+                        return Outcome.IDLE
+                    continue
+                timeout_ms = max(1, int((idle_after - idle_for) * 1000))
+            for fd, _ in poller.poll(timeout_ms):
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                elif not self._accept_clients():
+                    return Outcome.RESTART
+
+    def _accept_clients(self) -> bool:
+        """Accepts every waiting client and relays it; False if the backend refused."""
+        if self.relay.active == 0 and not self._claim_first_connection():
+            # Being stopped (evicted): leave clients in the backlog; systemd starts
+            # a new shim for them once this one has exited.
+            self.backend_gone.wait(JOB_TIMEOUT_S)
+            return True
+        assert self.target is not None
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except BlockingIOError:
+                return True
+            except OSError as error:
+                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            try:
+                backend = self.target.connect(timeout=5.0)
+            except OSError as error:
+                client.close()
+                self.log.warning(f"{self.backend} refused a connection: {error}", event="refused")
+                if self.service.restart_on_connection_failure:
+                    return False
+                continue
+            self.relay.add(client, backend)
+
+    def _claim_first_connection(self) -> bool:
+        """Before the first connection is relayed, the ledger must say so: a
+        service with open connections is never evicted, and this is the moment
+        another shim could be choosing victims."""
+        with self.ledger.transaction() as txn:
+            entry = txn.entries.get(self.name)
+            if entry is None or entry.state is not State.RUNNING:
+                return False
+            txn.set(self.name, connections=max(1, entry.connections), last_used=time.time())
+            return True
+
+    def _stop_for_idleness(self) -> bool:
+        """Marks the backend stopping and stops it; False if a client came first.
+        Only this thread adds connections, so the relay's count cannot rise meanwhile."""
+        with self.ledger.transaction() as txn:
+            if self.name not in txn.entries:
+                return True  # already gone
+            if self.relay.active > 0:
+                return False
+            txn.set(self.name, state=State.STOPPING, connections=0)
+        self.log.info(
+            f"stopping {self.backend}: idle for {self.service.shutdown_after_inactivity_s} s",
+            event="idle-stop",
+        )
+        with contextlib.suppress(SystemdError):
+            self.manager().stop_unit(self.backend, JOB_TIMEOUT_S)
+        return True
+
+    def _connections_changed(self, active: int) -> None:
+        self._published.set()
+        if active == 0:
+            self._wake()  # the idle timer starts now
+
+    def _publisher(self) -> None:
+        """Keeps the ledger's connection count and last-used time current."""
+        published_count, published_activity = -1, 0.0
+        while True:
+            self._published.wait(PUBLISH_INTERVAL_S)
+            self._published.clear()
+            count, activity = self.relay.active, self.relay.last_activity
+            if count == published_count and activity == published_activity:
+                continue
+            used = time.time() - (time.monotonic() - activity)
+            try:
+                with self.ledger.transaction() as txn:
+                    entry = txn.entries.get(self.name)
+                    if entry is not None and entry.state is State.RUNNING:
+                        txn.set(self.name, connections=count, last_used=max(entry.last_used, used))
+            except (OSError, SystemdError) as error:
+                self.log.error(f"could not update the ledger: {error}", event="ledger-failed")
+                continue
+            published_count, published_activity = count, activity
+
+    def _turn_away_waiting_clients(self) -> int:
+        closed = 0
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return closed
+            client.close()
+            closed += 1
+
+
+def notify(*lines: str) -> None:
+    """Tells systemd (Type=notify) about readiness and status, when under systemd."""
+    if "NOTIFY_SOCKET" in os.environ:
+        from systemd import daemon
+
+        daemon.notify("\n".join(lines))
+
+
+def inherited_listener() -> socket.socket:
+    """The listening socket systemd passed (LISTEN_FDS)."""
+    from systemd import daemon
+
+    fds = daemon.listen_fds()
+    if len(fds) != 1:
+        raise SystemExit(
+            f"lmproxy shim expects exactly one socket from systemd, got {len(fds)}: "
+            "it is meant to be started by its .socket unit"
+        )
+    return socket.socket(fileno=fds[0])
+
+
+def main(name: str, scope: Scope, config_path: Path) -> int:
+    config = load_config(config_path)
+    try:
+        service = config.service(name)
+    except KeyError:
+        raise SystemExit(f"service {name!r} is not in {config_path}") from None
+    return Shim(config, service, scope, inherited_listener()).run()
+
+
+def _amounts(amounts: Mapping[str, int]) -> str:
+    return ", ".join(f"{amount} {resource}" for resource, amount in sorted(amounts.items())) or "nothing"

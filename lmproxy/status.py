@@ -1,0 +1,141 @@
+"""What every service is doing: systemd's unit states joined with the ledger."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from lmproxy import unitnames
+from lmproxy.config import Config
+from lmproxy.eviction import Entry, State
+from lmproxy.ledger import Ledger
+from lmproxy.paths import Scope, paths_for
+from lmproxy.systemd import Manager, UnitState
+
+STATES = ("cold", "starting", "running", "stopping", "failed")
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    state: str  # one of STATES
+    listen: str
+    backend_unit: str
+    reserved: dict[str, int]
+    connections: int
+    last_used: float | None  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class ResourceStatus:
+    name: str
+    available: int
+    reserved: int
+
+    @property
+    def free(self) -> int:
+        return self.available - self.reserved
+
+
+def service_state(entry: Entry | None, backend: UnitState, shim: UnitState) -> str:
+    """One word for a service, from its ledger entry and its units' states."""
+    if backend.active_state == "failed" or (
+        shim.active_state == "failed" and not backend.running
+    ):
+        return "failed"
+    if backend.active_state == "deactivating" or (entry and entry.state is State.STOPPING):
+        return "stopping"
+    if entry and entry.state in (State.WAITING, State.STARTING):
+        return "starting"
+    if backend.running:
+        return "running" if backend.active_state == "active" else "starting"
+    return "cold"
+
+
+def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[ResourceStatus]]:
+    paths = paths_for(scope)
+    entries = Ledger(paths.runtime_dir, config.resources_available, {}, lambda _: {}, print)
+    snapshot = entries.snapshot()
+    names = [u for s in config.services for u in (unitnames.backend_unit(s.name),
+                                                   unitnames.shim_unit(s.name))]
+    with Manager.connect(scope) as manager:
+        units = manager.unit_states(names)
+    services = []
+    for service in config.services:
+        entry = snapshot.get(service.name)
+        state = service_state(
+            entry, units[unitnames.backend_unit(service.name)], units[unitnames.shim_unit(service.name)]
+        )
+        held = dict(entry.reserved) if entry and state != "cold" else {}
+        address = service.listen_address
+        listen = f"[{address}]:{service.listen_port}" if ":" in address else f"{address}:{service.listen_port}"
+        services.append(
+            ServiceStatus(
+                name=service.name,
+                state=state,
+                listen=listen,
+                backend_unit=unitnames.backend_unit(service.name),
+                reserved=held,
+                connections=entry.connections if entry and state != "cold" else 0,
+                last_used=entry.last_used if entry and entry.last_used else None,
+            )
+        )
+    resources = [
+        ResourceStatus(
+            name=resource,
+            available=amount,
+            reserved=sum(s.reserved.get(resource, 0) for s in services),
+        )
+        for resource, amount in sorted(config.resources_available.items())
+    ]
+    return services, resources
+
+
+def as_json(scope: Scope, services: list[ServiceStatus], resources: list[ResourceStatus]) -> dict[str, Any]:
+    """The stable document of `lmproxy status --json` (documented in the README)."""
+    return {
+        "version": 1,
+        "scope": scope.value,
+        "services": [
+            {
+                "name": s.name,
+                "state": s.state,
+                "listen": s.listen,
+                "backend_unit": s.backend_unit,
+                "reserved": s.reserved,
+                "connections": s.connections,
+                "last_used": _iso(s.last_used),
+            }
+            for s in services
+        ],
+        "resources": [
+            {"name": r.name, "available": r.available, "reserved": r.reserved, "free": r.free}
+            for r in resources
+        ],
+    }
+
+
+def as_table(services: list[ServiceStatus], resources: list[ResourceStatus]) -> str:
+    rows = [("SERVICE", "STATE", "LISTEN", "CONNS", "RESERVED", "LAST USED")]
+    for s in services:
+        reserved = ", ".join(f"{k}={v}" for k, v in sorted(s.reserved.items())) or "-"
+        rows.append((s.name, s.state, s.listen, str(s.connections), reserved, _iso(s.last_used) or "-"))
+    lines = _columns(rows)
+    lines.append("")
+    resource_rows = [("RESOURCE", "AVAILABLE", "RESERVED", "FREE")]
+    resource_rows += [(r.name, str(r.available), str(r.reserved), str(r.free)) for r in resources]
+    lines += _columns(resource_rows)
+    return "\n".join(lines)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
+    return moment.isoformat(timespec="seconds")

@@ -1,0 +1,125 @@
+"""Helpers for end-to-end tests: configs of fake models, the CLI, clients."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmproxy.render import current_interpreter
+from lmproxy.sandbox import Sandbox
+
+
+def free_port() -> int:
+    """A port nobody listens on, with its +10000 twin (for the backend) free too."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as twin:
+            try:
+                twin.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+def fake_model(
+    name: str, port: int, *, needs: dict[str, int] | None = None, delay: float = 0.2,
+    extra_args: str = "", **fields: Any,
+) -> dict[str, Any]:
+    service: dict[str, Any] = {
+        "Name": name,
+        "ListenPort": str(port),
+        "ProxyTargetHost": "127.0.0.1",
+        "ProxyTargetPort": str(port + 10000),
+        "Command": sys.executable,
+        "Args": f"-m lmproxy.fakemodel --name {name} --port {port + 10000} --delay {delay} {extra_args}",
+        "ResourceRequirements": needs or {},
+        # A source checkout is not on the interpreter's path; an installed lmproxy is.
+        "Environment": dict(current_interpreter().environment),
+    }
+    service.update(fields)
+    return service
+
+
+def write_config(path: Path, services: list[dict[str, Any]], **top: Any) -> Path:
+    document: dict[str, Any] = {"ResourcesAvailable": {"VRAM": 24000}, "Services": services}
+    document.update(top)
+    path.write_text(json.dumps(document, indent=2))
+    return path
+
+
+def lmproxy(sandbox: Sandbox, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Runs the lmproxy CLI inside the sandbox (so journalctl sees its journal)."""
+    return subprocess.run(
+        sandbox.command([sys.executable, "-m", "lmproxy", *args]),
+        env=sandbox.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def http_get(port: int, path: str = "/", timeout: float = 60) -> dict[str, Any]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), data
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def open_connection(port: int, timeout: float = 60) -> socket.socket:
+    """A keep-alive connection that has been served once (so it is relayed)."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    data = b""
+    while b"}" not in data:
+        chunk = conn.recv(65536)
+        assert chunk, "closed before answering"
+        data += chunk
+    return conn
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def unit_state(sandbox: Sandbox, unit: str) -> str:
+    result = sandbox.systemctl("show", "--property=ActiveState", "--value", unit)
+    return result.stdout.strip()
+
+
+def main_pid(sandbox: Sandbox, unit: str) -> int:
+    result = sandbox.systemctl("show", "--property=MainPID", "--value", unit)
+    return int(result.stdout.strip() or 0)
+
+
+def status_json(sandbox: Sandbox) -> dict[str, Any]:
+    result = lmproxy(sandbox, "status", "--user", "--json")
+    assert result.returncode == 0, result.stderr
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+def journal(sandbox: Sandbox, *matches: str) -> str:
+    result = sandbox.run(["journalctl", "--no-pager", "-o", "cat", *matches])
+    return result.stdout
