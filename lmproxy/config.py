@@ -3,10 +3,25 @@
 The format is large-model-proxy's, read unchanged; lmproxy's own additions
 use the same PascalCase style. Every error names the JSON path of the bad
 value, so that `lmproxy validate` can point at it.
+
+Parsing is strict where large-model-proxy is lax, because every value ends up
+in a systemd unit file: types are checked exactly (no bool for an integer, no
+number for a string), integers have documented ranges, strings must not hold
+control characters, and all problems are collected and raised together as one
+`ConfigError`. Keys match field names case-insensitively, as Go's
+encoding/json does; the same field twice in one object, or a field lmproxy
+does not know, is an error.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import json
+import os
+import re
+import shlex
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +81,867 @@ class Config:
         raise KeyError(name)
 
 
+# --- Names, defaults and ranges -------------------------------------------------------------
+
+UNIT_PREFIX = "lmproxy-"
+
+DEFAULT_LISTEN_ADDRESS = "127.0.0.1"
+DEFAULT_PROXY_TARGET_HOST = "localhost"
+DEFAULT_MAX_WAIT_FOR_CONNECTION_CLOSE_S = 1200
+DEFAULT_SHUTDOWN_AFTER_INACTIVITY_S = 0  # never
+DEFAULT_HEALTHCHECK_INTERVAL_MS = 200
+DEFAULT_STARTUP_TIMEOUT_MS = 600_000
+
+MAX_PORT = 65535
+MAX_RESOURCE_AMOUNT = 2**53
+MAX_MILLISECONDS = 2**31 - 1
+MAX_SECONDS = 2**31 - 1
+
+# Field names as documented; keys in a file match them case-insensitively.
+TOP_LEVEL_FIELDS = (
+    "ShutDownAfterInactivitySeconds",
+    "MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds",
+    "OutputServiceLogs",
+    "DefaultServiceUrl",
+    "Services",
+    "ResourcesAvailable",
+    "OpenAiApi",
+    "ManagementApi",
+    "ListenAddress",  # lmproxy
+)
+SERVICE_FIELDS = (
+    "Name",
+    "ListenPort",
+    "ListenAddress",  # lmproxy
+    "ProxyTargetHost",
+    "ProxyTargetPort",
+    "Command",
+    "Args",
+    "KillCommand",
+    "LogFilePath",
+    "WorkDir",
+    "HealthcheckCommand",
+    "HealthcheckIntervalMilliseconds",
+    "StartupTimeoutMilliseconds",
+    "ShutDownAfterInactivitySeconds",
+    "RestartOnConnectionFailure",
+    "ConsiderStoppedOnProcessExit",
+    "OpenAiApi",
+    "OpenAiApiModels",
+    "ServiceUrl",
+    "ResourceRequirements",
+    "Environment",  # lmproxy
+    "User",  # lmproxy
+)
+API_FIELDS = ("ListenPort",)
+
+# All used with fullmatch().
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_RESOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_DIGITS_RE = re.compile(r"[0-9]+")
+_PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+_NAME_RULE = (
+    "1 to 63 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit "
+    "(it becomes part of systemd unit names)"
+)
+_RESOURCE_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . : -, starting with a letter or digit"
+
+
+def unit_stem(name: str) -> str:
+    """The common start of the names of a service's systemd units."""
+    return UNIT_PREFIX + name
+
+
+def _unit_names(name: str) -> tuple[str, str, str]:
+    stem = unit_stem(name)
+    return (f"{stem}.socket", f"{stem}.service", f"{stem}-backend.service")
+
+
+# --- Entry points ------------------------------------------------------------------------------
+
+
 def load_config(path: Path) -> Config:
-    raise NotImplementedError
+    """Read and validate the config file at `path`; relative paths in it are taken
+    relative to the file's directory."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError([("$", f"cannot read the config file: {error}")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError([("$", f"the config file is not valid UTF-8: {error}")]) from None
+    return parse_config(text.removeprefix("\ufeff"), path.absolute().parent)
 
 
-def parse_config(text: str) -> Config:
-    raise NotImplementedError
+def parse_config(text: str, base_dir: Path | None = None) -> Config:
+    """Validate config text (JSON with optional comments and trailing commas).
+
+    Relative WorkDir, LogFilePath and Command paths are resolved against `base_dir`
+    (default: the current directory). Raises ConfigError listing every problem found.
+    """
+    base = os.path.abspath(base_dir if base_dir is not None else os.getcwd())
+    root = _decode(text)
+    parser = _Parser(base)
+    if not isinstance(root, _JsonObject):
+        raise ConfigError([("$", f"the top level must be an object, got {_show(root)}")])
+    config = parser.config(root)
+    if parser.problems:
+        raise ConfigError(parser.problems)
+    return config
+
+
+# --- JSONC -------------------------------------------------------------------------------------
+
+
+class _JsonObject:
+    """A JSON object, as its (key, value) pairs in document order (duplicates kept)."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[str, object]]) -> None:
+        self.pairs = pairs
+
+
+class _JsonNumber:
+    """A number that is not an integer lmproxy could take: a fraction, an exponent,
+    an integer too long to be in any range, or NaN/Infinity (not JSON at all)."""
+
+    __slots__ = ("text", "valid_json")
+
+    def __init__(self, text: str, valid_json: bool = True) -> None:
+        self.text = text
+        self.valid_json = valid_json
+
+
+def _parse_int(text: str) -> int | _JsonNumber:
+    return int(text) if len(text) <= 40 else _JsonNumber(text)
+
+
+def _parse_constant(text: str) -> _JsonNumber:
+    return _JsonNumber(text, valid_json=False)
+
+
+def _line_column(text: str, index: int) -> tuple[int, int]:
+    line = text.count("\n", 0, index) + 1
+    return line, index - text.rfind("\n", 0, index)
+
+
+def _strip_jsonc(text: str) -> str:
+    """Blank out comments and trailing commas, keeping every other character (and so
+    every line and column) where it was. Strings are copied untouched."""
+    out = list(text)
+    n = len(text)
+    i = 0
+    pending_comma = -1  # a comma followed so far only by whitespace and comments
+    previous = ""  # the last significant character before it
+    while i < n:
+        char = text[i]
+        if char == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            i += 1
+            pending_comma, previous = -1, '"'
+            continue
+        if char == "/" and text.startswith("//", i):
+            end = text.find("\n", i)
+            end = n if end == -1 else end
+            out[i:end] = " " * (end - i)
+            i = end
+            continue
+        if char == "/" and text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            if end == -1:
+                line, column = _line_column(text, i)
+                raise ConfigError([("$", f"line {line} column {column}: unterminated /* comment")])
+            for j in range(i, end + 2):
+                if out[j] != "\n":
+                    out[j] = " "
+            i = end + 2
+            continue
+        if char in " \t\r\n":
+            i += 1
+            continue
+        if char in "]}" and pending_comma >= 0:
+            out[pending_comma] = " "
+        # A comma right after "[", "{", "," or ":" is not a trailing one: json reports it.
+        pending_comma = i if char == "," and previous not in ("", "[", "{", ",", ":") else -1
+        previous = char
+        i += 1
+    return "".join(out)
+
+
+def _decode(text: str) -> object:
+    stripped = _strip_jsonc(text)
+    try:
+        return json.loads(
+            stripped,
+            object_pairs_hook=_JsonObject,
+            parse_float=_JsonNumber,
+            parse_int=_parse_int,
+            parse_constant=_parse_constant,
+        )
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            [("$", f"line {error.lineno} column {error.colno}: {error.msg}")]
+        ) from None
+    except RecursionError:
+        raise ConfigError([("$", "the JSON is nested too deeply")]) from None
+    except ValueError as error:  # defensive: json.loads has no other documented errors
+        raise ConfigError([("$", f"invalid JSON: {error}")]) from None
+
+
+# --- Helpers -----------------------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """How a JSON value is named in a message."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, _JsonObject):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, _JsonNumber):
+        text = value.text if value.valid_json else f"{value.text} (not valid JSON)"
+    else:
+        text = repr(value)
+    if len(text) > 80:
+        text = f"{text[:60]}...{text[-12:]} ({len(text)} characters)"
+    return text
+
+
+def _child(path: str, key: str) -> str:
+    if _PLAIN_KEY_RE.fullmatch(key):
+        return f"{path}.{key}"
+    return f"{path}[{json.dumps(key)}]"
+
+
+_GO_FOLD = str.maketrans({"\u017f": "s", "\u212a": "k"})  # long s, Kelvin sign
+
+
+def _fold(key: str) -> str | None:
+    """The key as Go's encoding/json compares it with an (ASCII) field name."""
+    key = key.translate(_GO_FOLD)
+    return key.lower() if key.isascii() else None
+
+
+def _absolute(base: str, path: str) -> str:
+    normal = os.path.normpath(os.path.join(base, path))
+    if normal.startswith("//"):  # normpath keeps a leading "//" (POSIX allows it to differ)
+        normal = "/" + normal.lstrip("/")
+    return normal
+
+
+def _ip_literal(text: str) -> str | None:
+    """The canonical form of an IPv4 or IPv6 address literal, or None."""
+    if "%" in text:  # no IPv6 scope ids: '%' is special in systemd unit files
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Whether connecting to `host` reaches this machine's loopback (or wildcard)."""
+    lower = host.lower().rstrip(".")
+    if lower == "localhost" or lower.endswith(".localhost"):
+        return True
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:  # the resolver also takes legacy forms such as 127.1 or 0x7f.0.0.1
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified
+
+
+class _Fields:
+    """An object's fields, matched to the known names; reports unknown and repeated keys."""
+
+    def __init__(
+        self, parser: _Parser, obj: _JsonObject, path: str, names: tuple[str, ...]
+    ) -> None:
+        self.path = path
+        self._found: dict[str, tuple[str, str, object]] = {}  # name -> (key, path, value)
+        by_fold = {name.lower(): name for name in names}
+        for key, value in obj.pairs:
+            key_path = _child(path, key)
+            folded = _fold(key)
+            name = by_fold.get(folded) if folded is not None else None
+            if name is None:
+                parser.error(key_path, _unknown_field(key, names))
+            elif name in self._found:
+                first = self._found[name][0]
+                if first == key:
+                    parser.error(key_path, f"duplicate field {key!r}")
+                else:
+                    parser.error(
+                        key_path,
+                        f"duplicate field {key!r}: the same field as {first!r} "
+                        "(field names are case-insensitive)",
+                    )
+            else:
+                self._found[name] = (key, key_path, value)
+
+    def get(self, name: str) -> tuple[str, object] | None:
+        found = self._found.get(name)
+        return None if found is None else (found[1], found[2])
+
+    def has(self, name: str) -> bool:
+        return name in self._found
+
+    def path_of(self, name: str) -> str:
+        found = self._found.get(name)
+        return found[1] if found is not None else _child(self.path, name)
+
+
+def _unknown_field(key: str, names: tuple[str, ...]) -> str:
+    message = f"unknown field {_show(key)}"
+    if len(key) <= 100:
+        lowered = {name.lower(): name for name in names}
+        close = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.8)
+        if close:
+            message += f" (did you mean {lowered[close[0]]!r}?)"
+    return message
+
+
+@dataclass
+class _Entry:
+    """What the checks across services need to know about one service."""
+
+    index: int
+    fields: _Fields
+    name: str | None
+    listen_port: int | None
+    listen_address: str
+    target_host: str | None
+    target_port: int | None
+    service: Service | None
+
+
+# --- The parser --------------------------------------------------------------------------------
+
+
+class _Parser:
+    def __init__(self, base_dir: str) -> None:
+        self.base_dir = base_dir
+        self.problems: list[tuple[str, str]] = []
+        self.resources: dict[str, int] = {}
+        self.resources_known = True  # False when ResourcesAvailable itself is unusable
+        self.bad_resources: set[str] = set()
+
+    def error(self, path: str, message: str) -> None:
+        self.problems.append((path, message))
+
+    # Values
+
+    def clean(self, path: str, value: str) -> bool:
+        match = _CONTROL_RE.search(value)
+        if match is None:
+            return True
+        self.error(
+            path,
+            f"{_show(value)} contains the control character {match.group()!r} "
+            f"at index {match.start()}; control characters are not allowed",
+        )
+        return False
+
+    def int_value(self, path: str, value: object, low: int, high: int) -> int | None:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if low <= value <= high:
+                return value
+            self.error(path, f"must be between {low} and {high}, got {value}")
+        elif (
+            isinstance(value, _JsonNumber)
+            and value.valid_json
+            and _DIGITS_RE.fullmatch(value.text.removeprefix("-"))
+        ):
+            self.error(path, f"must be between {low} and {high}, got {_show(value)}")
+        else:
+            self.error(path, f"expected an integer between {low} and {high}, got {_show(value)}")
+        return None
+
+    def port_value(self, path: str, value: object) -> int | None:
+        if isinstance(value, str) and _DIGITS_RE.fullmatch(value):
+            digits = value.lstrip("0")
+            if len(digits) <= 5 and 1 <= int(digits or "0") <= MAX_PORT:
+                return int(digits)
+        elif isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_PORT:
+            return value
+        self.error(
+            path,
+            f"expected a port number from 1 to {MAX_PORT} (an integer or a string of digits), "
+            f"got {_show(value)}",
+        )
+        return None
+
+    def string_value(self, path: str, value: object, what: str = "a string") -> str | None:
+        if not isinstance(value, str):
+            self.error(path, f"expected {what}, got {_show(value)}")
+            return None
+        return value if self.clean(path, value) else None
+
+    # Fields
+
+    def text(self, fields: _Fields, name: str, *, null_ok: bool = False) -> str | None:
+        """A string field; None when absent, null (where allowed) or invalid."""
+        got = fields.get(name)
+        if got is None:
+            return None
+        path, value = got
+        if value is None and null_ok:
+            return None
+        return self.string_value(path, value, "a string or null" if null_ok else "a string")
+
+    def optional_text(self, fields: _Fields, name: str) -> str | None:
+        """A string field where null, "" and absence all mean None."""
+        return self.text(fields, name, null_ok=True) or None
+
+    def boolean(self, fields: _Fields, name: str, default: bool) -> bool:
+        got = fields.get(name)
+        if got is None:
+            return default
+        path, value = got
+        if isinstance(value, bool):
+            return value
+        self.error(path, f"expected true or false, got {_show(value)}")
+        return default
+
+    def integer(self, fields: _Fields, name: str, low: int, high: int, default: int) -> int:
+        got = fields.get(name)
+        if got is None:
+            return default
+        value = self.int_value(got[0], got[1], low, high)
+        return default if value is None else value
+
+    def port(self, fields: _Fields, name: str, required: str | None = None) -> int | None:
+        """A port field; "" means absent. `required`: the message when it is absent."""
+        got = fields.get(name)
+        if got is None or got[1] == "":
+            if required is not None:
+                self.error(fields.path_of(name), required)
+            return None
+        return self.port_value(got[0], got[1])
+
+    def address(self, fields: _Fields, name: str, default: str) -> str:
+        value = self.text(fields, name)
+        if value is None:
+            return default
+        address = _ip_literal(value)
+        if address is None:
+            self.error(
+                fields.path_of(name),
+                "expected an IPv4 or IPv6 address (no brackets, no host names, no scope), "
+                f"got {_show(value)}",
+            )
+            return default
+        return address
+
+    def object_field(self, fields: _Fields, name: str) -> tuple[str, _JsonObject] | None:
+        got = fields.get(name)
+        if got is None:
+            return None
+        path, value = got
+        if isinstance(value, _JsonObject):
+            return path, value
+        self.error(path, f"expected an object, got {_show(value)}")
+        return None
+
+    # The top level
+
+    def config(self, root: _JsonObject) -> Config:
+        fields = _Fields(self, root, "$", TOP_LEVEL_FIELDS)
+        shutdown = self.integer(
+            fields,
+            "ShutDownAfterInactivitySeconds",
+            0,
+            MAX_SECONDS,
+            DEFAULT_SHUTDOWN_AFTER_INACTIVITY_S,
+        )
+        max_wait = self.integer(
+            fields,
+            "MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds",
+            0,
+            MAX_SECONDS,
+            DEFAULT_MAX_WAIT_FOR_CONNECTION_CLOSE_S,
+        )
+        output_service_logs = self.boolean(fields, "OutputServiceLogs", True)
+        default_service_url = self.optional_text(fields, "DefaultServiceUrl")
+        listen_address = self.address(fields, "ListenAddress", DEFAULT_LISTEN_ADDRESS)
+        openai_port = self.api_port(fields, "OpenAiApi")
+        management_port = self.api_port(fields, "ManagementApi")
+        self.resources_available(fields)
+
+        entries: list[_Entry] = []
+        got = fields.get("Services")
+        if got is not None:
+            path, value = got
+            if isinstance(value, list):
+                for index, item in enumerate(value):
+                    entry = self.service(index, f"{path}[{index}]", item, listen_address, shutdown)
+                    if entry is not None:
+                        entries.append(entry)
+            else:
+                self.error(path, f"expected an array of services, got {_show(value)}")
+        self.check_names(entries)
+        self.check_ports(entries)
+
+        return Config(
+            resources_available=self.resources,
+            services=tuple(entry.service for entry in entries if entry.service is not None),
+            max_wait_for_connection_close_s=max_wait,
+            shutdown_after_inactivity_s=shutdown,
+            output_service_logs=output_service_logs,
+            listen_address=listen_address,
+            openai_api_listen_port=openai_port,
+            management_api_listen_port=management_port,
+            default_service_url=default_service_url,
+        )
+
+    def api_port(self, fields: _Fields, name: str) -> int | None:
+        got = self.object_field(fields, name)
+        if got is None:
+            return None
+        return self.port(_Fields(self, got[1], got[0], API_FIELDS), "ListenPort")
+
+    def resources_available(self, fields: _Fields) -> None:
+        got = fields.get("ResourcesAvailable")
+        if got is None:
+            return
+        path, value = got
+        if not isinstance(value, _JsonObject):
+            self.error(path, f"expected an object of resource amounts, got {_show(value)}")
+            self.resources_known = False
+            return
+        for key, amount in value.pairs:
+            key_path = _child(path, key)
+            if key in self.resources or key in self.bad_resources:
+                self.error(key_path, f"duplicate resource {_show(key)}")
+                continue
+            if not _RESOURCE_RE.fullmatch(key):
+                self.error(key_path, f"invalid resource name {_show(key)}: {_RESOURCE_RULE}")
+                self.bad_resources.add(key)
+                continue
+            if isinstance(amount, _JsonObject):
+                self.error(
+                    key_path,
+                    "expected an integer amount, got an object "
+                    "(resources with a CheckCommand are not supported)",
+                )
+                self.bad_resources.add(key)
+                continue
+            checked = self.int_value(key_path, amount, 0, MAX_RESOURCE_AMOUNT)
+            if checked is None:
+                self.bad_resources.add(key)
+            else:
+                self.resources[key] = checked
+
+    # Services
+
+    def service(
+        self,
+        index: int,
+        path: str,
+        value: object,
+        default_listen_address: str,
+        default_shutdown: int,
+    ) -> _Entry | None:
+        if not isinstance(value, _JsonObject):
+            self.error(path, f"expected a service object, got {_show(value)}")
+            return None
+        problems_before = len(self.problems)
+        fields = _Fields(self, value, path, SERVICE_FIELDS)
+
+        name = self.text(fields, "Name")
+        if name is None:
+            if not fields.has("Name"):
+                self.error(fields.path_of("Name"), "Name is required")
+        elif not _NAME_RE.fullmatch(name):
+            self.error(fields.path_of("Name"), f"invalid Name {_show(name)}: {_NAME_RULE}")
+            name = None
+
+        listen_port = self.port(
+            fields,
+            "ListenPort",
+            required=(
+                "ListenPort is required: lmproxy has no OpenAI API router yet, "
+                "so a service without a ListenPort would be unreachable"
+            ),
+        )
+        listen_address = self.address(fields, "ListenAddress", default_listen_address)
+        target_host = self.proxy_target_host(fields)
+        target_port = self.port(fields, "ProxyTargetPort", required="ProxyTargetPort is required")
+
+        work_dir = self.optional_text(fields, "WorkDir")
+        if work_dir is not None:
+            work_dir = _absolute(self.base_dir, work_dir)
+        log_file_path = self.optional_text(fields, "LogFilePath")
+        if log_file_path is not None:
+            log_file_path = _absolute(self.base_dir, log_file_path)
+            if log_file_path == "/":
+                self.error(fields.path_of("LogFilePath"), "LogFilePath must name a file, not '/'")
+        command = self.command(fields, work_dir)
+        args = self.text(fields, "Args") or ""
+        try:
+            split_args = shlex.split(args, posix=True)
+        except ValueError as error:
+            self.error(
+                fields.path_of("Args"),
+                f"cannot split {_show(args)} like a POSIX shell: {error}",
+            )
+            split_args = []
+
+        healthcheck_command = self.optional_text(fields, "HealthcheckCommand")
+        healthcheck_interval = self.integer(
+            fields,
+            "HealthcheckIntervalMilliseconds",
+            1,
+            MAX_MILLISECONDS,
+            DEFAULT_HEALTHCHECK_INTERVAL_MS,
+        )
+        if fields.has("HealthcheckIntervalMilliseconds") and healthcheck_command is None:
+            self.error(
+                fields.path_of("HealthcheckIntervalMilliseconds"),
+                "HealthcheckIntervalMilliseconds is set but there is no HealthcheckCommand",
+            )
+        startup_timeout = self.integer(
+            fields, "StartupTimeoutMilliseconds", 1, MAX_MILLISECONDS, DEFAULT_STARTUP_TIMEOUT_MS
+        )
+        shutdown = self.integer(fields, "ShutDownAfterInactivitySeconds", 0, MAX_SECONDS, 0)
+        kill_command = self.optional_text(fields, "KillCommand")
+        restart = self.boolean(fields, "RestartOnConnectionFailure", False)
+        consider_stopped = self.boolean(fields, "ConsiderStoppedOnProcessExit", True)
+        openai_api = self.boolean(fields, "OpenAiApi", False)
+        models = self.models(fields)
+        service_url = self.optional_text(fields, "ServiceUrl")
+        requirements = self.requirements(fields)
+        environment = self.environment(fields)
+        user = self.text(fields, "User", null_ok=True)
+        if user is not None and not _USER_RE.fullmatch(user):
+            self.error(
+                fields.path_of("User"),
+                f"invalid User {_show(user)}: expected a user name (1 to 32 characters from "
+                "a-z 0-9 _ -, starting with a letter or '_')",
+            )
+
+        service = None
+        if (
+            len(self.problems) == problems_before
+            and name is not None
+            and listen_port is not None
+            and target_host is not None
+            and target_port is not None
+            and command is not None
+        ):
+            service = Service(
+                name=name,
+                listen_port=listen_port,
+                listen_address=listen_address,
+                proxy_target_host=target_host,
+                proxy_target_port=target_port,
+                command=command,
+                args=args,
+                argv=(command, *split_args),
+                work_dir=work_dir,
+                log_file_path=log_file_path,
+                restart_on_connection_failure=restart,
+                resource_requirements=requirements,
+                healthcheck_command=healthcheck_command,
+                healthcheck_interval_ms=healthcheck_interval,
+                startup_timeout_ms=startup_timeout,
+                shutdown_after_inactivity_s=shutdown if shutdown > 0 else default_shutdown,
+                kill_command=kill_command,
+                consider_stopped_on_process_exit=consider_stopped,
+                environment=environment,
+                user=user,
+                openai_api=openai_api,
+                openai_api_models=models,
+                service_url=service_url,
+            )
+        return _Entry(
+            index=index,
+            fields=fields,
+            name=name,
+            listen_port=listen_port,
+            listen_address=listen_address,
+            target_host=target_host,
+            target_port=target_port,
+            service=service,
+        )
+
+    def proxy_target_host(self, fields: _Fields) -> str | None:
+        host = self.text(fields, "ProxyTargetHost")
+        if host is None:
+            return None if fields.has("ProxyTargetHost") else DEFAULT_PROXY_TARGET_HOST
+        if host == "":
+            return DEFAULT_PROXY_TARGET_HOST
+        address = _ip_literal(host)
+        if address is not None:
+            return address
+        if _HOSTNAME_RE.fullmatch(host):
+            return host
+        self.error(
+            fields.path_of("ProxyTargetHost"),
+            f"expected a host name or an IP address (no brackets, no port), got {_show(host)}",
+        )
+        return None
+
+    def command(self, fields: _Fields, work_dir: str | None) -> str | None:
+        command = self.text(fields, "Command")
+        if command is None:
+            if not fields.has("Command"):
+                self.error(fields.path_of("Command"), "Command is required")
+            return None
+        if not command.strip():
+            self.error(
+                fields.path_of("Command"), f"Command must not be empty, got {_show(command)}"
+            )
+            return None
+        if "/" not in command:
+            return command  # a bare name: systemd looks it up in PATH
+        return _absolute(work_dir or self.base_dir, command)
+
+    def models(self, fields: _Fields) -> tuple[str, ...]:
+        got = fields.get("OpenAiApiModels")
+        if got is None:
+            return ()
+        path, value = got
+        if not isinstance(value, list):
+            self.error(path, f"expected an array of strings, got {_show(value)}")
+            return ()
+        models = []
+        for index, item in enumerate(value):
+            model = self.string_value(f"{path}[{index}]", item)
+            if model is not None:
+                models.append(model)
+        return tuple(models)
+
+    def requirements(self, fields: _Fields) -> dict[str, int]:
+        got = self.object_field(fields, "ResourceRequirements")
+        if got is None:
+            return {}
+        path, obj = got
+        requirements: dict[str, int] = {}
+        for key, value in obj.pairs:
+            key_path = _child(path, key)
+            if key in requirements:
+                self.error(key_path, f"duplicate resource {_show(key)}")
+                continue
+            amount = self.int_value(key_path, value, 0, MAX_RESOURCE_AMOUNT)
+            if amount is None:
+                continue
+            requirements[key] = amount
+            if not self.resources_known or key in self.bad_resources:
+                continue  # already reported at ResourcesAvailable
+            available = self.resources.get(key)
+            if available is None:
+                self.error(key_path, f"resource {_show(key)} is not in ResourcesAvailable")
+            elif amount > available:
+                self.error(
+                    key_path,
+                    f"needs {amount} of {_show(key)} but only {available} is available",
+                )
+        return requirements
+
+    def environment(self, fields: _Fields) -> dict[str, str]:
+        got = self.object_field(fields, "Environment")
+        if got is None:
+            return {}
+        path, obj = got
+        environment: dict[str, str] = {}
+        for key, value in obj.pairs:
+            key_path = _child(path, key)
+            if key in environment:
+                self.error(key_path, f"duplicate variable {_show(key)}")
+            elif not _ENV_NAME_RE.fullmatch(key):
+                self.error(
+                    key_path,
+                    f"invalid variable name {_show(key)}: expected letters, digits and '_', "
+                    "not starting with a digit",
+                )
+            else:
+                text = self.string_value(key_path, value)
+                if text is not None:
+                    environment[key] = text
+        return environment
+
+    # Checks across services
+
+    def check_names(self, entries: list[_Entry]) -> None:
+        first_with_name: dict[str, _Entry] = {}
+        unit_owner: dict[str, _Entry] = {}
+        for entry in entries:
+            if entry.name is None:
+                continue
+            path = entry.fields.path_of("Name")
+            first = first_with_name.get(entry.name)
+            if first is not None:
+                self.error(
+                    path,
+                    f"duplicate service name {_show(entry.name)}: "
+                    f"$.Services[{first.index}] has it too",
+                )
+                continue
+            first_with_name[entry.name] = entry
+            for unit in _unit_names(entry.name):
+                owner = unit_owner.get(unit)
+                if owner is not None and owner.name is not None:
+                    self.error(
+                        path,
+                        f"service {_show(entry.name)} and service {_show(owner.name)} "
+                        f"($.Services[{owner.index}]) would both use the systemd unit "
+                        f"{unit!r}; rename one of them",
+                    )
+                    break
+            for unit in _unit_names(entry.name):
+                unit_owner.setdefault(unit, entry)
+
+    def check_ports(self, entries: list[_Entry]) -> None:
+        listeners: dict[int, _Entry] = {}
+        for entry in entries:
+            if entry.listen_port is None:
+                continue
+            first = listeners.get(entry.listen_port)
+            if first is not None:
+                self.error(
+                    entry.fields.path_of("ListenPort"),
+                    f"ListenPort {entry.listen_port} is already used by "
+                    f"{_describe(first, entry)} ($.Services[{first.index}])",
+                )
+            else:
+                listeners[entry.listen_port] = entry
+        for entry in entries:
+            if entry.target_host is None or entry.target_port is None:
+                continue
+            listener = listeners.get(entry.target_port)
+            if listener is None:
+                continue
+            if _is_loopback_host(entry.target_host) or entry.target_host == listener.listen_address:
+                self.error(
+                    entry.fields.path_of("ProxyTargetPort"),
+                    f"{entry.target_host!r} port {entry.target_port} is where lmproxy itself "
+                    f"listens for {_describe(listener, entry)} ($.Services[{listener.index}]): "
+                    "the service would connect back to lmproxy instead of to its backend",
+                )
+
+
+def _describe(entry: _Entry, viewer: _Entry) -> str:
+    if entry is viewer:
+        return "this service"
+    return f"service {_show(entry.name)}" if entry.name is not None else "another service"
