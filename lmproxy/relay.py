@@ -1,0 +1,625 @@
+"""Relay engine: moves bytes between client and backend sockets with epoll and splice.
+
+Design (measurements behind it: docs/relay-notes.md):
+
+* A few event loops (one per core, at most two by default), each a thread that owns an
+  ``epoll`` set, its connections and its pipes. ``os.splice`` and ``epoll_wait`` release the GIL,
+  so threads of one process scale nearly as well as separate processes, while a thread per
+  connection costs too much per connection.
+* Bytes never pass through Python: each direction splices socket -> pipe -> socket, with the pipe
+  resized to 256 KiB like systemd-socket-proxyd does.
+* Sockets are registered once, edge-triggered, for both reading and writing; the loop remembers
+  which side is readable / writable. That needs no ``epoll_ctl`` on the hot path and cannot spin
+  on a level-triggered ``EPOLLHUP`` while a direction waits for its destination.
+* Backpressure: a source is read only while its pipe is empty. A pipe is full when its *slots*
+  run out, which can happen well below its byte size, so a non-blocking splice into a non-empty
+  pipe could answer EAGAIN while the socket still has data; with an empty pipe, EAGAIN can only
+  mean that the socket is drained, which is what edge-triggered readiness tracking needs. When
+  the destination cannot take the whole pipe, the source is left alone until ``EPOLLOUT``.
+* Each wakeup reads until EAGAIN, up to a few MiB per direction (one chunk per wakeup kept TCP
+  windows small); a direction that still had data gets another turn after the other ready
+  connections.
+* Pipes are pooled, but only after a clean two-way close: then both pipes are known to be empty.
+  A pipe from a connection that ended in an error may still hold bytes, which would be delivered
+  to the next connection that got it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+# Bytes one direction may move per wakeup before the other connections of the loop get a turn.
+_BUDGET = 4 * 1024 * 1024
+# Pooled pipes kept per loop; beyond that, pipes of closed connections are closed (after a burst
+# of connections the pool would otherwise hold two descriptors per connection of the burst).
+_POOL_MAX = 256
+_MAX_EVENTS = 512
+_SOCKET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
+# EPOLLHUP (both directions shut down) counts as both: the next splice finds EOF or the error.
+_READ_EVENTS = select.EPOLLIN | select.EPOLLHUP
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP
+# Errors that end a connection in ordinary life (a peer went away): no log record for them.
+_EXPECTED_ERRNOS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.EPIPE,
+        errno.ENOTCONN,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EHOSTDOWN,
+    }
+)
+
+_NEW, _RUNNING, _DONE = "new", "running", "done"
+
+
+class _Add:
+    __slots__ = ("backend", "client")
+
+    def __init__(self, client: socket.socket, backend: socket.socket) -> None:
+        self.client = client
+        self.backend = backend
+
+
+class _CloseAll:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class _Stop:
+    __slots__ = ()
+
+
+_Command = _Add | _CloseAll | _Stop
+
+
+class _Direction:
+    """One direction of a pair: src socket -> pipe -> dst socket."""
+
+    __slots__ = (
+        "dst",
+        "dst_fd",
+        "eof",
+        "more",
+        "pending",
+        "pipe_r",
+        "pipe_w",
+        "readable",
+        "shut",
+        "src_fd",
+        "writable",
+    )
+
+    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+        self.src_fd = src.fileno()
+        self.dst = dst
+        self.dst_fd = dst.fileno()
+        # Taken from the pool when the source first has something to read, so that connections
+        # that sit idle before their first request hold no pipes.
+        self.pipe_r = -1
+        self.pipe_w = -1
+        self.pending = 0  # bytes in the pipe, not yet written to dst
+        # Edge-triggered readiness: set by EPOLLIN / EPOLLOUT, cleared by EAGAIN.
+        self.readable = False
+        self.writable = False
+        self.eof = False  # src has sent FIN
+        self.shut = False  # ...and everything before it went to dst, then shutdown(SHUT_WR)
+        self.more = False  # stopped for the per-wakeup budget with src still readable
+
+
+class _Pair:
+    __slots__ = ("backend", "client", "closed", "down", "fds", "up")
+
+    def __init__(self, client: socket.socket, backend: socket.socket) -> None:
+        self.client = client
+        self.backend = backend
+        self.fds = (client.fileno(), backend.fileno())
+        self.up = _Direction(client, backend)
+        self.down = _Direction(backend, client)
+        self.closed = False
+
+
+class _Loop:
+    """One event loop thread. Everything but ``inbox``, ``signalled``, ``state`` and ``count``
+    (guarded by the relay's lock) belongs to the loop thread alone."""
+
+    def __init__(self, relay: Relay, index: int) -> None:
+        self.relay = relay
+        self.index = index
+        self.pipe_size = relay._pipe_size
+        self.state = _NEW
+        self.inbox: list[_Command] = []
+        self.signalled = False
+        self.count = 0  # pairs handed to this loop and not yet closed
+        self.epoll: select.epoll | None = None
+        self.wake_fd = -1
+        self.thread: threading.Thread | None = None
+        self.pairs: set[_Pair] = set()
+        self.fds: dict[int, tuple[_Pair, _Direction, _Direction]] = {}
+        self.pool: list[tuple[int, int]] = []
+        self.again: set[_Pair] = set()
+        self.changed = False  # pairs added or closed since the last on_change call
+        self.last_activity = time.monotonic()
+
+    # --- called by other threads, with the relay's lock held --------------------------------
+
+    def open_locked(self) -> None:
+        epoll = select.epoll()
+        try:
+            # An eventfd wakes the loop for new work; epoll_wait itself has no timeout, so an
+            # idle loop costs no CPU.
+            wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                epoll.register(wake_fd, select.EPOLLIN)
+            except BaseException:
+                os.close(wake_fd)
+                raise
+        except BaseException:
+            epoll.close()
+            raise
+        self.epoll = epoll
+        self.wake_fd = wake_fd
+        self.state = _RUNNING
+        self.thread = threading.Thread(
+            target=self._run, name=f"lmproxy-relay-{self.index}", daemon=True
+        )
+
+    def post_locked(self, command: _Command) -> None:
+        self.inbox.append(command)
+        if self.state == _RUNNING and not self.signalled:
+            self.signalled = True
+            os.eventfd_write(self.wake_fd, 1)
+
+    def take_adds_locked(self) -> list[_Add]:
+        """Take back the pairs queued for a loop that is not running (not started or ended)."""
+        adds = [c for c in self.inbox if isinstance(c, _Add)]
+        for command in self.inbox:
+            if isinstance(command, _CloseAll):
+                command.done.set()
+        self.inbox = []
+        self.count -= len(adds)
+        return adds
+
+    # --- the loop thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self.epoll is not None
+        epoll = self.epoll
+        wake_fd = self.wake_fd
+        fds = self.fds
+        try:
+            stop = self._handle_inbox()  # work queued before start()
+            while not stop:
+                if self.changed:
+                    # One on_change call per wakeup, however many pairs came or went.
+                    self.changed = False
+                    self.relay._publish()
+                again = self.again
+                if again:
+                    self.again = set()
+                events = epoll.poll(0 if again else -1, _MAX_EVENTS)
+                busy = False
+                wake = False
+                for fd, mask in events:
+                    entry = fds.get(fd)
+                    if entry is None:
+                        if fd == wake_fd:
+                            wake = True
+                        continue
+                    pair, out, into = entry
+                    if mask & select.EPOLLERR:
+                        # A reset (or another hard error) on either side ends both at once.
+                        self._close(pair, clean=False)
+                        busy = True
+                        continue
+                    # Only the directions this socket's readiness can advance are pumped: a
+                    # readable socket feeds `out`, a writable one drains `into`.
+                    readable = mask & _READ_EVENTS
+                    writable = mask & _WRITE_EVENTS
+                    if readable:
+                        out.readable = True
+                    if writable:
+                        into.writable = True
+                    if self._service(pair, out if readable else None, into if writable else None):
+                        busy = True
+                for pair in again:
+                    if not pair.closed and self._service(pair, pair.up, pair.down):
+                        busy = True
+                if wake:
+                    stop = self._handle_inbox()
+                    busy = True
+                if busy or self.changed:
+                    self.last_activity = time.monotonic()
+        except BaseException:
+            logger.exception("relay loop %d failed; closing its connections", self.index)
+        finally:
+            self._finish()
+
+    def _handle_inbox(self) -> bool:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.wake_fd)
+        with self.relay._lock:
+            commands = self.inbox
+            self.inbox = []
+            self.signalled = False
+        stop = False
+        for command in commands:
+            if isinstance(command, _Add):
+                self._register(command.client, command.backend)
+            elif isinstance(command, _CloseAll):
+                self._close_pairs()
+                command.done.set()
+            else:
+                stop = True
+        return stop
+
+    def _register(self, client: socket.socket, backend: socket.socket) -> None:
+        assert self.epoll is not None
+        pair = _Pair(client, backend)
+        self.pairs.add(pair)
+        client_fd, backend_fd = pair.fds
+        try:
+            # Edge-triggered registration reports the current state once, so data that arrived
+            # before the pair was added is not missed.
+            self.fds[client_fd] = (pair, pair.up, pair.down)
+            self.epoll.register(client_fd, _SOCKET_EVENTS)
+            self.fds[backend_fd] = (pair, pair.down, pair.up)
+            self.epoll.register(backend_fd, _SOCKET_EVENTS)
+        except (OSError, ValueError):
+            logger.exception("relay: cannot watch a new connection; closing it")
+            self._close(pair, clean=False)
+            return
+        self.changed = True
+
+    def _service(self, pair: _Pair, first: _Direction | None, second: _Direction | None) -> bool:
+        """Pump the given directions of a pair; True if anything happened."""
+        try:
+            moved = 0
+            if first is not None:
+                moved += self._pump(first)
+            if second is not None:
+                moved += self._pump(second)
+        except OSError as exc:
+            if exc.errno not in _EXPECTED_ERRNOS:
+                logger.warning("relay: closing a connection after an unexpected error: %s", exc)
+            self._close(pair, clean=False)
+            return True
+        if pair.up.shut and pair.down.shut:
+            self._close(pair, clean=True)
+            return True
+        if pair.up.more or pair.down.more:
+            self.again.add(pair)
+        return moved > 0
+
+    def _pump(self, d: _Direction) -> int:
+        """Move one direction as far as readiness, the pipe and the budget allow."""
+        moved = 0
+        d.more = False
+        while True:
+            if d.pending:
+                if not d.writable:
+                    return moved
+                try:
+                    n = os.splice(d.pipe_r, d.dst_fd, d.pending, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    # dst is full: leave src alone (its pipe is not empty) until EPOLLOUT.
+                    d.writable = False
+                    return moved
+                if n <= 0:  # cannot happen with bytes in the pipe; never spin on it
+                    raise OSError(errno.EIO, "splice to socket moved nothing")
+                d.pending -= n
+                moved += n
+                continue
+            if d.eof:
+                # Half-close: everything before the FIN has been delivered; pass the FIN on.
+                if not d.shut:
+                    d.dst.shutdown(socket.SHUT_WR)
+                    d.shut = True
+                return moved
+            if not d.readable:
+                return moved
+            if moved >= _BUDGET:
+                d.more = True
+                return moved
+            if d.pipe_w < 0:
+                d.pipe_r, d.pipe_w = self._take_pipe()
+            try:
+                n = os.splice(d.src_fd, d.pipe_w, self.pipe_size, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                # The pipe is empty, so EAGAIN means the socket is drained.
+                d.readable = False
+                return moved
+            if n == 0:
+                d.eof = True
+            else:
+                d.pending = n
+
+    def _take_pipe(self) -> tuple[int, int]:
+        if self.pool:
+            return self.pool.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.pipe_size)
+        except PermissionError:
+            # EPERM: above fs.pipe-max-size, or the user's pipe pages are spent
+            # (fs.pipe-user-pages-soft). The default size works, only with more wakeups.
+            pass
+        except BaseException:
+            os.close(r)
+            os.close(w)
+            raise
+        return r, w
+
+    def _close(self, pair: _Pair, *, clean: bool) -> None:
+        if pair.closed:
+            return
+        pair.closed = True
+        self.pairs.discard(pair)
+        self.again.discard(pair)
+        assert self.epoll is not None
+        for fd in pair.fds:
+            self.fds.pop(fd, None)
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(fd)
+        for sock in (pair.client, pair.backend):
+            with contextlib.suppress(OSError):
+                sock.close()
+        for d in (pair.up, pair.down):
+            if d.pipe_w < 0:
+                continue
+            # Only a clean close proves both pipes empty; after an error a pipe may still
+            # hold bytes that would leak into the next connection.
+            if clean and d.pending == 0 and len(self.pool) < _POOL_MAX:
+                self.pool.append((d.pipe_r, d.pipe_w))
+            else:
+                os.close(d.pipe_r)
+                os.close(d.pipe_w)
+            d.pipe_r = d.pipe_w = -1
+        self.relay._closed(self, 1)
+        self.changed = True
+
+    def _close_pairs(self) -> None:
+        for pair in list(self.pairs):
+            try:
+                self._close(pair, clean=False)
+            except Exception:
+                logger.exception("relay: error while closing a connection")
+
+    def _finish(self) -> None:
+        """Close everything this loop owns; also runs after a crash."""
+        self._close_pairs()
+        with self.relay._lock:
+            self.state = _DONE
+            adds = self.take_adds_locked()
+        if adds:
+            self.relay._drop(adds)
+        elif self.changed:
+            self.relay._publish()
+        self.changed = False
+        for r, w in self.pool:
+            os.close(r)
+            os.close(w)
+        self.pool.clear()
+        if self.epoll is not None:
+            self.epoll.close()
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1
+
+
+class Relay:
+    """Relays bytes between pairs of connected sockets until both sides are done.
+
+    ``on_change`` is called from a loop thread with the number of open pairs after pairs were
+    added or closed. Calls never overlap and are made without any lock of the relay held (so
+    the callback may call back into the relay); changes that happen while a call is running
+    are folded into one later call, whose count is then current.
+    """
+
+    def __init__(
+        self,
+        loops: int | None = None,
+        pipe_size: int = 256 * 1024,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        if loops is None:
+            loops = min(2, os.cpu_count() or 1)
+        if loops < 1:
+            raise ValueError("loops must be at least 1")
+        if not 1 <= pipe_size <= 1 << 30:
+            raise ValueError("pipe_size must be between 1 and 2**30 bytes")
+        self._pipe_size = pipe_size
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0
+        self._started = False
+        self._stopped = False
+        self._publishing = False
+        self._dirty = False
+        self._created = time.monotonic()
+        self._loops = [_Loop(self, i) for i in range(loops)]
+
+    def start(self) -> None:
+        """Start the loop threads (daemon threads). Pairs added before are picked up then."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("relay is stopped")
+            if self._started:
+                return
+            opened: list[_Loop] = []
+            try:
+                for loop in self._loops:
+                    loop.open_locked()
+                    opened.append(loop)
+            except BaseException:
+                for loop in opened:
+                    assert loop.epoll is not None
+                    loop.epoll.close()
+                    os.close(loop.wake_fd)
+                    loop.epoll, loop.wake_fd, loop.state = None, -1, _NEW
+                raise
+            self._started = True
+            # Started under the lock, so that a concurrent stop() finds them alive to join.
+            for loop in self._loops:
+                assert loop.thread is not None
+                loop.thread.start()
+
+    def add(self, client: socket.socket, backend: socket.socket) -> None:
+        """Relay between two connected sockets, which the relay now owns (and closes).
+
+        The caller must not use or close them afterwards: the loop works on their descriptors,
+        and a descriptor closed behind its back may be reused by an unrelated file.
+        Thread-safe. The pair goes to the loop with the fewest pairs.
+        """
+        if client.fileno() < 0 or backend.fileno() < 0:
+            raise ValueError("socket is closed")
+        for sock in (client, backend):
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # Forward each piece as soon as it arrives: the sender applied (or disabled)
+                # Nagle already, and a second Nagle here can wait out a delayed ACK (40 ms).
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            loops = [loop for loop in self._loops if loop.state != _DONE]
+            if self._stopped or not loops:
+                refused = True
+            else:
+                refused = False
+                loop = min(loops, key=lambda candidate: candidate.count)
+                loop.count += 1
+                self._active += 1
+                loop.post_locked(_Add(client, backend))
+        if refused:
+            client.close()
+            backend.close()
+            raise RuntimeError("relay is stopped")
+
+    @property
+    def active(self) -> int:
+        """Pairs currently open (including pairs handed over but not yet picked up)."""
+        with self._lock:
+            return self._active
+
+    @property
+    def last_activity(self) -> float:
+        """``time.monotonic()`` of the last byte moved or pair added or closed.
+
+        Each loop stamps it at most once per wakeup, so it costs nothing per byte.
+        """
+        return max(self._created, *(loop.last_activity for loop in self._loops))
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Block until no pair is open (True) or until ``timeout`` seconds passed (False)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def close_all(self) -> None:
+        """Close every open pair at once (e.g. the backend died).
+
+        Returns when the loops have closed them; called from a loop thread (from
+        ``on_change``), it only asks the loops to and returns.
+        """
+        waits: list[threading.Event] = []
+        adds: list[_Add] = []
+        with self._lock:
+            for loop in self._loops:
+                if loop.state == _RUNNING:
+                    command = _CloseAll()
+                    loop.post_locked(command)
+                    waits.append(command.done)
+                else:
+                    adds.extend(loop.take_adds_locked())
+        self._drop(adds)
+        if self._in_loop_thread():
+            return
+        for done in waits:
+            done.wait()
+
+    def stop(self) -> None:
+        """Close every pair, stop and join the loops, close pooled pipes. Idempotent."""
+        adds: list[_Add] = []
+        with self._lock:
+            self._stopped = True
+            for loop in self._loops:
+                if loop.state == _RUNNING:
+                    loop.post_locked(_Stop())
+                elif loop.state == _NEW:
+                    adds.extend(loop.take_adds_locked())
+        self._drop(adds)
+        current = threading.current_thread()
+        for loop in self._loops:
+            if loop.thread is not None and loop.thread is not current and loop.thread.is_alive():
+                loop.thread.join()
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _in_loop_thread(self) -> bool:
+        current = threading.current_thread()
+        return any(loop.thread is current for loop in self._loops)
+
+    def _drop(self, adds: list[_Add]) -> None:
+        """Close pairs that never reached a loop (their counts were already taken back)."""
+        if not adds:
+            return
+        for add in adds:
+            add.client.close()
+            add.backend.close()
+        self._closed(None, len(adds), counted=True)
+        self._publish()
+
+    def _closed(self, loop: _Loop | None, n: int, *, counted: bool = False) -> None:
+        """Count ``n`` pairs as closed. The caller publishes the change."""
+        with self._lock:
+            if loop is not None and not counted:
+                loop.count -= n
+            self._active -= n
+            if self._active == 0:
+                self._idle.notify_all()
+
+    def _publish(self) -> None:
+        """Report the current count through ``on_change``, never under the lock.
+
+        One thread at a time delivers; others only mark the count dirty, so calls never
+        overlap and cannot arrive out of order, and the last call carries the final count.
+        """
+        if self._on_change is None:
+            return
+        with self._lock:
+            self._dirty = True
+            if self._publishing:
+                return
+            self._publishing = True
+        while True:
+            with self._lock:
+                if not self._dirty:
+                    self._publishing = False
+                    return
+                self._dirty = False
+                count = self._active
+            try:
+                self._on_change(count)
+            except Exception:
+                logger.exception("relay: on_change callback failed")
+            except BaseException:
+                with self._lock:
+                    self._publishing = False
+                raise

@@ -1,0 +1,567 @@
+"""The relay engine over real loopback TCP sockets.
+
+Each test plays both ends: the "client app" and "backend app" sockets are ordinary blocking
+sockets owned by the test; the relay gets the two sockets in the middle (the ones the shim would
+have accepted and connected). Timeouts are generous (a loaded 2-core machine); the only timing
+assertions are the idle-CPU bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from lmproxy.relay import Relay
+
+TIMEOUT = 30.0
+MiB = 1024 * 1024
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+class Worker(threading.Thread):
+    """A thread whose exception or result comes back to the test on ``result()``."""
+
+    def __init__(self, target: Callable[..., Any], *args: Any) -> None:
+        super().__init__(daemon=True)
+        self._call = target
+        self._args = args
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._value = self._call(*self._args)
+        except BaseException as exc:
+            self._error = exc
+
+    def result(self) -> Any:
+        self.join(TIMEOUT)
+        assert not self.is_alive(), "worker did not finish in time"
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class Flood(Worker):
+    """Sends junk until the connection breaks; ``progress()`` counts the bytes sent."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(self._flood, sock)
+        self.sent = 0
+
+    def progress(self) -> int:
+        return self.sent
+
+    def _flood(self, sock: socket.socket) -> None:
+        junk = b"J" * MiB
+        try:
+            while True:
+                self.sent += sock.send(junk)
+        except OSError:
+            pass  # the relay closed its side
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def wait_stalled(progress: Callable[[], int], quiet: float = 0.5) -> int:
+    """Wait until ``progress()`` stops changing for ``quiet`` seconds; return its value."""
+    deadline = time.monotonic() + TIMEOUT
+    last, since = progress(), time.monotonic()
+    while True:
+        time.sleep(0.05)
+        value, now = progress(), time.monotonic()
+        if value != last:
+            last, since = value, now
+        elif now - since >= quiet:
+            return value
+        assert now < deadline, "transfer never stalled"
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(MiB):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def hash_to_eof(sock: socket.socket) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    buf = bytearray(MiB)
+    total = 0
+    while n := sock.recv_into(buf):
+        digest.update(memoryview(buf)[:n])
+        total += n
+    return total, digest.hexdigest()
+
+
+def send_and_shut(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def sees_close(sock: socket.socket) -> bool:
+    """True once the peer closed or reset (reading past any data still queued)."""
+    try:
+        while sock.recv(MiB):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with an RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Net:
+    """Makes relayed connections: client app <-> [relay] <-> backend app."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.sockets: list[socket.socket] = [self.listener]
+
+    def tcp_pair(self) -> tuple[socket.socket, socket.socket]:
+        """(connecting end, accepted end) of one loopback TCP connection.
+
+        Only the first is closed at teardown: the second goes to the relay, which owns it.
+        """
+        a = socket.create_connection(self.listener.getsockname(), timeout=TIMEOUT)
+        b, _ = self.listener.accept()
+        b.settimeout(TIMEOUT)
+        self.sockets.append(a)
+        return a, b
+
+    def relayed(self, relay: Relay) -> tuple[socket.socket, socket.socket]:
+        """A new pair handed to ``relay``; returns (client app, backend app)."""
+        client_app, client_side = self.tcp_pair()
+        backend_app, backend_side = self.tcp_pair()
+        relay.add(client_side, backend_side)
+        return client_app, backend_app
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+class EchoServer:
+    """A backend that echoes every connection until EOF, a thread per connection."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.address = self.listener.getsockname()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        conn.settimeout(TIMEOUT)
+        with conn:
+            while data := conn.recv(MiB):
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.listener.close()
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Resets and closed peers are ordinary life: the relay logs nothing for them."""
+    caplog.set_level(logging.WARNING, logger="lmproxy.relay")
+    yield
+    assert [r.getMessage() for r in caplog.records if r.name == "lmproxy.relay"] == []
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    n = Net()
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    r = Relay()
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def test_bulk_both_ways_at_once_arrives_intact(relay: Relay, net: Net) -> None:
+    client, backend = net.relayed(relay)
+    up = random.randbytes(8 * MiB + 12345)
+    down = random.randbytes(6 * MiB + 777)
+    workers = [
+        Worker(send_and_shut, client, up),
+        Worker(send_and_shut, backend, down),
+        received_up := Worker(hash_to_eof, backend),
+        received_down := Worker(hash_to_eof, client),
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.result()
+    assert received_up.result() == (len(up), hashlib.sha256(up).hexdigest())
+    assert received_down.result() == (len(down), hashlib.sha256(down).hexdigest())
+    # Both directions ended with a FIN: the relay closes the pair by itself.
+    assert relay.wait_idle(TIMEOUT)
+
+
+def test_large_payload_through_echo_backend(relay: Relay, net: Net, echo: EchoServer) -> None:
+    client, client_side = net.tcp_pair()
+    relay.add(client_side, socket.create_connection(echo.address))
+    payload = random.randbytes(5 * MiB)
+    sender = Worker(send_and_shut, client, payload)
+    sender.start()
+    assert hash_to_eof(client) == (len(payload), hashlib.sha256(payload).hexdigest())
+    sender.result()
+    assert relay.wait_idle(TIMEOUT)
+
+
+def test_many_concurrent_pairs_all_complete(relay: Relay, net: Net, echo: EchoServer) -> None:
+    clients = []
+    for _ in range(200):
+        client, client_side = net.tcp_pair()
+        relay.add(client_side, socket.create_connection(echo.address))
+        clients.append(client)
+    assert relay.active == 200
+
+    def exchange(client: socket.socket) -> bool:
+        payload = random.randbytes(random.randrange(1, 48 * 1024))
+        send_and_shut(client, payload)
+        return read_to_eof(client) == payload
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(exchange, clients))
+    assert all(results)
+    assert relay.wait_idle(TIMEOUT)
+
+
+# --- half-close and errors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["client", "backend"])
+def test_half_close_is_passed_on(relay: Relay, net: Net, first: str) -> None:
+    client, backend = net.relayed(relay)
+    closer, other = (client, backend) if first == "client" else (backend, client)
+    send_and_shut(closer, b"request")
+    # The other side sees the request, then EOF...
+    assert read_to_eof(other) == b"request"
+    # ...and can still answer over its own half, which the closer receives in full.
+    reply = random.randbytes(2 * MiB)
+    other.sendall(reply)
+    other.close()
+    assert read_to_eof(closer) == reply
+    assert relay.wait_idle(TIMEOUT)
+
+
+@pytest.mark.parametrize("side", ["client", "backend"])
+def test_reset_on_one_side_closes_the_other(relay: Relay, net: Net, side: str) -> None:
+    client, backend = net.relayed(relay)
+    client.sendall(b"ping")
+    assert backend.recv(16) == b"ping"
+    victim, other = (client, backend) if side == "client" else (backend, client)
+    reset(victim)
+    assert sees_close(other)
+    assert relay.wait_idle(TIMEOUT)
+
+
+# --- backpressure and memory ---------------------------------------------------------------
+
+
+def test_backpressure_bounds_memory_and_everything_arrives(relay: Relay, net: Net) -> None:
+    client, backend = net.relayed(relay)
+    block = random.randbytes(MiB)
+    blocks = 64
+    expected = hashlib.sha256()
+    for _ in range(blocks):
+        expected.update(block)
+    sent = [0]
+
+    def produce() -> None:
+        view = memoryview(block)
+        for _ in range(blocks):
+            offset = 0
+            while offset < len(view):
+                n = backend.send(view[offset:])
+                offset += n
+                sent[0] += n
+        backend.close()
+
+    rss_before = rss_bytes()
+    producer = Worker(produce)
+    producer.start()
+    # The client reads nothing: the backend is stopped once the kernel buffers on the way
+    # are full, instead of the relay buffering the rest.
+    stalled_at = wait_stalled(lambda: sent[0])
+    assert stalled_at < blocks * MiB, "the backend was never held back"
+    cpu_before = time.process_time()
+    time.sleep(0.5)
+    assert time.process_time() - cpu_before < 0.1, "a relay held back by its client spins"
+    assert sent[0] == stalled_at
+    growth = rss_bytes() - rss_before
+    assert growth < 8 * MiB, f"RSS grew by {growth / MiB:.1f} MiB"
+    # Once the client reads, everything arrives.
+    assert hash_to_eof(client) == (blocks * MiB, expected.hexdigest())
+    producer.result()
+    client.close()
+    assert relay.wait_idle(TIMEOUT)
+
+
+def test_pooled_pipe_is_empty_when_reused(net: Net) -> None:
+    relay = Relay(loops=1)  # one loop, one pool: every new pair draws from it
+    relay.start()
+    try:
+        for _ in range(2):
+            # A clean exchange returns its pipes to the pool.
+            client, backend = net.relayed(relay)
+            send_and_shut(client, b"hello")
+            assert read_to_eof(backend) == b"hello"
+            send_and_shut(backend, b"world")
+            assert read_to_eof(client) == b"world"
+            assert relay.wait_idle(TIMEOUT)
+
+            # A pair that takes those pipes and dies with bytes still in them.
+            client, backend = net.relayed(relay)
+            client.sendall(b"x")
+            assert backend.recv(1) == b"x"
+            flood = Flood(backend)
+            flood.start()
+            wait_stalled(flood.progress, quiet=0.3)  # the pipe toward the client is full now
+            reset(client)
+            flood.result()
+            assert relay.wait_idle(TIMEOUT)
+
+            # The next pair gets exactly its own bytes, both ways.
+            client, backend = net.relayed(relay)
+            send_and_shut(backend, b"fresh reply")
+            send_and_shut(client, b"fresh request")
+            assert read_to_eof(client) == b"fresh reply"
+            assert read_to_eof(backend) == b"fresh request"
+            assert relay.wait_idle(TIMEOUT)
+    finally:
+        relay.stop()
+
+
+# --- counts, callbacks, closing ------------------------------------------------------------
+
+
+def test_active_on_change_and_last_activity(net: Net) -> None:
+    seen: list[int] = []
+    threads: set[str] = set()
+    changed = threading.Condition()
+    relay_box: list[Relay] = []
+
+    def on_change(count: int) -> None:
+        # Calling back into the relay must not deadlock: no relay lock is held here.
+        assert relay_box[0].active >= 0
+        with changed:
+            seen.append(count)
+            threads.add(threading.current_thread().name)
+            changed.notify_all()
+
+    def wait_seen(count: int) -> None:
+        with changed:
+            assert changed.wait_for(lambda: bool(seen) and seen[-1] == count, TIMEOUT)
+
+    relay = Relay(on_change=on_change)
+    relay_box.append(relay)
+    relay.start()
+    try:
+        assert relay.active == 0
+        assert relay.wait_idle(0)
+        pairs = []
+        for expected in (1, 2, 3):
+            pairs.append(net.relayed(relay))
+            assert relay.active == expected
+            wait_seen(expected)
+        assert not relay.wait_idle(0.05)
+
+        before = relay.last_activity
+        client, backend = pairs[0]
+        client.sendall(b"tick")
+        assert backend.recv(16) == b"tick"
+        wait_until(lambda: relay.last_activity > before)
+
+        for expected, (client, backend) in zip((2, 1, 0), pairs, strict=True):
+            client.close()
+            backend.close()
+            wait_seen(expected)
+            assert relay.active == expected
+        assert relay.wait_idle(TIMEOUT)
+        assert max(seen) == 3
+        assert all(name.startswith("lmproxy-relay") for name in threads)
+    finally:
+        relay.stop()
+
+
+def test_close_all_closes_every_pair(relay: Relay, net: Net) -> None:
+    pairs = [net.relayed(relay) for _ in range(20)]
+    for client, backend in pairs:
+        client.sendall(b"hi")
+        assert backend.recv(2) == b"hi"
+    assert relay.active == 20
+    relay.close_all()
+    assert relay.active == 0
+    for client, backend in pairs:
+        assert sees_close(client)
+        assert sees_close(backend)
+    # The relay keeps working afterwards.
+    client, backend = net.relayed(relay)
+    send_and_shut(client, b"again")
+    assert read_to_eof(backend) == b"again"
+
+
+def test_idle_pairs_use_no_cpu(relay: Relay, net: Net) -> None:
+    pairs = [net.relayed(relay) for _ in range(100)]
+    for client, backend in pairs:
+        client.sendall(b"q")
+        backend.sendall(b"a")
+    for client, backend in pairs:
+        assert backend.recv(1) == b"q"
+        assert client.recv(1) == b"a"
+    assert relay.active == 100
+    cpu_before = time.process_time()
+    time.sleep(0.5)
+    assert time.process_time() - cpu_before < 0.05
+
+
+def relay_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("lmproxy-relay")}
+
+
+def test_stop_closes_pairs_and_joins_threads(net: Net) -> None:
+    others = relay_threads()  # other tests' relays, if any are still around
+    relay = Relay(loops=2)
+    relay.start()
+    ours = relay_threads() - others
+    assert len(ours) == 2
+    assert all(t.daemon for t in ours)
+    client, backend = net.relayed(relay)
+    client.sendall(b"hi")
+    assert backend.recv(2) == b"hi"
+    relay.stop()
+    assert not any(t.is_alive() for t in ours)
+    assert relay.active == 0
+    assert sees_close(client)
+    relay.stop()  # idempotent
+
+    a, b = socket.socketpair()
+    with pytest.raises(RuntimeError):
+        relay.add(a, b)
+    assert a.fileno() == -1 and b.fileno() == -1  # owned, hence closed
+
+
+def open_files() -> set[tuple[int, str]]:
+    """(descriptor, what it refers to) for this process: a reused number still differs."""
+    files = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor
+            files.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+    return files
+
+
+def test_stop_releases_every_descriptor() -> None:
+    before = open_files()
+    relay = Relay(loops=2)
+    relay.start()
+    ends: list[socket.socket] = []
+    for _ in range(10):  # clean exchanges: their pipes go to the pools
+        client, client_side = socket.socketpair()
+        backend_side, backend = socket.socketpair()
+        relay.add(client_side, backend_side)
+        send_and_shut(client, b"a" * 1000)
+        send_and_shut(backend, b"b" * 1000)
+        assert read_to_eof(backend) == b"a" * 1000
+        assert read_to_eof(client) == b"b" * 1000
+        ends += (client, backend)
+    assert relay.wait_idle(TIMEOUT)
+    pooled = [link for _, link in open_files() - before if link.startswith("pipe:")]
+    assert pooled, "no pipes were pooled"
+    relay.stop()
+    for end in ends:
+        end.close()
+    # Pooled pipes, epoll sets and wake-up descriptors are all gone.
+    assert open_files() - before == set()
+
+
+def test_pairs_added_before_start_are_relayed(net: Net) -> None:
+    seen: list[int] = []
+    relay = Relay(loops=1, on_change=seen.append)
+    try:
+        client, backend = net.relayed(relay)
+        assert relay.active == 1
+        relay.start()
+        wait_until(lambda: seen == [1])
+        send_and_shut(client, b"early")
+        assert read_to_eof(backend) == b"early"
+    finally:
+        relay.stop()
+    assert relay.active == 0
+
+
+def test_unix_socket_pairs_work_too() -> None:
+    relay = Relay(loops=1)
+    relay.start()
+    try:
+        client, client_side = socket.socketpair()
+        backend_side, backend = socket.socketpair()
+        client.settimeout(TIMEOUT)
+        backend.settimeout(TIMEOUT)
+        relay.add(client_side, backend_side)
+        payload = random.randbytes(3 * MiB)
+        sender = Worker(send_and_shut, client, payload)
+        sender.start()
+        assert read_to_eof(backend) == payload
+        sender.result()
+        backend.close()
+        assert read_to_eof(client) == b""
+        assert relay.wait_idle(TIMEOUT)
+        client.close()
+    finally:
+        relay.stop()
