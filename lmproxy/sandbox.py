@@ -33,6 +33,7 @@ JOURNALD = "/lib/systemd/systemd-journald"
 # a private journal, then the user manager itself in place of the shell.
 _LAUNCH = """
 set -e
+for cgroup in $LMPROXY_SANDBOX_CGROUPS; do echo $$ > "$cgroup/cgroup.procs"; done
 mount -t tmpfs -o mode=755 tmpfs /run/systemd
 mkdir -p /run/systemd/system /run/systemd/journal
 mount -t tmpfs -o mode=755 tmpfs /run/log
@@ -71,6 +72,7 @@ class Sandbox:
     root: Path
     process: subprocess.Popen[bytes]
     environ: dict[str, str] = field(default_factory=dict)
+    cgroups: list[Path] = field(default_factory=list)
 
     @property
     def manager_pid(self) -> int:
@@ -132,6 +134,8 @@ class Sandbox:
         pidfile = self.root / "journald.pid"
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        for cgroup in self.cgroups:
+            _remove_cgroup(cgroup)
 
 
 def start(root: Path | None = None, *, journal: bool = True, timeout: float = 15) -> Sandbox:
@@ -152,6 +156,8 @@ def start(root: Path | None = None, *, journal: bool = True, timeout: float = 15
         "LMPROXY_SANDBOX_JOURNAL": "1" if journal else "0",
         "SYSTEMD_LOG_LEVEL": "warning",
     }
+    cgroups = _private_cgroups(root.name)
+    environ["LMPROXY_SANDBOX_CGROUPS"] = " ".join(str(c) for c in cgroups)
     launch = _LAUNCH.format(journald=JOURNALD, systemd=SYSTEMD)
     log = (root / "manager.log").open("wb")
     process = subprocess.Popen(
@@ -163,13 +169,49 @@ def start(root: Path | None = None, *, journal: bool = True, timeout: float = 15
         start_new_session=True,
     )
     log.close()
-    sandbox = Sandbox(root=root, process=process, environ=environ)
+    sandbox = Sandbox(root=root, process=process, environ=environ, cgroups=cgroups)
     try:
         _wait_until_ready(sandbox, timeout)
     except BaseException:
         sandbox.stop()
         raise
     return sandbox
+
+
+def _private_cgroups(name: str) -> list[Path]:
+    """A cgroup of its own for the manager, in each hierarchy systemd uses.
+
+    A user manager takes the cgroup it starts in as its root and names units'
+    cgroups after them (app.slice/NAME.service): two managers started in the
+    same cgroup would share, and kill, each other's units.
+    """
+    created = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "name=systemd":
+            base = Path("/sys/fs/cgroup/systemd")
+        elif controllers == "":
+            unified = Path("/sys/fs/cgroup/unified")
+            base = unified if unified.is_dir() else Path("/sys/fs/cgroup")
+        else:
+            continue
+        cgroup = base / path.lstrip("/") / f"lmproxy-sandbox-{name}"
+        if (cgroup.parent / "cgroup.procs").exists():
+            cgroup.mkdir(exist_ok=True)
+            created.append(cgroup)
+    return created
+
+
+def _remove_cgroup(cgroup: Path) -> None:
+    """Removes a cgroup and the ones systemd left inside it (empty by now)."""
+    if not cgroup.is_dir():
+        return
+    for child in sorted(cgroup.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if child.is_dir():
+            with contextlib.suppress(OSError):
+                child.rmdir()
+    with contextlib.suppress(OSError):
+        cgroup.rmdir()
 
 
 def _wait_until_ready(sandbox: Sandbox, timeout: float) -> None:

@@ -123,3 +123,14 @@ def status_json(sandbox: Sandbox) -> dict[str, Any]:
 def journal(sandbox: Sandbox, *matches: str) -> str:
     result = sandbox.run(["journalctl", "--no-pager", "-o", "cat", *matches])
     return result.stdout
+
+
+def turned_away(port: int, timeout: float = 60) -> bool:
+    """True when the service closes the connection without answering (EOF, or a
+    reset since the request was never read)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        try:
+            return client.recv(100) == b""
+        except ConnectionResetError:
+            return True
