@@ -18,9 +18,11 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +99,14 @@ class Sandbox:
     def command(self, argv: Sequence[str]) -> list[str]:
         """argv, made to run inside the sandbox's mount namespace (needed for journalctl),
         in this process's working directory (nsenter would use the manager's)."""
-        return ["nsenter", f"--target={self.manager_pid}", "--mount", f"--wd={os.getcwd()}", "--", *argv]
+        return [
+            "nsenter",
+            f"--target={self.manager_pid}",
+            "--mount",
+            f"--wd={os.getcwd()}",
+            "--",
+            *argv,
+        ]
 
     def run(
         self, argv: Sequence[str], *, timeout: float = 60, check: bool = False
@@ -156,7 +165,7 @@ def start(root: Path | None = None, *, journal: bool = True, timeout: float = 15
         "LMPROXY_SANDBOX_JOURNAL": "1" if journal else "0",
         "SYSTEMD_LOG_LEVEL": "warning",
     }
-    cgroups = _private_cgroups(root.name)
+    cgroups = _private_cgroups(f"{os.getpid()}-{zlib.crc32(str(root).encode()):08x}")
     environ["LMPROXY_SANDBOX_CGROUPS"] = " ".join(str(c) for c in cgroups)
     launch = _LAUNCH.format(journald=JOURNALD, systemd=SYSTEMD)
     log = (root / "manager.log").open("wb")
@@ -214,6 +223,16 @@ def _remove_cgroup(cgroup: Path) -> None:
         cgroup.rmdir()
 
 
+def _accepts(path: Path) -> bool:
+    """The session bus socket exists a moment before it accepts connections."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _wait_until_ready(sandbox: Sandbox, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     private = sandbox.runtime_dir / "systemd" / "private"
@@ -226,7 +245,7 @@ def _wait_until_ready(sandbox: Sandbox, timeout: float) -> None:
         journal_ready = sandbox.environ["LMPROXY_SANDBOX_JOURNAL"] != "1" or os.path.exists(
             journal_socket
         )
-        if private.exists() and journal_ready:
+        if private.exists() and journal_ready and _accepts(sandbox.runtime_dir / "bus"):
             return
         time.sleep(delay)
         delay = min(delay * 2, 0.05)

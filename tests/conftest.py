@@ -12,8 +12,18 @@ from lmproxy import sandbox as sandbox_module
 from lmproxy.sandbox import Sandbox
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Remembers each phase's outcome on the test item, for fixtures to read."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture
-def systemd_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
+def systemd_sandbox(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Sandbox]:
     """A fresh systemd user manager (with journald) for one test.
 
     The test's environment points at it (XDG_RUNTIME_DIR, XDG_CONFIG_HOME,
@@ -34,5 +44,10 @@ def systemd_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
         monkeypatch.setenv(key, value)
     try:
         yield sb
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            # What systemd and the shims said is the first thing to read on a failure.
+            journal = sb.run(["journalctl", "--no-pager", "-o", "short-precise", "-n", "150"])
+            print("--- the sandbox's journal ---\n" + journal.stdout)
     finally:
         sb.stop()
