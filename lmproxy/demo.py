@@ -71,7 +71,7 @@ def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
                 body = http_get(port)
                 say(f"answered after {time.monotonic() - started:.2f} s: {body}")
                 lmproxy("status", "--user")
-            say("\n# small-model was stopped to make room; a second request to large-model is instant")
+            say("\n# small-model was stopped to make room; large-model now answers at once")
             started = time.monotonic()
             http_get(large_port)
             say(f"answered after {(time.monotonic() - started) * 1000:.0f} ms")

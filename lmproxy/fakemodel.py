@@ -70,7 +70,7 @@ def make_handler(args: argparse.Namespace) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, format: str, *values: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *values: object) -> None:
             print(f"{args.name}: {format % values}", flush=True)
 
     return Handler

@@ -86,8 +86,12 @@ def install(config_path: Path, scope: Scope, *, now: bool, say: Say) -> None:
         say(f"wrote {paths.unit_dir / name}")
     say(
         f"installed {len(config.services)} service(s) for the {scope.value} manager"
-        + ("; sockets listening" if now else "; start them with --now or `systemctl "
-           f"{scope.systemctl_flag} start {unitnames.TARGET}`")
+        + (
+            "; sockets listening"
+            if now
+            else "; start them with --now or `systemctl "
+            f"{scope.systemctl_flag} start {unitnames.TARGET}`"
+        )
     )
 
 

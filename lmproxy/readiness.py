@@ -36,10 +36,14 @@ class Target:
 
 def resolve(host: str, port: int) -> list[Target]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [Target(family, address) for family, _, _, _, address in infos]  # type: ignore[misc]
+    return [
+        Target(family, address)
+        for family, _, _, _, address in infos
+        if isinstance(address[0], str)  # AF_INET and AF_INET6 only
+    ]
 
 
-class NotReady(Exception):
+class ReadinessError(Exception):
     """The backend did not become ready; the message says why."""
 
 
@@ -52,7 +56,7 @@ def wait_until_ready(
     healthcheck_interval_s: float,
     gone: Callable[[], bool],
 ) -> Target:
-    """Returns the address that answered, or raises NotReady.
+    """Returns the address that answered, or raises ReadinessError.
 
     gone() tells that the backend unit stopped: no point waiting any longer.
     """
@@ -68,7 +72,7 @@ def _wait_for_port(host: str, port: int, deadline: float, gone: Callable[[], boo
         try:
             targets = resolve(host, port)
         except OSError as error:
-            raise NotReady(f"cannot resolve {host}: {error}") from error
+            raise ReadinessError(f"cannot resolve {host}: {error}") from error
         for target in targets:
             try:
                 target.connect(timeout=1.0).close()
@@ -76,9 +80,11 @@ def _wait_for_port(host: str, port: int, deadline: float, gone: Callable[[], boo
             except OSError:
                 continue
         if gone():
-            raise NotReady(f"the backend stopped before it opened {host}:{port}")
+            raise ReadinessError(f"the backend stopped before it opened {host}:{port}")
         if time.monotonic() >= deadline:
-            raise NotReady(f"{host}:{port} did not accept connections before the startup timeout")
+            raise ReadinessError(
+                f"{host}:{port} did not accept connections before the startup timeout"
+            )
         time.sleep(delay)
         delay = min(delay * 2, MAX_DELAY_S)
 
@@ -90,7 +96,9 @@ def _wait_for_healthcheck(
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise NotReady(f"the health check did not pass before the startup timeout ({last})")
+            raise ReadinessError(
+                f"the health check did not pass before the startup timeout ({last})"
+            )
         try:
             result = subprocess.run(
                 ["/bin/sh", "-c", command],
@@ -106,5 +114,5 @@ def _wait_for_healthcheck(
         output = (result.stdout + result.stderr).decode(errors="replace").strip()[-200:]
         last = f"last exit status {result.returncode}" + (f": {output}" if output else "")
         if gone():
-            raise NotReady("the backend stopped while its health check was failing")
+            raise ReadinessError("the backend stopped while its health check was failing")
         time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))

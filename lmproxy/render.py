@@ -85,9 +85,9 @@ def render_units(
         units[unitnames.shim_unit(service.name)] = env.get_template("shim.service.j2").render(
             values
         )
-        units[unitnames.backend_unit(service.name)] = env.get_template(
-            "backend.service.j2"
-        ).render(values)
+        units[unitnames.backend_unit(service.name)] = env.get_template("backend.service.j2").render(
+            values
+        )
     for static in sorted(resources.data_dir("units").iterdir()):
         if static.suffix in (".target", ".slice"):
             units[static.name] = static.read_text()
@@ -108,7 +108,9 @@ def _values(
     backend_environment = dict(service.environment)
     if service.log_file_path:
         # LogFilePath gets the output as well as the journal: a small tee runs the command.
-        backend_argv = interpreter.module("lmproxy.logtee", service.log_file_path, "--", *service.argv)
+        backend_argv = interpreter.module(
+            "lmproxy.logtee", service.log_file_path, "--", *service.argv
+        )
         backend_environment = {**interpreter.environment, **backend_environment}
     return {
         "name": Escaped(unitsyntax.quote_value(name)),
@@ -118,7 +120,8 @@ def _values(
         "listen": Escaped(unitsyntax.listen_stream(service.listen_address, service.listen_port)),
         "shim_exec": Escaped(unitsyntax.exec_line(shim_argv)),
         "shim_environment": [
-            Escaped(unitsyntax.environment_assignment(k, v)) for k, v in interpreter.environment.items()
+            Escaped(unitsyntax.environment_assignment(k, v))
+            for k, v in interpreter.environment.items()
         ],
         "exec_start": Escaped(unitsyntax.exec_line(backend_argv)),
         "exec_stop": Escaped(unitsyntax.exec_line(["/bin/sh", "-c", service.kill_command]))
@@ -129,7 +132,9 @@ def _values(
             Escaped(unitsyntax.environment_assignment(k, v)) for k, v in backend_environment.items()
         ],
         "user": Escaped(unitsyntax.quote_value(service.user)) if service.user else None,
-        "remain_after_exit": Escaped("yes") if not service.consider_stopped_on_process_exit else None,
+        "remain_after_exit": Escaped("yes")
+        if not service.consider_stopped_on_process_exit
+        else None,
         "syslog_identifier": Escaped(unitnames.syslog_identifier(name)),
         "stop_timeout_s": Escaped(str(BACKEND_STOP_TIMEOUT_S)),
     }

@@ -31,7 +31,7 @@ from lmproxy.eviction import Entry, State
 from lmproxy.journal import Logger
 from lmproxy.ledger import Ledger
 from lmproxy.paths import Scope, paths_for
-from lmproxy.readiness import NotReady, Target, wait_until_ready
+from lmproxy.readiness import ReadinessError, Target, wait_until_ready
 from lmproxy.relay import Relay
 from lmproxy.systemd import Manager, SystemdError
 
@@ -50,7 +50,7 @@ class Outcome(enum.Enum):
     RESTART = "backend refused a connection"
 
 
-class StartFailed(Exception):
+class StartError(Exception):
     """The backend could not be made to serve; the message says why."""
 
 
@@ -104,7 +104,7 @@ class Shim:
         while True:
             try:
                 self.target = self._ensure_backend()
-            except StartFailed as failure:
+            except StartError as failure:
                 self.log.error(f"cannot serve {self.name}: {failure}", event="failed")
                 turned_away = self._turn_away_waiting_clients()
                 self.log.info(f"closed {turned_away} waiting client(s)", event="turned-away")
@@ -113,11 +113,15 @@ class Shim:
             outcome = self._serve()
             self.relay.close_all()
             if outcome is Outcome.RESTART:
-                self.log.warning(f"restarting {self.backend}: it refused a connection", event="restart")
+                self.log.warning(
+                    f"restarting {self.backend}: it refused a connection", event="restart"
+                )
                 self._stop_own_backend()
                 continue
             self._release()
-            self.log.info(f"{self.backend} is no longer running ({outcome.value}); exiting", event="exit")
+            self.log.info(
+                f"{self.backend} is no longer running ({outcome.value}); exiting", event="exit"
+            )
             return 0
 
     def _ensure_backend(self) -> Target:
@@ -141,14 +145,16 @@ class Shim:
                 healthcheck_interval_s=self.service.healthcheck_interval_ms / 1000,
                 gone=self.backend_gone.is_set,
             )
-        except (SystemdError, NotReady) as error:
+        except (SystemdError, ReadinessError) as error:
             self._roll_back()
-            raise StartFailed(str(error)) from error
+            raise StartError(str(error)) from error
         ready_ms = (time.monotonic() - started) * 1000
         with self.ledger.transaction() as txn:
             if self.name in txn.entries:
                 txn.set(self.name, state=State.RUNNING, last_used=time.time())
-        self.log.info(f"{self.name} ready after {ready_ms:.0f} ms", event="ready", ready_ms=ready_ms)
+        self.log.info(
+            f"{self.name} ready after {ready_ms:.0f} ms", event="ready", ready_ms=ready_ms
+        )
         return target
 
     def _reserve(self) -> None:
@@ -184,7 +190,7 @@ class Shim:
                             txn.entries[self.name] = Entry(State.WAITING, {}, 0, now)
                     case eviction.Impossible(shortfall=shortfall):
                         txn.entries.pop(self.name, None)
-                        raise StartFailed(f"needs {_amounts(shortfall)} more than exists")
+                        raise StartError(f"needs {_amounts(shortfall)} more than exists")
             if victims:
                 self._evict(victims, needs)
                 pause = WAIT_FIRST_S
@@ -194,7 +200,7 @@ class Shim:
                 with self.ledger.transaction() as txn:
                     if (e := txn.entries.get(self.name)) is not None and e.state is State.WAITING:
                         del txn.entries[self.name]
-                raise StartFailed(
+                raise StartError(
                     f"gave up after {self.config.max_wait_for_connection_close_s} s "
                     f"{decision.reason.value}: {', '.join(decision.services)}"
                 )
@@ -205,7 +211,9 @@ class Shim:
     def _evict(self, victims: tuple[str, ...], needs: Mapping[str, int]) -> None:
         for victim in victims:
             self.log.info(
-                f"evicting {victim} to free room for {_amounts(needs)}", event="evict", victim=victim
+                f"evicting {victim} to free room for {_amounts(needs)}",
+                event="evict",
+                victim=victim,
             )
             try:
                 self.manager().stop_unit(unitnames.backend_unit(victim), JOB_TIMEOUT_S)
@@ -394,4 +402,7 @@ def main(name: str, scope: Scope, config_path: Path) -> int:
 
 
 def _amounts(amounts: Mapping[str, int]) -> str:
-    return ", ".join(f"{amount} {resource}" for resource, amount in sorted(amounts.items())) or "nothing"
+    return (
+        ", ".join(f"{amount} {resource}" for resource, amount in sorted(amounts.items()))
+        or "nothing"
+    )

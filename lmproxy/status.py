@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +41,7 @@ class ResourceStatus:
 
 def service_state(entry: Entry | None, backend: UnitState, shim: UnitState) -> str:
     """One word for a service, from its ledger entry and its units' states."""
-    if backend.active_state == "failed" or (
-        shim.active_state == "failed" and not backend.running
-    ):
+    if backend.active_state == "failed" or (shim.active_state == "failed" and not backend.running):
         return "failed"
     if backend.active_state == "deactivating" or (entry and entry.state is State.STOPPING):
         return "stopping"
@@ -57,19 +56,28 @@ def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[Res
     paths = paths_for(scope)
     entries = Ledger(paths.runtime_dir, config.resources_available, {}, lambda _: {}, print)
     snapshot = entries.snapshot()
-    names = [u for s in config.services for u in (unitnames.backend_unit(s.name),
-                                                   unitnames.shim_unit(s.name))]
+    names = [
+        u
+        for s in config.services
+        for u in (unitnames.backend_unit(s.name), unitnames.shim_unit(s.name))
+    ]
     with Manager.connect(scope) as manager:
         units = manager.unit_states(names)
     services = []
     for service in config.services:
         entry = snapshot.get(service.name)
         state = service_state(
-            entry, units[unitnames.backend_unit(service.name)], units[unitnames.shim_unit(service.name)]
+            entry,
+            units[unitnames.backend_unit(service.name)],
+            units[unitnames.shim_unit(service.name)],
         )
         held = dict(entry.reserved) if entry and state != "cold" else {}
         address = service.listen_address
-        listen = f"[{address}]:{service.listen_port}" if ":" in address else f"{address}:{service.listen_port}"
+        listen = (
+            f"[{address}]:{service.listen_port}"
+            if ":" in address
+            else f"{address}:{service.listen_port}"
+        )
         services.append(
             ServiceStatus(
                 name=service.name,
@@ -92,7 +100,9 @@ def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[Res
     return services, resources
 
 
-def as_json(scope: Scope, services: list[ServiceStatus], resources: list[ResourceStatus]) -> dict[str, Any]:
+def as_json(
+    scope: Scope, services: list[ServiceStatus], resources: list[ResourceStatus]
+) -> dict[str, Any]:
     """The stable document of `lmproxy status --json` (documented in the README)."""
     return {
         "version": 1,
@@ -120,7 +130,9 @@ def as_table(services: list[ServiceStatus], resources: list[ResourceStatus]) -> 
     rows = [("SERVICE", "STATE", "LISTEN", "CONNS", "RESERVED", "LAST USED")]
     for s in services:
         reserved = ", ".join(f"{k}={v}" for k, v in sorted(s.reserved.items())) or "-"
-        rows.append((s.name, s.state, s.listen, str(s.connections), reserved, _iso(s.last_used) or "-"))
+        rows.append(
+            (s.name, s.state, s.listen, str(s.connections), reserved, _iso(s.last_used) or "-")
+        )
     lines = _columns(rows)
     lines.append("")
     resource_rows = [("RESOURCE", "AVAILABLE", "RESERVED", "FREE")]
@@ -129,9 +141,12 @@ def as_table(services: list[ServiceStatus], resources: list[ResourceStatus]) -> 
     return "\n".join(lines)
 
 
-def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 def _iso(timestamp: float | None) -> str | None:

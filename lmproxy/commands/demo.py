@@ -8,8 +8,13 @@ from lmproxy.commands.common import fail
 
 
 @click.command()
-@click.option("--port", type=int, default=18080, show_default=True,
-              help="The first fake model's port; the second uses the next one.")
+@click.option(
+    "--port",
+    type=int,
+    default=18080,
+    show_default=True,
+    help="The first fake model's port; the second uses the next one.",
+)
 def demo(port: int) -> None:
     """Show lmproxy at work on two fake models sharing one fake GPU.
 

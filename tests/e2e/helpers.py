@@ -32,8 +32,13 @@ def free_port() -> int:
 
 
 def fake_model(
-    name: str, port: int, *, needs: dict[str, int] | None = None, delay: float = 0.2,
-    extra_args: str = "", **fields: Any,
+    name: str,
+    port: int,
+    *,
+    needs: dict[str, int] | None = None,
+    delay: float = 0.2,
+    extra_args: str = "",
+    **fields: Any,
 ) -> dict[str, Any]:
     service: dict[str, Any] = {
         "Name": name,
@@ -41,7 +46,8 @@ def fake_model(
         "ProxyTargetHost": "127.0.0.1",
         "ProxyTargetPort": str(port + 10000),
         "Command": sys.executable,
-        "Args": f"-m lmproxy.fakemodel --name {name} --port {port + 10000} --delay {delay} {extra_args}",
+        "Args": f"-m lmproxy.fakemodel --name {name} --port {port + 10000} --delay {delay} "
+        + extra_args,
         "ResourceRequirements": needs or {},
         # A source checkout is not on the interpreter's path; an installed lmproxy is.
         "Environment": dict(current_interpreter().environment),
@@ -84,13 +90,19 @@ def http_get(port: int, path: str = "/", timeout: float = 60) -> dict[str, Any]:
 def open_connection(port: int, timeout: float = 60) -> socket.socket:
     """A keep-alive connection that has been served once (so it is relayed)."""
     conn = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    request_on(conn)
+    return conn
+
+
+def request_on(conn: socket.socket) -> bytes:
+    """One keep-alive request on an open connection; the whole response."""
     conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     data = b""
     while b"}" not in data:
         chunk = conn.recv(65536)
         assert chunk, "closed before answering"
         data += chunk
-    return conn
+    return data
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:

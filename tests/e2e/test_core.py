@@ -17,6 +17,7 @@ from tests.e2e.helpers import (
     lmproxy,
     main_pid,
     open_connection,
+    request_on,
     status_json,
     turned_away,
     unit_state,
@@ -38,7 +39,9 @@ def service_status(sandbox: Sandbox, name: str) -> dict[str, object]:
 
 def test_cold_start_through_the_socket(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
     port = free_port()
-    install(systemd_sandbox, write_config(tmp_path / "c.json", [fake_model("alpha", port, delay=0.5)]))
+    install(
+        systemd_sandbox, write_config(tmp_path / "c.json", [fake_model("alpha", port, delay=0.5)])
+    )
     assert unit_state(systemd_sandbox, "lmproxy-alpha.socket") == "active"
     assert unit_state(systemd_sandbox, "lmproxy-alpha-backend.service") == "inactive"
     assert service_status(systemd_sandbox, "alpha")["state"] == "cold"
@@ -107,8 +110,7 @@ def test_service_with_open_connection_is_not_evicted(
         assert turned_away(newcomer)  # once the wait is over
         assert 2 <= time.monotonic() - started < 20
         assert unit_state(systemd_sandbox, "lmproxy-busy-backend.service") == "active"
-        held.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert b"busy" in held.recv(65536)  # still served
+        assert b"busy" in request_on(held)  # still served
         assert "gave up after 2 s" in journal(systemd_sandbox, "LMPROXY_SERVICE=newcomer")
     finally:
         held.close()
@@ -164,14 +166,24 @@ def test_backend_that_cannot_start_releases_its_reservation(
     config = write_config(
         tmp_path / "c.json",
         [
-            {**fake_model("exits", exits, needs={"VRAM": 8000}), "Command": "/bin/false", "Args": ""},
+            {
+                **fake_model("exits", exits, needs={"VRAM": 8000}),
+                "Command": "/bin/false",
+                "Args": "",
+            },
             fake_model(
-                "never-listens", never_listens, needs={"VRAM": 8000}, delay=3600,
+                "never-listens",
+                never_listens,
+                needs={"VRAM": 8000},
+                delay=3600,
                 StartupTimeoutMilliseconds=1500,
             ),
             fake_model(
-                "unhealthy", unhealthy, needs={"VRAM": 8000},
-                HealthcheckCommand="exit 1", HealthcheckIntervalMilliseconds=100,
+                "unhealthy",
+                unhealthy,
+                needs={"VRAM": 8000},
+                HealthcheckCommand="exit 1",
+                HealthcheckIntervalMilliseconds=100,
                 StartupTimeoutMilliseconds=1500,
             ),
         ],
@@ -193,7 +205,9 @@ def test_concurrent_first_connections_start_one_backend(
     systemd_sandbox: Sandbox, tmp_path: Path
 ) -> None:
     port = free_port()
-    install(systemd_sandbox, write_config(tmp_path / "c.json", [fake_model("crowd", port, delay=1)]))
+    install(
+        systemd_sandbox, write_config(tmp_path / "c.json", [fake_model("crowd", port, delay=1)])
+    )
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(lambda _: http_get(port), range(32)))
     assert {a["model"] for a in answers} == {"crowd"}
@@ -208,7 +222,9 @@ def _unit_files(sandbox: Sandbox) -> set[str]:
 
 def test_install_reinstall_uninstall(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
     keep, leave, new = free_port(), free_port(), free_port()
-    first = write_config(tmp_path / "1.json", [fake_model("keep", keep), fake_model("leave", leave)])
+    first = write_config(
+        tmp_path / "1.json", [fake_model("keep", keep), fake_model("leave", leave)]
+    )
     install(systemd_sandbox, first)
     assert _unit_files(systemd_sandbox) == {
         "lmproxy.target", "lmproxy.slice",
