@@ -12,14 +12,6 @@ from lmproxy import sandbox as sandbox_module
 from lmproxy.sandbox import Sandbox
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """Remembers each phase's outcome on the test item, for fixtures to read."""
-    outcome = yield
-    report = outcome.get_result()  # type: ignore[attr-defined]
-    setattr(item, f"report_{report.when}", report)
-
-
 @pytest.fixture
 def systemd_sandbox(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -42,10 +34,10 @@ def systemd_sandbox(
     sb = sandbox_module.start(root)
     for key, value in sb.environ.items():
         monkeypatch.setenv(key, value)
+    failed_before = request.session.testsfailed
     try:
         yield sb
-        report = getattr(request.node, "report_call", None)
-        if report is not None and report.failed:
+        if request.session.testsfailed > failed_before:
             # What systemd and the shims said is the first thing to read on a failure.
             journal = sb.run(["journalctl", "--no-pager", "-o", "short-precise", "-n", "150"])
             print("--- the sandbox's journal ---\n" + journal.stdout)
