@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -29,6 +30,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--token-interval", type=float, default=0.01)
     parser.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops it")
     parser.add_argument("--exit-after", type=float, default=None, help="crash after N seconds")
+    parser.add_argument(
+        "--stop-listening-after",
+        type=float,
+        default=None,
+        help="close the port after N seconds but keep running (a hung server)",
+    )
     return parser.parse_args(argv)
 
 
@@ -88,8 +95,17 @@ def main(argv: list[str]) -> int:
     if args.exit_after is not None:
         signal.signal(signal.SIGALRM, lambda *_: os._exit(3))
         signal.setitimer(signal.ITIMER_REAL, args.exit_after)
-    server.serve_forever()
-    return 0
+    if args.stop_listening_after is None:
+        server.serve_forever()
+        return 0
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    time.sleep(args.stop_listening_after)
+    server.shutdown()
+    server.server_close()
+    print(f"{args.name}: stopped listening, still running", flush=True)
+    while True:
+        time.sleep(3600)
 
 
 if __name__ == "__main__":

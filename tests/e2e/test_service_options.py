@@ -1,0 +1,138 @@
+"""Per-service options of large-model-proxy's format, as users rely on them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lmproxy.sandbox import Sandbox
+from tests.e2e.helpers import (
+    fake_model,
+    free_port,
+    http_get,
+    journal,
+    lmproxy,
+    main_pid,
+    turned_away,
+    unit_state,
+    wait_for,
+    write_config,
+)
+
+
+def install(sandbox: Sandbox, config: Path) -> None:
+    result = lmproxy(sandbox, "install", "--user", "--config", str(config), "--now")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_log_file_path_gets_the_output_as_well_as_the_journal(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    port = free_port()
+    log = tmp_path / "logs" / "chatty.log"
+    log.parent.mkdir()
+    install(
+        systemd_sandbox,
+        write_config(tmp_path / "c.json", [fake_model("chatty", port, LogFilePath=str(log))]),
+    )
+    answer = http_get(port)
+    wait_for(lambda: '"GET / HTTP/1.1" 200' in log.read_text(), 10, "the request in the log file")
+    assert "model loaded" in log.read_text()
+    assert "model loaded" in journal(systemd_sandbox, "SYSLOG_IDENTIFIER=lmproxy-chatty")
+    # The tee forwards the stop to the model server itself.
+    lmproxy(systemd_sandbox, "uninstall", "--user")
+    assert not os.path.exists(f"/proc/{answer['pid']}")
+
+
+def test_kill_command_stops_the_backend(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
+    first, second = free_port(), free_port()
+    marker = tmp_path / "killed"
+    config = write_config(
+        tmp_path / "c.json",
+        [
+            fake_model(
+                "stubborn", first, needs={"VRAM": 16000}, extra_args="--ignore-sigterm",
+                KillCommand=f"echo $MAINPID > {marker}; kill -KILL $MAINPID",
+            ),
+            fake_model("next", second, needs={"VRAM": 16000}),
+        ],
+    )  # fmt: skip
+    install(systemd_sandbox, config)
+    pid = http_get(first)["pid"]
+    assert http_get(second)["model"] == "next"  # evicts the stubborn one through KillCommand
+    assert marker.read_text().strip() == str(pid)
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_backend_ignoring_sigterm_is_killed_by_systemd(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    first, second = free_port(), free_port()
+    config = write_config(
+        tmp_path / "c.json",
+        [
+            fake_model("deaf", first, needs={"VRAM": 16000}, extra_args="--ignore-sigterm"),
+            fake_model("next", second, needs={"VRAM": 16000}),
+        ],
+    )
+    install(systemd_sandbox, config)
+    # A short stop timeout for the test; lmproxy's default is 30 s.
+    unit_dir = systemd_sandbox.config_home / "systemd" / "user"
+    dropin = unit_dir / "lmproxy-deaf-backend.service.d"
+    dropin.mkdir()
+    (dropin / "timeout.conf").write_text("[Service]\nTimeoutStopSec=1\n")
+    systemd_sandbox.systemctl("daemon-reload")
+    pid = http_get(first)["pid"]
+    assert http_get(second)["model"] == "next"
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_restart_on_connection_failure(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
+    restarts, stays = free_port(), free_port()
+    hung = "--stop-listening-after 1"
+    config = write_config(
+        tmp_path / "c.json",
+        [
+            fake_model("restarts", restarts, extra_args=hung, RestartOnConnectionFailure=True),
+            fake_model("stays", stays, extra_args=hung, RestartOnConnectionFailure=False),
+        ],
+    )
+    install(systemd_sandbox, config)
+    restarted_pid = http_get(restarts)["pid"]
+    stays_pid = http_get(stays)["pid"]
+    wait_for(
+        lambda: (
+            "stopped listening" in journal(systemd_sandbox, "SYSLOG_IDENTIFIER=lmproxy-stays")
+            and "stopped listening"
+            in journal(systemd_sandbox, "SYSLOG_IDENTIFIER=lmproxy-restarts")
+        ),
+        10,
+        "both backends to stop listening",
+    )
+
+    assert turned_away(stays)  # refused, and left alone
+    assert main_pid(systemd_sandbox, "lmproxy-stays-backend.service") == stays_pid
+
+    assert turned_away(restarts)  # refused; the backend is restarted for the next client
+    wait_for(
+        lambda: (
+            main_pid(systemd_sandbox, "lmproxy-restarts-backend.service") not in (0, restarted_pid)
+        ),
+        20,
+        "a new backend process",
+    )
+    assert http_get(restarts)["pid"] != restarted_pid
+    assert "refused a connection" in journal(systemd_sandbox, "LMPROXY_EVENT=restart")
+
+
+def test_process_that_hands_off_counts_as_running(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
+    """ConsiderStoppedOnProcessExit=false: a command that starts the server in the
+    background and exits (like `docker run -d`) leaves the model running."""
+    port = free_port()
+    service = fake_model("daemonized", port, ConsiderStoppedOnProcessExit=False)
+    inner = f"setsid {service['Command']} {service['Args']} & exit 0"
+    service["Command"] = "/bin/sh"
+    service["Args"] = f"-c '{inner}'"
+    install(systemd_sandbox, write_config(tmp_path / "c.json", [service]))
+    assert http_get(port)["model"] == "daemonized"
+    assert unit_state(systemd_sandbox, "lmproxy-daemonized-backend.service") == "active"
