@@ -12,13 +12,14 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmproxy import unitnames
-from lmproxy.config import Config, load_config
+from lmproxy import unitnames, unitsyntax
+from lmproxy.config import Config, ConfigError, load_config
 from lmproxy.paths import Paths, Scope, paths_for
 from lmproxy.render import current_interpreter, render_units
 from lmproxy.systemd import Manager, SystemdError
@@ -64,11 +65,13 @@ def install(config_path: Path, scope: Scope, *, now: bool, say: Say) -> None:
     paths = paths_for(scope)
     units = render_for(config, scope)
     with Manager.connect(scope) as manager, _install_lock(paths):
+        _refuse_ports_in_use(config, paths, manager)
         plan = plan_install(units, paths)
         _stop_units(manager, _stop_order(plan.remove), say)
         if plan.remove:
             manager.disable_unit_files([n for n in plan.remove if _enableable(n)])
-        _write_atomically(paths.installed_config, config_text, 0o644)
+        # The config may hold secrets (Environment): only its owner, who runs the shims, reads it.
+        _write_atomically(paths.installed_config, config_text, 0o600)
         for name, text in plan.write.items():
             _write_atomically(paths.unit_dir / name, text.encode(), 0o644)
         for name in plan.remove:
@@ -129,6 +132,42 @@ def read_manifest(paths: Paths) -> list[str]:
         and "/" not in n
         and (n.startswith(unitnames.PREFIX) or n in (unitnames.TARGET, unitnames.SLICE))
     ]
+
+
+def _refuse_ports_in_use(config: Config, paths: Paths, manager: Manager) -> None:
+    """Refuses (as a config error: nothing is changed) a port another program holds.
+    A port held by systemd for this same installed socket is of course fine."""
+    problems = []
+    for index, service in enumerate(config.services):
+        socket_unit = unitnames.socket_unit(service.name)
+        listen = unitsyntax.listen_stream(service.listen_address, service.listen_port)
+        installed = paths.unit_dir / socket_unit
+        if (
+            installed.is_file()
+            and f"ListenStream={listen}\n" in installed.read_text()
+            and manager.unit_state(socket_unit).running
+        ):
+            continue
+        if not _can_bind(service.listen_address, service.listen_port):
+            problems.append(
+                (
+                    f"$.Services[{index}].ListenPort",
+                    f"{listen} is already in use by another program",
+                )
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
+def _can_bind(address: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
 
 
 def _stop_order(units: Sequence[str]) -> list[str]:

@@ -243,8 +243,15 @@ class Shim:
         self._release()
 
     def _release(self) -> None:
+        """Gives the reservation back, unless the backend still runs (a stop that
+        failed): then it stays, marked stopping, until systemd says it is gone."""
         with self.ledger.transaction() as txn:
-            txn.entries.pop(self.name, None)
+            if self.name not in txn.entries:
+                return
+            if self._probe([self.backend]).get(self.backend, False):
+                txn.set(self.name, state=State.STOPPING)
+            else:
+                del txn.entries[self.name]
 
     def _stop_own_backend(self) -> None:
         with self.ledger.transaction() as txn:

@@ -278,3 +278,26 @@ def test_bad_config_changes_nothing(systemd_sandbox: Sandbox, tmp_path: Path) ->
     assert {p.name: p.read_text() for p in unit_dir.iterdir() if p.is_file()} == before
     validate = lmproxy(systemd_sandbox, "validate", "--config", str(bad))
     assert validate.returncode == 2
+
+
+def test_port_taken_by_another_program_is_refused(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        config = write_config(
+            tmp_path / "c.json", [fake_model("free", free_port()), fake_model("taken", taken)]
+        )
+        result = lmproxy(systemd_sandbox, "install", "--user", "--config", str(config), "--now")
+    assert result.returncode == 2
+    assert f"$.Services[1].ListenPort: 127.0.0.1:{taken} is already in use" in result.stderr
+    unit_dir = systemd_sandbox.config_home / "systemd" / "user"
+    assert not any(p.name.startswith("lmproxy") for p in unit_dir.iterdir())
+
+
+def test_reinstall_keeps_its_own_listening_ports(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "c.json", [fake_model("same", port)])
+    install(systemd_sandbox, config)
+    install(systemd_sandbox, config)  # the port is held by our own socket: fine
+    assert http_get(port)["model"] == "same"
