@@ -50,6 +50,12 @@ class Outcome(enum.Enum):
     RESTART = "backend refused a connection"
 
 
+class Relayed(enum.Enum):
+    OK = "relayed"
+    GONE = "the backend is gone"
+    REFUSED = "the backend refused"
+
+
 class StartError(Exception):
     """The backend could not be made to serve; the message says why."""
 
@@ -76,6 +82,8 @@ class Shim:
         self.backend_gone = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._published = threading.Event()
+        self._pending: list[socket.socket] = []  # accepted, not relayed yet
+        self._claimed = False
 
     # --- edges ------------------------------------------------------------
 
@@ -106,12 +114,15 @@ class Shim:
                 self.target = self._ensure_backend()
             except StartError as failure:
                 self.log.error(f"cannot serve {self.name}: {failure}", event="failed")
-                turned_away = self._turn_away_waiting_clients()
+                turned_away = self._close_pending() + self._turn_away_waiting_clients()
                 self.log.info(f"closed {turned_away} waiting client(s)", event="turned-away")
                 return 1
             notify(f"STATUS=relaying to {self.backend}")
             outcome = self._serve()
+            cut = self.relay.active
             self.relay.close_all()
+            if cut:
+                self.log.info(f"closed {cut} connection(s): {outcome.value}", event="closed")
             if outcome is Outcome.RESTART:
                 self.log.warning(
                     f"restarting {self.backend}: it refused a connection", event="restart"
@@ -119,6 +130,14 @@ class Shim:
                 self._stop_own_backend()
                 continue
             self._release()
+            if self._pending:
+                # Clients accepted just as the backend went away: start it again for them.
+                self.log.info(
+                    f"{self.backend} stopped ({outcome.value}) with {len(self._pending)} "
+                    "client(s) waiting; starting it again",
+                    event="again",
+                )
+                continue
             self.log.info(
                 f"{self.backend} is no longer running ({outcome.value}); exiting", event="exit"
             )
@@ -269,6 +288,8 @@ class Shim:
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        if self._pending and not self._accept_clients():
+            return Outcome.RESTART
         while True:
             if self.backend_gone.is_set():
                 return Outcome.BACKEND_GONE
@@ -288,42 +309,73 @@ class Shim:
                     return Outcome.RESTART
 
     def _accept_clients(self) -> bool:
-        """Accepts every waiting client and relays it; False if the backend refused."""
+        """Relays the clients left from a backend that went away, then every waiting
+        client; False if the backend refused one and is to be restarted."""
         if self.relay.active == 0 and not self._claim_first_connection():
-            # Being stopped (evicted): leave clients in the backlog; systemd starts
-            # a new shim for them once this one has exited.
+            # Being stopped (evicted): leave clients in the backlog; this shim starts
+            # the backend again if it accepted any, systemd starts a new one otherwise.
             self.backend_gone.wait(JOB_TIMEOUT_S)
             return True
+        try:
+            while True:
+                if self._pending:
+                    client = self._pending.pop(0)
+                else:
+                    try:
+                        client, _ = self.listener.accept()
+                    except BlockingIOError:
+                        return True
+                    except OSError as error:
+                        if error.errno in (errno.ECONNABORTED, errno.EPROTO):
+                            continue
+                        raise
+                match self._relay(client):
+                    case Relayed.GONE:
+                        return True  # _serve sees backend_gone
+                    case Relayed.REFUSED:
+                        return not self.service.restart_on_connection_failure
+        finally:
+            self._claimed = False
+
+    def _relay(self, client: socket.socket) -> Relayed:
+        """Connects client to the backend and hands both to the relay."""
         assert self.target is not None
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except BlockingIOError:
-                return True
-            except OSError as error:
-                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise
-            try:
-                backend = self.target.connect(timeout=5.0)
-            except OSError as error:
+        try:
+            backend = self.target.connect(timeout=5.0)
+        except OSError as error:
+            if not self._probe([self.backend]).get(self.backend, False):
+                # It went away between accept and connect: keep the client for the next start.
+                self._pending.append(client)
+                self.backend_gone.wait(JOB_TIMEOUT_S)
+                return Relayed.GONE
+            self.log.warning(f"{self.backend} refused a connection: {error}", event="refused")
+            if self.service.restart_on_connection_failure:
+                self._pending.append(client)
+            else:
                 client.close()
-                self.log.warning(f"{self.backend} refused a connection: {error}", event="refused")
-                if self.service.restart_on_connection_failure:
-                    return False
-                continue
-            self.relay.add(client, backend)
+            return Relayed.REFUSED
+        self.relay.add(client, backend)
+        return Relayed.OK
 
     def _claim_first_connection(self) -> bool:
         """Before the first connection is relayed, the ledger must say so: a
         service with open connections is never evicted, and this is the moment
-        another shim could be choosing victims."""
+        another shim could be choosing victims. `_claimed` keeps the publisher
+        from writing back a count of 0 until the relay counts the connection."""
         with self.ledger.transaction() as txn:
             entry = txn.entries.get(self.name)
             if entry is None or entry.state is not State.RUNNING:
                 return False
             txn.set(self.name, connections=max(1, entry.connections), last_used=time.time())
+            self._claimed = True
             return True
+
+    def _close_pending(self) -> int:
+        closed = len(self._pending)
+        for client in self._pending:
+            client.close()
+        self._pending.clear()
+        return closed
 
     def _stop_for_idleness(self) -> bool:
         """Marks the backend stopping and stops it; False if a client came first.
@@ -348,24 +400,26 @@ class Shim:
             self._wake()  # the idle timer starts now
 
     def _publisher(self) -> None:
-        """Keeps the ledger's connection count and last-used time current."""
-        published_count, published_activity = -1, 0.0
+        """Keeps the ledger's connection count and last-used time current. The
+        count is read under the ledger's lock, so it cannot overwrite a claim."""
+        published: tuple[int, float] = (-1, 0.0)
         while True:
             self._published.wait(PUBLISH_INTERVAL_S)
             self._published.clear()
-            count, activity = self.relay.active, self.relay.last_activity
-            if count == published_count and activity == published_activity:
+            if (self.relay.active, self.relay.last_activity) == published:
                 continue
-            used = time.time() - (time.monotonic() - activity)
             try:
                 with self.ledger.transaction() as txn:
+                    count = self.relay.active + (1 if self._claimed else 0)
+                    activity = self.relay.last_activity
+                    used = time.time() - (time.monotonic() - activity)
                     entry = txn.entries.get(self.name)
                     if entry is not None and entry.state is State.RUNNING:
                         txn.set(self.name, connections=count, last_used=max(entry.last_used, used))
             except (OSError, SystemdError) as error:
                 self.log.error(f"could not update the ledger: {error}", event="ledger-failed")
                 continue
-            published_count, published_activity = count, activity
+            published = (count, activity)
 
     def _turn_away_waiting_clients(self) -> int:
         closed = 0
