@@ -88,12 +88,17 @@ class Ledger:
         lock_fd = _open_owned(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            present = self.path.exists()
+            if not present and os.fstat(lock_fd).st_size > 0:
+                self.log(f"ledger {self.path} was missing; rebuilt it from systemd's unit states")
             stored = self._load()
             txn = Transaction(self.available, dict(stored))
             self._reconcile(txn)
             yield txn
-            if txn.entries != stored:
+            if txn.entries != stored or not present:
                 self._store(txn.entries)
+                if os.fstat(lock_fd).st_size == 0:
+                    os.write(lock_fd, b"1")  # marks that a ledger was written before
         finally:
             os.close(lock_fd)  # closing releases the flock
 

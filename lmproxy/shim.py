@@ -145,7 +145,12 @@ class Shim:
 
     def _ensure_backend(self) -> Target:
         """Reserves, evicts, starts and waits; returns the address that answers."""
-        self._reserve()
+        try:
+            self._reserve()
+        except SystemdError as error:
+            # Without systemd's word on what runs, nothing can be reserved safely;
+            # the transaction that failed wrote nothing.
+            raise StartError(str(error)) from error
         try:
             already = self.manager().unit_state(self.backend).running
             if not already:

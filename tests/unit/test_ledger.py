@@ -201,3 +201,17 @@ def test_concurrent_processes_never_overcommit_or_lose_updates(tmp_path: Path) -
     peaks = [results.get(timeout=5) for _ in workers]
     assert min(peaks) >= 0, "a transaction saw another's lost update"
     assert 0 < max(peaks) <= AVAILABLE["VRAM"]
+
+
+def test_missing_ledger_after_one_was_written_is_logged(tmp_path: Path) -> None:
+    log: list[str] = []
+    systemd = FakeSystemd()
+    ledger = make(tmp_path, systemd, log)
+    with ledger.transaction():
+        pass
+    assert ledger.path.exists()  # the first transaction writes one
+    assert log == []
+    ledger.path.unlink()
+    with ledger.transaction():
+        pass
+    assert any("was missing" in line for line in log)
