@@ -238,3 +238,35 @@ def test_regression_client_disconnect_while_waiting_for_resources(
         assert entry["state"] in ("running", "stopping"), entry
     assert_no_reservation_without_running_backend(systemd_sandbox)
     assert http_get(newcomer)["model"] == "newcomer"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_garbage_clients_block_nobody_and_spin_nothing(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    port = free_port()
+    install(systemd_sandbox, write_config(tmp_path / "c.json", [fake_model("m", port)]))
+    http_get(port)
+    shim = main_pid(systemd_sandbox, "lmproxy-m.service")
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    noisy = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    for conn in noisy:
+        conn.sendall(os.urandom(4096))
+    half_open = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    for conn in half_open:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")  # an unfinished request, then FIN
+        conn.shutdown(socket.SHUT_WR)
+    try:
+        for _ in range(10):
+            assert http_get(port, timeout=10)["model"] == "m"
+        time.sleep(0.5)
+        before = _cpu_seconds(shim)
+        time.sleep(1.0)
+        assert _cpu_seconds(shim) - before < 0.05  # waiting on epoll, not spinning
+    finally:
+        for conn in silent + noisy + half_open:
+            conn.close()
