@@ -65,19 +65,17 @@ def install(config_path: Path, scope: Scope, *, now: bool, say: Say) -> None:
     paths = paths_for(scope)
     units = render_for(config, scope)
     with Manager.connect(scope) as manager, _install_lock(paths):
+        recover(paths)
         _refuse_ports_in_use(config, paths, manager)
         plan = plan_install(units, paths)
         _stop_units(manager, _stop_order(plan.remove), say)
         if plan.remove:
             manager.disable_unit_files([n for n in plan.remove if _enableable(n)])
+        files = {paths.unit_dir / name: (text.encode(), 0o644) for name, text in plan.write.items()}
         # The config may hold secrets (Environment): only its owner, who runs the shims, reads it.
-        _write_atomically(paths.installed_config, config_text, 0o600)
-        for name, text in plan.write.items():
-            _write_atomically(paths.unit_dir / name, text.encode(), 0o644)
-        for name in plan.remove:
-            with contextlib.suppress(FileNotFoundError):
-                (paths.unit_dir / name).unlink()
-        _write_manifest(paths, sorted(units))
+        files[paths.installed_config] = (config_text, 0o600)
+        files[paths.manifest] = (json.dumps(sorted(units), indent=1).encode(), 0o644)
+        switch_files(paths, files, [paths.unit_dir / name for name in plan.remove])
         manager.reload()
         manager.enable_unit_files([n for n in sorted(units) if _enableable(n)])
         sockets = [unitnames.socket_unit(s.name) for s in config.services]
@@ -102,6 +100,7 @@ def uninstall(scope: Scope, *, say: Say) -> None:
     """Stops and removes every unit the last install wrote, and nothing else."""
     paths = paths_for(scope)
     with Manager.connect(scope) as manager, _install_lock(paths):
+        recover(paths)
         installed = read_manifest(paths)
         if not installed:
             say(f"nothing to uninstall for the {scope.value} manager")
@@ -206,8 +205,68 @@ def _start_sockets(manager: Manager, sockets: Sequence[str], plan: Plan, say: Sa
     manager.start_unit(unitnames.TARGET, JOB_TIMEOUT_S)
 
 
-def _write_manifest(paths: Paths, names: list[str]) -> None:
-    _write_atomically(paths.manifest, json.dumps(names, indent=1).encode(), 0o644)
+STAGED_SUFFIX = ".lmproxy-new"  # not a unit type: systemd ignores staged files
+
+
+def switch_files(paths: Paths, files: dict[Path, tuple[bytes, int]], remove: list[Path]) -> None:
+    """Replaces the installed set of files by a new one, as one step.
+
+    Every new file is first written in full beside its final name; then an
+    intent (what to rename, what to remove) is written atomically: that is the
+    commit point. If lmproxy dies before it, `recover` deletes the staged files
+    and the old set stands; after it, `recover` finishes the switch. systemd
+    only reads the files at the reload that follows, so it sees one set or the
+    other, never a mix.
+    """
+    renames = []
+    for path, (data, mode) in files.items():
+        staged = path.with_name(f".{path.name}{STAGED_SUFFIX}")
+        _write_file(staged, data, mode)
+        renames.append((str(staged), str(path)))
+    intent = {"rename": renames, "remove": [str(path) for path in remove]}
+    _write_atomically(paths.intent, json.dumps(intent).encode(), 0o600)
+    _finish_switch(paths)
+
+
+def recover(paths: Paths) -> None:
+    """Completes a switch that was committed, or drops one that was not."""
+    if paths.intent.exists():
+        _finish_switch(paths)
+    for folder in (paths.unit_dir, paths.config_dir):
+        if folder.is_dir():
+            for staged in folder.glob(f".*{STAGED_SUFFIX}"):
+                staged.unlink()
+
+
+def _finish_switch(paths: Paths) -> None:
+    intent = json.loads(paths.intent.read_text())
+    for staged, final in intent["rename"]:
+        if os.path.exists(staged):
+            os.replace(staged, final)
+    for path in intent["remove"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    for folder in {Path(final).parent for _, final in intent["rename"]}:
+        _fsync_dir(folder)
+    paths.intent.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.chmod(path, mode)
 
 
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:

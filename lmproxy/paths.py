@@ -47,6 +47,11 @@ class Paths:
         return self.runtime_dir / "ledger.json"
 
     @property
+    def intent(self) -> Path:
+        """A switch of installed files under way (see lmproxy.installer.switch_files)."""
+        return self.config_dir / ".install-intent.json"
+
+    @property
     def manifest(self) -> Path:
         """The list of unit files the last `lmproxy install` wrote, so that a later
         install or uninstall removes exactly those and nothing else."""

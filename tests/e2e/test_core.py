@@ -5,6 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -301,3 +303,23 @@ def test_reinstall_keeps_its_own_listening_ports(systemd_sandbox: Sandbox, tmp_p
     install(systemd_sandbox, config)
     install(systemd_sandbox, config)  # the port is held by our own socket: fine
     assert http_get(port)["model"] == "same"
+
+
+def test_concurrent_installs_leave_one_whole_set(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
+    first = write_config(tmp_path / "1.json", [fake_model(f"a{i}", free_port()) for i in range(4)])
+    second = write_config(tmp_path / "2.json", [fake_model(f"b{i}", free_port()) for i in range(3)])
+    argv = [sys.executable, "-m", "lmproxy", "install", "--user", "--now", "--config"]
+    runs = [
+        subprocess.Popen(
+            systemd_sandbox.command([*argv, str(path)]),
+            env=systemd_sandbox.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for path in (first, second, first, second)
+    ]
+    assert [run.wait(120) for run in runs] == [0, 0, 0, 0]
+    names = _unit_files(systemd_sandbox) - {"lmproxy.target", "lmproxy.slice"}
+    stems = {name.split(".")[0].removesuffix("-backend").removeprefix("lmproxy-") for name in names}
+    assert stems in ({"a0", "a1", "a2", "a3"}, {"b0", "b1", "b2"})
+    assert len(names) == 3 * len(stems)
