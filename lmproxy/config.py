@@ -22,9 +22,11 @@ import os
 import re
 import shlex
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from lmproxy import unitsyntax
 
 
 class ConfigError(ValueError):
@@ -140,7 +142,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _RESOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,30}")  # systemd warns past 31
 _DIGITS_RE = re.compile(r"[0-9]+")
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -736,8 +738,29 @@ class _Parser:
         if user is not None and not _USER_RE.fullmatch(user):
             self.error(
                 fields.path_of("User"),
-                f"invalid User {_show(user)}: expected a user name (1 to 32 characters from "
+                f"invalid User {_show(user)}: expected a user name (1 to 31 characters from "
                 "a-z 0-9 _ -, starting with a letter or '_')",
+            )
+
+        if len(self.problems) == problems_before and command is not None:
+            self.unit_safe(fields, "Command", lambda: unitsyntax.exec_line([command]))
+            self.unit_safe(fields, "Args", lambda: unitsyntax.exec_line([command, *split_args]))
+        if work_dir is not None:
+            self.unit_safe(fields, "WorkDir", lambda: unitsyntax.path_value(work_dir))
+        if log_file_path is not None:
+            self.unit_safe(
+                fields, "LogFilePath", lambda: unitsyntax.exec_line(["/bin/true", log_file_path])
+            )
+        if kill_command is not None:
+            self.unit_safe(
+                fields, "KillCommand", lambda: unitsyntax.exec_line(["/bin/sh", "-c", kill_command])
+            )
+        for key, text in environment.items():
+            self.unit_safe(
+                fields,
+                "Environment",
+                lambda: unitsyntax.environment_assignment(key, text),  # noqa: B023 (called at once)
+                key,
             )
 
         service = None
@@ -784,6 +807,17 @@ class _Parser:
             target_port=target_port,
             service=service,
         )
+
+    def unit_safe(
+        self, fields: _Fields, name: str, check: Callable[[], object], key: str | None = None
+    ) -> None:
+        """Records a value that systemd's unit syntax cannot carry safely, at its path:
+        what validate accepts, render can always write."""
+        try:
+            check()
+        except ValueError as error:
+            path = fields.path_of(name)
+            self.error(_child(path, key) if key else path, f"not usable in a systemd unit: {error}")
 
     def proxy_target_host(self, fields: _Fields) -> str | None:
         host = self.text(fields, "ProxyTargetHost")

@@ -39,6 +39,15 @@ class Plan:
 
 
 def render_for(config: Config, scope: Scope) -> dict[str, str]:
+    if scope is Scope.USER:
+        # A user manager cannot run a unit as someone else.
+        users = [
+            (f"$.Services[{index}].User", "User needs the system manager (install with --system)")
+            for index, service in enumerate(config.services)
+            if service.user
+        ]
+        if users:
+            raise ConfigError(users)
     paths = paths_for(scope)
     return render_units(
         config, scope=scope, config_path=paths.installed_config, interpreter=current_interpreter()
