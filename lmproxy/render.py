@@ -111,7 +111,10 @@ def _values(
         backend_argv = interpreter.module(
             "lmproxy.logtee", service.log_file_path, "--", *service.argv
         )
-        backend_environment = {**interpreter.environment, **backend_environment}
+        for key, value in interpreter.environment.items():
+            # The tee must import lmproxy even when the service sets its own PYTHONPATH.
+            own = backend_environment.get(key)
+            backend_environment[key] = f"{value}:{own}" if own else value
     return {
         "name": Escaped(unitsyntax.quote_value(name)),
         "config_path": Escaped(unitsyntax.quote_value(str(config_path))),
