@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lmproxy.config import Config, parse_config
+from lmproxy.config import Config, ConfigError, parse_config
 from lmproxy.paths import Scope, paths_for
 from lmproxy.render import Interpreter, render_units
+from tests.unit.test_render import exec_argv
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "config.json"
@@ -350,3 +351,98 @@ def test_any_valid_config_verifies(document: dict[str, Any], scope: Scope, check
     with tempfile.TemporaryDirectory() as where:
         units = render(config, scope, CHECKOUT if checkout else INSTALLED, Path(where))
         verify(units, scope, Path(where))
+
+
+# --- Property: any config at all is refused naming a path, or renders to units that verify ----
+
+_hostile_text = st.text(
+    st.sampled_from(list("\n\r\t%$\\\"' ./..é€\u2028\x00\x7f-@+!:;")) | st.characters(),
+    max_size=16,
+)
+_hostile_numbers = st.integers(min_value=-(2**70), max_value=2**70) | st.sampled_from(
+    [0, -1, 65535, 65536, 2**53, 2**53 + 1]
+)
+_anything = _hostile_text | _hostile_numbers | st.booleans() | st.none()
+
+
+def _mostly(valid: st.SearchStrategy[Any], hostile: st.SearchStrategy[Any]) -> Any:
+    """Valid nine times in ten, so that a fair share of configs get through to systemd.
+    (st.one_of(valid, valid, ..., hostile) would not do: it merges equal branches.)"""
+    return st.integers(0, 9).flatmap(lambda roll: valid if roll else hostile)
+
+
+@st.composite
+def _hostile_services(draw: st.DrawFn, index: int) -> dict[str, Any]:
+    """A service whose every field may be valid, odd, or plainly wrong."""
+    entry: dict[str, Any] = {
+        "Name": draw(_mostly(_names, _hostile_text)),
+        "ListenPort": draw(_mostly(st.just(2000 + index), _hostile_numbers | _hostile_text)),
+        "ProxyTargetPort": draw(_mostly(st.just(30000 + index), _hostile_numbers)),
+        "Command": draw(_mostly(st.sampled_from([PYTHON, SLEEP]), _hostile_text)),
+        "Args": draw(_mostly(_args, _hostile_text)),
+        "ResourceRequirements": draw(
+            _mostly(st.just({}), st.dictionaries(_hostile_text, _hostile_numbers, max_size=2))
+        ),
+    }
+    for key, strategy in (
+        ("ListenAddress", _mostly(st.ip_addresses().map(str), _hostile_text)),
+        ("WorkDir", _mostly(_paths, _hostile_text)),
+        ("LogFilePath", _mostly(_paths, _hostile_text)),
+        ("KillCommand", _mostly(_text.filter(bool), _hostile_text)),
+        (
+            "Environment",
+            st.dictionaries(
+                _mostly(
+                    _names.map(lambda n: "V" + n.replace(".", "_").replace("-", "_")), _hostile_text
+                ),
+                _hostile_text,
+                max_size=2,
+            ),
+        ),
+        ("StartupTimeoutMilliseconds", _mostly(st.integers(1, 2**31 - 1), _hostile_numbers)),
+    ):
+        if draw(st.booleans()):
+            entry[key] = draw(strategy)
+    if draw(st.integers(0, 9)) == 0:
+        entry[draw(_hostile_text)] = draw(_anything)  # an unknown field, usually
+    return entry
+
+
+@st.composite
+def _hostile_configs(draw: st.DrawFn) -> dict[str, Any]:
+    count = draw(st.integers(min_value=1, max_value=3))
+    return {
+        "ResourcesAvailable": draw(
+            _mostly(st.just({}), st.dictionaries(_hostile_text, _hostile_numbers, max_size=2))
+        ),
+        "Services": [draw(_hostile_services(index)) for index in range(count)],
+    }
+
+
+@settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(document=_hostile_configs())
+def test_any_config_is_refused_naming_a_path_or_verifies(document: dict[str, Any]) -> None:
+    try:
+        config = parse_config(json.dumps(document), BASE)
+    except ConfigError as refused:
+        event("refused")
+        assert refused.problems
+        for path, problem in refused.problems:
+            assert path.startswith("$") and problem
+        return
+    event("accepted")
+    with tempfile.TemporaryDirectory() as where:
+        units = render(config, Scope.USER, INSTALLED, Path(where))
+        # Exactly the units asked for: three per service and the two static ones.
+        assert len(units) == 3 * len(config.services) + 2
+        for service in config.services:
+            backend = units[f"lmproxy-{service.name}-backend.service"]
+            exec_start = [line for line in backend.splitlines() if line.startswith("ExecStart=")]
+            assert len(exec_start) == 1
+            if service.log_file_path is None:
+                assert exec_argv(exec_start[0].removeprefix("ExecStart=")) == list(service.argv)
+        verify(units, Scope.USER, Path(where))
