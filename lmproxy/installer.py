@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,29 @@ class Plan:
     write: dict[str, str]  # unit file name -> new contents (new or changed)
     keep: tuple[str, ...]  # unit files already as they should be
     remove: tuple[str, ...]  # unit files of a previous install that are no longer wanted
+
+
+# The search path systemd uses for a bare command name in ExecStart= (systemd.service(5)).
+SYSTEMD_EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def refuse_missing_commands(config: Config) -> None:
+    """Refuses (as a config error) a Command this machine cannot run: better said
+    at install than found out by the first client."""
+    problems = []
+    for index, service in enumerate(config.services):
+        command = service.command
+        if "/" in command:
+            runnable = os.path.isfile(command) and os.access(command, os.X_OK)
+        else:
+            runnable = shutil.which(command, path=SYSTEMD_EXEC_PATH) is not None
+        if not runnable:
+            where = "" if "/" in command else f" in {SYSTEMD_EXEC_PATH}"
+            problems.append(
+                (f"$.Services[{index}].Command", f"{command!r} is not an executable file{where}")
+            )
+    if problems:
+        raise ConfigError(problems)
 
 
 def render_for(config: Config, scope: Scope) -> dict[str, str]:
@@ -70,6 +94,7 @@ def plan_install(units: dict[str, str], paths: Paths) -> Plan:
 def install(config_path: Path, scope: Scope, *, now: bool, say: Say) -> None:
     """Validates, renders, writes, reloads, enables (and with now, starts)."""
     config = load_config(config_path)
+    refuse_missing_commands(config)
     config_text = config_path.read_bytes()
     paths = paths_for(scope)
     units = render_for(config, scope)

@@ -12,10 +12,20 @@ from lmproxy.config import ConfigError, load_config
 
 @click.command()
 @config_option
-def validate(config_path: Path) -> None:
-    """Check a config; exit 2 naming each bad value's JSON path."""
+@click.option(
+    "--syntax-only",
+    is_flag=True,
+    help="Check the file alone, not whether its commands exist on this machine.",
+)
+def validate(config_path: Path, syntax_only: bool) -> None:
+    """Check a config, and that its commands exist here; exit 2 naming each bad
+    value's JSON path. Nothing is changed."""
+    from lmproxy.installer import refuse_missing_commands
+
     try:
         config = load_config(config_path)
+        if not syntax_only:
+            refuse_missing_commands(config)
     except ConfigError as error:
         refuse_config(error, config_path)
         return

@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lmproxy.config import Config, ConfigError, parse_config
+from lmproxy.installer import refuse_missing_commands
 from lmproxy.paths import Scope, paths_for
 from lmproxy.render import Interpreter, render_units
 from tests.unit.test_render import exec_argv
@@ -428,6 +429,7 @@ def _hostile_configs(draw: st.DrawFn) -> dict[str, Any]:
 def test_any_config_is_refused_naming_a_path_or_verifies(document: dict[str, Any]) -> None:
     try:
         config = parse_config(json.dumps(document), BASE)
+        refuse_missing_commands(config)  # what validate and install check on top
     except ConfigError as refused:
         event("refused")
         assert refused.problems

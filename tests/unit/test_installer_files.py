@@ -81,3 +81,24 @@ def test_crash_before_commit_point_leaves_the_old_set(
     assert any(p.name.endswith(installer.STAGED_SUFFIX) for p in paths.unit_dir.iterdir())
     installer.recover(paths)
     assert files_of(paths) == OLD
+
+
+def test_commands_that_cannot_run_here_are_refused(tmp_path: Path) -> None:
+    from lmproxy.config import ConfigError, parse_config
+
+    not_executable = tmp_path / "model.gguf"
+    not_executable.write_text("")
+    config = parse_config(
+        '{"Services": ['
+        '{"Name": "a", "ListenPort": 1, "ProxyTargetPort": 2, "Command": "sleep"},'
+        '{"Name": "b", "ListenPort": 3, "ProxyTargetPort": 4, "Command": "/bin/sleep"},'
+        '{"Name": "c", "ListenPort": 5, "ProxyTargetPort": 6, "Command": "no-such-server"},'
+        f'{{"Name": "d", "ListenPort": 7, "ProxyTargetPort": 8, "Command": "{not_executable}"}}'
+        "]}"
+    )
+    with pytest.raises(ConfigError) as refused:
+        installer.refuse_missing_commands(config)
+    assert [path for path, _ in refused.value.problems] == [
+        "$.Services[2].Command",
+        "$.Services[3].Command",
+    ]
