@@ -361,10 +361,10 @@ def run_tool(argv: Sequence[str], timeout: float) -> str:
     return result.stdout
 
 
-def iperf(port: int, streams: int, seconds: float) -> float:
+def iperf(port: int, streams: int, seconds: int) -> float:
     """Gbit/s received, iperf3 client -> server."""
     argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-P", str(streams)]
-    argv += ["-t", f"{seconds:g}", "-J"]
+    argv += ["-t", str(seconds), "-J"]
     for attempt in range(3):
         try:
             report = json.loads(run_tool(argv, seconds + 30))
@@ -382,9 +382,9 @@ _REQUESTS = re.compile(r"Requests/sec:\s*([\d.]+)")
 _ERRORS = re.compile(r"Socket errors: .*|Non-2xx or 3xx responses: \d+")
 
 
-def wrk(port: int, connections: int, threads: int, seconds: float, close: bool) -> float:
+def wrk(port: int, connections: int, threads: int, seconds: int, close: bool) -> float:
     """Requests per second."""
-    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s"]
+    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s"]
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://127.0.0.1:{port}/")
@@ -425,7 +425,7 @@ def served(answer: bytes) -> bool:
 
 
 class Bench:
-    def __init__(self, setup: Setup, seconds: float) -> None:
+    def __init__(self, setup: Setup, seconds: int) -> None:
         self.setup = setup
         self.seconds = seconds
         self.rows: dict[str, Row] = {
@@ -439,7 +439,7 @@ class Bench:
             "herd": Row(f"{HERD_CLIENTS} clients at a cold service at once: served", "clients"),
             "herd_slowest": Row(f"… the slowest of the {HERD_CLIENTS}: connect → answer", "ms"),
             "herd_warm": Row(
-                f"{HERD_CLIENTS} clients at once at the running fake model: slowest answer", "ms"
+                f"{HERD_CLIENTS} clients at once at the running fake model (1 trial): slowest", "ms"
             ),
             "idle_default": Row(
                 f"{IDLE_CLIENTS:,} slow streams at once, default LimitNOFILE: completed",
@@ -456,9 +456,9 @@ class Bench:
             ),
             "activation": Row("start-up: socket activation → first byte relayed", "ms", 1),
             "import_help": Row("start-up: `-X importtime -m lmproxy shim --help`", "ms", 1),
-            "import_shim": Row("start-up: `-X importtime` of all a shim imports", "ms", 1),
+            "import_shim": Row("start-up: imports of a socket-activated shim", "ms", 1),
         }
-        for key in ("cold", "herd", "herd_slowest", "activation"):
+        for key in ("herd", "herd_slowest", "activation"):
             self.rows[key].fixed[DIRECT] = "—"
         for key in ("idle_rss", "idle_per_conn", "idle_cpu", "import_help", "import_shim"):
             self.rows[key].fixed[DIRECT] = "—"
@@ -515,6 +515,9 @@ class Bench:
         self.setup.stamp(path).unlink(missing_ok=True)
 
     def cold_start(self, path: str) -> None:
+        if path == DIRECT:
+            self.cold_start_direct()
+            return
         self.make_cold(path)
         first, answer = first_byte(self.port("cold", path), HTTP_GET, STEP_TIMEOUT_S)
         row = self.rows["cold"]
@@ -534,6 +537,34 @@ class Bench:
         delay_ms = (first - opened) * 1000
         row.add(path, delay_ms)
         say(f"    cold     {path:22} {delay_ms:12,.2f} ms")
+
+    def cold_start_direct(self) -> None:
+        """The floor: the fake model is started by hand and a client that tries to connect
+        every millisecond (as lmproxy's readiness probe does at best) sends the request."""
+        self.make_cold(LMPROXY)
+        stamp = self.setup.stamp(LMPROXY)
+        backend = f"lmproxy-{self.setup.lmproxy_name('cold')}-backend.service"
+        self.setup.systemctl("start", "--no-block", backend)
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        address = ("127.0.0.1", self.port("cold", DIRECT))
+        while True:
+            conn = socket.socket()
+            try:
+                conn.connect(address)
+                break
+            except OSError:
+                conn.close()
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the fake model never listened") from None
+                time.sleep(0.001)
+        with conn:
+            conn.settimeout(STEP_TIMEOUT_S)
+            conn.sendall(HTTP_GET)
+            conn.recv(1)
+            first = time.monotonic()
+        delay_ms = (first - float(stamp.read_text())) * 1000
+        self.rows["cold"].add(DIRECT, delay_ms)
+        say(f"    cold     {DIRECT:22} {delay_ms:12,.2f} ms (a client polling every 1 ms)")
 
     def herd(self, path: str, *, cold: bool = True) -> None:
         """HERD_CLIENTS clients connect at once and send a request each; cold: to a stopped
@@ -607,14 +638,48 @@ class Bench:
         say(f"    start-up {path:22} {delay_ms:12,.2f} ms")
 
     def import_times(self) -> None:
-        help_argv = [sys.executable, "-X", "importtime", "-m", "lmproxy", "shim", "--help"]
-        # What a running shim imports: the CLI, the shim and its edges (D-Bus, journal, sd_notify).
-        shim_code = "import lmproxy.cli, lmproxy.shim, systemd.daemon, systemd.journal"
-        shim_argv = [sys.executable, "-X", "importtime", "-c", shim_code]
-        for key, argv in (("import_help", help_argv), ("import_shim", shim_argv)):
-            value = import_time_ms(argv)
-            self.rows[key].add(LMPROXY, value)
-            say(f"    {key:12} {value:8,.1f} ms")
+        argv = [sys.executable, "-X", "importtime", "-m", "lmproxy", "shim", "--help"]
+        totals = []
+        for _ in range(5):
+            result = subprocess.run(
+                argv, capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=True, cwd=ROOT
+            )
+            totals.append(import_total_ms(result.stderr.splitlines()))
+        value = statistics.median(totals)
+        self.rows["import_help"].add(LMPROXY, value)
+        say(f"    importtime of shim --help   {value:8,.1f} ms")
+
+    def shim_imports(self) -> None:
+        """What a real shim imports, socket-activated by systemd, with PYTHONPROFILEIMPORTTIME
+        set by a drop-in (its stderr goes to the journal)."""
+        unit = f"lmproxy-{self.setup.lmproxy_name('nginx')}.service"
+        drop_in = self.setup.unit_dir / f"{unit}.d" / "bench-importtime.conf"
+        drop_in.parent.mkdir(exist_ok=True)
+        drop_in.write_text("[Service]\nEnvironment=PYTHONPROFILEIMPORTTIME=1\n")
+        try:
+            self.setup.systemctl("daemon-reload")
+            self.setup.stop(unit)
+            _, answer = first_byte(self.port("nginx", LMPROXY), HTTP_GET, STEP_TIMEOUT_S)
+            if not served(answer):
+                raise RuntimeError(f"nginx through lmproxy answered {answer[:200]!r}")
+            pid = self.setup.main_pid(unit)
+            deadline = time.monotonic() + 10
+            lines: list[str] = []
+            while time.monotonic() < deadline:  # journald may still be writing
+                journal = self.setup.sandbox.run(
+                    ["journalctl", "--no-pager", "-o", "cat", f"_PID={pid}"], timeout=30
+                )
+                lines = journal.stdout.splitlines()
+                if any(line.endswith("| lmproxy.shim") for line in lines):
+                    break
+                time.sleep(0.1)
+            value = import_total_ms(lines)
+            self.rows["import_shim"].add(LMPROXY, value)
+            say(f"    importtime of a real shim   {value:8,.1f} ms")
+        finally:
+            drop_in.unlink(missing_ok=True)
+            self.setup.systemctl("daemon-reload")
+            self.setup.stop(unit)
 
     # --- many slow connections -------------------------------------------------------------
 
@@ -679,26 +744,17 @@ class Bench:
         say(line)
 
 
-def import_time_ms(argv: Sequence[str]) -> float:
-    """Median over 5 runs of the sum of the cumulative column of the top-level imports."""
-    totals = []
-    for _ in range(5):
-        result = subprocess.run(
-            argv, capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=True, cwd=ROOT
-        )
-        total_us = 0
-        for line in result.stderr.splitlines():
-            parts = line.split("|")
-            if line.startswith("import time:") and len(parts) == 3:
-                name = parts[2]
-                if (
-                    name.startswith(" ")
-                    and not name.startswith("  ")
-                    and parts[1].strip().isdigit()
-                ):
-                    total_us += int(parts[1])
-        totals.append(total_us / 1000)
-    return statistics.median(totals)
+def import_total_ms(lines: Sequence[str]) -> float:
+    """The sum of the cumulative column of the top-level imports in -X importtime output."""
+    total_us = 0
+    for line in lines:
+        parts = line.split("|")
+        if line.startswith("import time:") and len(parts) == 3:
+            name = parts[2]
+            top_level = name.startswith(" ") and not name.startswith("  ")
+            if top_level and parts[1].strip().isdigit():
+                total_us += int(parts[1])
+    return total_us / 1000
 
 
 async def streams(
@@ -781,6 +837,7 @@ def print_table(bench: Bench, header: str) -> None:
     lines = [
         [f"{row.label} ({row.unit})", *(row.cell(p) for p in PATHS), row.ratio()]
         for row in bench.rows.values()
+        if any(row.cell(p) != "—" for p in PATHS)  # rows that were not measured are left out
     ]
     print(header)
     print()
@@ -812,10 +869,13 @@ def run(args: argparse.Namespace) -> int:
     header = (
         f"Machine: {machine()}\n"
         f"Run: {rounds} interleaved rounds of {args.seconds:g} s per measure; "
-        f"{herd_trials} cold-herd trials per proxy; load average at start {loadavg()}"
+        f"up to {herd_trials} cold-herd trials per proxy within {args.herd_budget:g} s; "
+        f"load average at start {loadavg()}"
     )
     say(header)
-    work = Path(tempfile.mkdtemp(prefix="lmproxy-bench-"))
+    # On tmpfs where there is one, as $XDG_RUNTIME_DIR (the ledger's home) is under systemd.
+    shm = Path("/dev/shm")
+    work = Path(tempfile.mkdtemp(prefix="lmproxy-bench-", dir=shm if shm.is_dir() else None))
     os.chmod(work, 0o755)
     started = time.monotonic()
     try:
@@ -829,24 +889,34 @@ def run(args: argparse.Namespace) -> int:
             say("warming up (starts nginx, iperf3 -s and the trickle backend through lmproxy)")
             bench.warm_up()
             bench.import_times()
-            proxies = (LMPROXY, PROXY)
             herd_left = herd_trials
+            herd_spent = 0.0
             for index in range(rounds):
                 order = rotated(index)
+                proxies = [path for path in order if path != DIRECT]
                 say(f"round {index + 1}/{rounds} (order: {', '.join(order)})")
                 bench.throughput(order)
                 for _ in range(args.cold):
-                    for path in proxies if index % 2 == 0 else reversed(proxies):
+                    for path in order:
                         bench.cold_start(path)
-                for path in proxies:
-                    bench.activation(path)
+                for _ in range(2):
+                    for path in proxies:
+                        bench.activation(path)
+                bench.shim_imports()
+                # The cold herds: their share of the trials and of the time left for them.
                 share = herd_left // (rounds - index)
+                allowance = (args.herd_budget - herd_spent) / (rounds - index)
+                herd_started = time.monotonic()
                 for _ in range(share):
+                    if time.monotonic() - herd_started >= allowance:
+                        break
                     for path in proxies:
                         bench.herd(path)
-                herd_left -= share
-                for path in order:
-                    bench.herd(path, cold=False)
+                    herd_left -= 1
+                herd_spent += time.monotonic() - herd_started
+                if index == 0 and args.warm_herd:
+                    for path in order:
+                        bench.herd(path, cold=False)
                 if index == 0:
                     bench.set_nofile(None)
                     for path in proxies:
@@ -855,7 +925,10 @@ def run(args: argparse.Namespace) -> int:
                 if index < args.idle_rounds:
                     for path in order:
                         bench.idle(path)
-            header += f"; at the end {loadavg()}; took {time.monotonic() - started:.0f} s"
+            header += (
+                f"; at the end {loadavg()}; took {time.monotonic() - started:.0f} s; "
+                f"{herd_trials - herd_left} cold-herd trials per proxy"
+            )
             print_table(bench, header)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -868,23 +941,40 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 2 s (about 2 minutes)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; quick 3)")
-    parser.add_argument("--seconds", type=float, help="seconds per measure (default 4; quick 2)")
     parser.add_argument(
-        "--herd", type=int, help="cold-herd trials per proxy, in all (default 50; quick 20)"
+        "--quick", action="store_true", help="3 rounds of 1 s, fewer trials (about 2 minutes)"
+    )
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; quick 3)")
+    parser.add_argument(
+        "--seconds", type=int, help="seconds per throughput measure (default 3; quick 1)"
+    )
+    parser.add_argument(
+        "--herd",
+        type=int,
+        help="cold-herd trials per proxy, at most (default 50; quick 20), within --herd-budget",
+    )
+    parser.add_argument(
+        "--herd-budget",
+        type=float,
+        help="seconds for all cold-herd trials together (default 150; quick 30)",
     )
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 3 if args.quick else 5
     if args.seconds is None:
-        args.seconds = 2.0 if args.quick else 4.0
-    if not 1 <= args.rounds <= 50 or not 0.5 <= args.seconds <= 60:
-        parser.error("--rounds must be 1..50 and --seconds 0.5..60")
-    args.cold = 2 if args.quick else 4  # cold-start trials per proxy per round
+        args.seconds = 1 if args.quick else 3
     if args.herd is None:
         args.herd = 20 if args.quick else 50
+    if args.herd_budget is None:
+        args.herd_budget = 30.0 if args.quick else 150.0
+    if not 1 <= args.rounds <= 50 or not 1 <= args.seconds <= 60 or not 0 <= args.herd <= 500:
+        parser.error("--rounds must be 1..50, --seconds 1..60 and --herd 0..500")
+    if not 0 <= args.herd_budget <= 3600:
+        parser.error("--herd-budget must be 0..3600")
+    args.cold = 2 if args.quick else 3  # cold-start trials per path per round
     args.idle_rounds = 1 if args.quick else min(args.rounds, 3)
+    # A herd at the running fake model directly waits out SYN retransmissions (30 s): once.
+    args.warm_herd = not args.quick
     return args
 
 

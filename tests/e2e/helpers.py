@@ -133,6 +133,9 @@ def status_json(sandbox: Sandbox) -> dict[str, Any]:
 
 
 def journal(sandbox: Sandbox, *matches: str) -> str:
+    """The journal's messages matching matches, including every one sent before
+    this call (journald stores messages asynchronously: --sync waits for it)."""
+    sandbox.run(["journalctl", "--sync"], check=True)
     result = sandbox.run(["journalctl", "--no-pager", "-o", "cat", *matches])
     return result.stdout
 

@@ -284,9 +284,9 @@ def test_bad_config_changes_nothing(systemd_sandbox: Sandbox, tmp_path: Path) ->
 
 def test_port_taken_by_another_program_is_refused(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
+        taken = free_port()
+        squatter.bind(("127.0.0.1", taken))
         squatter.listen()
-        taken = squatter.getsockname()[1]
         config = write_config(
             tmp_path / "c.json", [fake_model("free", free_port()), fake_model("taken", taken)]
         )
