@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -63,10 +65,17 @@ def write_config(path: Path, services: list[dict[str, Any]], **top: Any) -> Path
     return path
 
 
+def lmproxy_command() -> list[str]:
+    """The lmproxy under test: this checkout, or LMPROXY_COMMAND (CI sets it to the
+    installed /usr/bin/lmproxy, so that a file missing from the package fails)."""
+    installed = os.environ.get("LMPROXY_COMMAND")
+    return shlex.split(installed) if installed else [sys.executable, "-m", "lmproxy"]
+
+
 def lmproxy(sandbox: Sandbox, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Runs the lmproxy CLI inside the sandbox (so journalctl sees its journal)."""
     return subprocess.run(
-        sandbox.command([sys.executable, "-m", "lmproxy", *args]),
+        sandbox.command([*lmproxy_command(), *args]),
         env=sandbox.env(),
         capture_output=True,
         text=True,

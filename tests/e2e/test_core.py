@@ -6,7 +6,6 @@ import concurrent.futures
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tests.e2e.helpers import (
     http_get,
     journal,
     lmproxy,
+    lmproxy_command,
     main_pid,
     open_connection,
     request_on,
@@ -308,7 +308,7 @@ def test_reinstall_keeps_its_own_listening_ports(systemd_sandbox: Sandbox, tmp_p
 def test_concurrent_installs_leave_one_whole_set(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
     first = write_config(tmp_path / "1.json", [fake_model(f"a{i}", free_port()) for i in range(4)])
     second = write_config(tmp_path / "2.json", [fake_model(f"b{i}", free_port()) for i in range(3)])
-    argv = [sys.executable, "-m", "lmproxy", "install", "--user", "--now", "--config"]
+    argv = [*lmproxy_command(), "install", "--user", "--now", "--config"]
     runs = [
         subprocess.Popen(
             systemd_sandbox.command([*argv, str(path)]),
