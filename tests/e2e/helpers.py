@@ -84,6 +84,29 @@ def lmproxy(sandbox: Sandbox, *args: str, timeout: float = 120) -> subprocess.Co
     )
 
 
+def install(sandbox: Sandbox, config: Path) -> None:
+    """`lmproxy install --user --now`, which must succeed."""
+    result = lmproxy(sandbox, "install", "--user", "--config", str(config), "--now")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def install_busy_and_newcomer(sandbox: Sandbox, folder: Path, wait_s: int) -> tuple[int, int]:
+    """Two services that cannot both fit: busy (16000 of 24000 VRAM) and newcomer
+    (20000), the newcomer waiting at most wait_s for busy's connections to close.
+    Returns their ports."""
+    busy, newcomer = free_port(), free_port()
+    config = write_config(
+        folder / "busy-and-newcomer.json",
+        [
+            fake_model("busy", busy, needs={"VRAM": 16000}),
+            fake_model("newcomer", newcomer, needs={"VRAM": 20000}),
+        ],
+        MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds=wait_s,
+    )
+    install(sandbox, config)
+    return busy, newcomer
+
+
 def http_get(port: int, path: str = "/", timeout: float = 60) -> dict[str, Any]:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
         conn.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())

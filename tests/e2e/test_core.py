@@ -14,6 +14,8 @@ from tests.e2e.helpers import (
     fake_model,
     free_port,
     http_get,
+    install,
+    install_busy_and_newcomer,
     journal,
     lmproxy,
     lmproxy_command,
@@ -26,11 +28,6 @@ from tests.e2e.helpers import (
     wait_for,
     write_config,
 )
-
-
-def install(sandbox: Sandbox, config: Path) -> None:
-    result = lmproxy(sandbox, "install", "--user", "--config", str(config), "--now")
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def service_status(sandbox: Sandbox, name: str) -> dict[str, object]:
@@ -96,16 +93,7 @@ def test_second_service_evicts_the_first(systemd_sandbox: Sandbox, tmp_path: Pat
 def test_service_with_open_connection_is_not_evicted(
     systemd_sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    busy, newcomer = free_port(), free_port()
-    config = write_config(
-        tmp_path / "c.json",
-        [
-            fake_model("busy", busy, needs={"VRAM": 16000}),
-            fake_model("newcomer", newcomer, needs={"VRAM": 20000}),
-        ],
-        MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds=2,
-    )
-    install(systemd_sandbox, config)
+    busy, newcomer = install_busy_and_newcomer(systemd_sandbox, tmp_path, 2)
     held = open_connection(busy)
     try:
         started = time.monotonic()
@@ -123,16 +111,7 @@ def test_service_with_open_connection_is_not_evicted(
 def test_waiting_newcomer_proceeds_when_the_connection_closes(
     systemd_sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    busy, newcomer = free_port(), free_port()
-    config = write_config(
-        tmp_path / "c.json",
-        [
-            fake_model("busy", busy, needs={"VRAM": 16000}),
-            fake_model("newcomer", newcomer, needs={"VRAM": 20000}),
-        ],
-        MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds=60,
-    )
-    install(systemd_sandbox, config)
+    busy, newcomer = install_busy_and_newcomer(systemd_sandbox, tmp_path, 60)
     held = open_connection(busy)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answer = pool.submit(http_get, newcomer)

@@ -16,6 +16,8 @@ from tests.e2e.helpers import (
     fake_model,
     free_port,
     http_get,
+    install,
+    install_busy_and_newcomer,
     journal,
     lmproxy,
     main_pid,
@@ -26,11 +28,6 @@ from tests.e2e.helpers import (
     wait_for,
     write_config,
 )
-
-
-def install(sandbox: Sandbox, config: Path) -> None:
-    result = lmproxy(sandbox, "install", "--user", "--config", str(config), "--now")
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def ledger_entries() -> dict[str, dict[str, object]]:
@@ -211,16 +208,7 @@ def test_regression_client_disconnect_while_waiting_for_resources(
 ) -> None:
     """A client that gives up while its service waits for room leaves nothing
     waiting behind: the start completes for nobody, or is rolled back."""
-    busy, newcomer = free_port(), free_port()
-    config = write_config(
-        tmp_path / "c.json",
-        [
-            fake_model("busy", busy, needs={"VRAM": 16000}),
-            fake_model("newcomer", newcomer, needs={"VRAM": 20000}),
-        ],
-        MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds=3,
-    )
-    install(systemd_sandbox, config)
+    busy, newcomer = install_busy_and_newcomer(systemd_sandbox, tmp_path, 3)
     held = open_connection(busy)
     quitter = socket.create_connection(("127.0.0.1", newcomer), timeout=10)
     wait_for(lambda: "newcomer" in ledger_entries(), 10, "the newcomer to wait")

@@ -10,6 +10,7 @@ from tests.e2e.helpers import (
     fake_model,
     free_port,
     http_get,
+    install,
     journal,
     lmproxy,
     main_pid,
@@ -18,11 +19,6 @@ from tests.e2e.helpers import (
     wait_for,
     write_config,
 )
-
-
-def install(sandbox: Sandbox, config: Path) -> None:
-    result = lmproxy(sandbox, "install", "--user", "--config", str(config), "--now")
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_log_file_path_gets_the_output_as_well_as_the_journal(

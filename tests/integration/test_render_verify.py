@@ -34,7 +34,7 @@ from lmproxy.config import Config, ConfigError, parse_config
 from lmproxy.installer import refuse_missing_commands
 from lmproxy.paths import Scope, paths_for
 from lmproxy.render import Interpreter, render_units
-from tests.unit.test_render import exec_argv
+from tests.unit.test_render import exec_argv, is_noncharacter
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "config.json"
@@ -252,16 +252,11 @@ def test_longest_user_name_verifies(scope: Scope, tmp_path: Path) -> None:
 # --- Property: any valid config verifies -------------------------------------------------------
 
 
-def _nonchar(char: str) -> bool:
-    code = ord(char)
-    return 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE
-
-
 # Text that config.py accepts (no C0 controls, no DEL) less noncharacters, which it also
 # accepts but rendering refuses (tests/unit/test_render.py, test_an_accepted_config_always_renders).
 _chars = st.sampled_from(list(" %$\\\"'`;&|<>-@+!:=#{}()*?~\u00a0\u2028")) | st.characters(
     min_codepoint=0x20, blacklist_categories=("Cs",)
-).filter(lambda c: c != "\x7f" and not _nonchar(c))
+).filter(lambda c: c != "\x7f" and not is_noncharacter(c))
 _text = st.text(_chars, max_size=20)
 
 

@@ -734,7 +734,7 @@ def test_unrenderable_values_are_refused_naming_the_field(fields: dict[str, Any]
 # --- Property: any valid config renders to the same shape, values intact -----------------------
 
 
-def _nonchar(char: str) -> bool:
+def is_noncharacter(char: str) -> bool:
     code = ord(char)
     return 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE
 
@@ -742,7 +742,7 @@ def _nonchar(char: str) -> bool:
 # Printable text as config.py accepts it (no C0 controls, no DEL), less what it wrongly
 # accepts (noncharacters: see test_an_accepted_config_always_renders).
 _odd_chars = st.characters(min_codepoint=0x20, blacklist_categories=("Cs",)).filter(
-    lambda c: c != "\x7f" and not _nonchar(c)
+    lambda c: c != "\x7f" and not is_noncharacter(c)
 )
 _chars = st.sampled_from(list(" %$\\\"'`;&|<>-@+!:=#{}()*?~\u00a0\u2028")) | _odd_chars
 _text = st.text(_chars, max_size=24)
