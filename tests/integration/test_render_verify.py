@@ -34,7 +34,7 @@ from lmproxy.config import Config, ConfigError, parse_config
 from lmproxy.installer import refuse_missing_commands
 from lmproxy.paths import Scope, paths_for
 from lmproxy.render import Interpreter, render_units
-from tests.unit.test_render import exec_argv, is_noncharacter
+from tests.unit.test_render import CONFIG_CHARS, exec_argv, splittable
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "config.json"
@@ -252,20 +252,7 @@ def test_longest_user_name_verifies(scope: Scope, tmp_path: Path) -> None:
 # --- Property: any valid config verifies -------------------------------------------------------
 
 
-# Text that config.py accepts (no C0 controls, no DEL) less noncharacters, which it also
-# accepts but rendering refuses (tests/unit/test_render.py, test_an_accepted_config_always_renders).
-_chars = st.sampled_from(list(" %$\\\"'`;&|<>-@+!:=#{}()*?~\u00a0\u2028")) | st.characters(
-    min_codepoint=0x20, blacklist_categories=("Cs",)
-).filter(lambda c: c != "\x7f" and not is_noncharacter(c))
-_text = st.text(_chars, max_size=20)
-
-
-def _splittable(text: str) -> bool:
-    try:
-        shlex.split(text)
-    except ValueError:
-        return False
-    return True
+_text = st.text(CONFIG_CHARS, max_size=20)
 
 
 def _path_part_ok(part: str) -> bool:
@@ -282,11 +269,11 @@ def _path_part_ok(part: str) -> bool:
     )
 
 
-_args = _text.filter(_splittable) | st.lists(_text, max_size=4).map(
+_args = _text.filter(splittable) | st.lists(_text, max_size=4).map(
     lambda words: " ".join(shlex.quote(word) for word in words)
 )
 _paths = st.lists(
-    st.text(_chars.filter(lambda c: c != "/"), min_size=1, max_size=10).filter(_path_part_ok),
+    st.text(CONFIG_CHARS.filter(lambda c: c != "/"), min_size=1, max_size=10).filter(_path_part_ok),
     min_size=1,
     max_size=3,
 ).map(lambda parts: "/" + "/".join(parts))

@@ -744,11 +744,11 @@ def is_noncharacter(char: str) -> bool:
 _odd_chars = st.characters(min_codepoint=0x20, blacklist_categories=("Cs",)).filter(
     lambda c: c != "\x7f" and not is_noncharacter(c)
 )
-_chars = st.sampled_from(list(" %$\\\"'`;&|<>-@+!:=#{}()*?~\u00a0\u2028")) | _odd_chars
-_text = st.text(_chars, max_size=24)
+CONFIG_CHARS = st.sampled_from(list(" %$\\\"'`;&|<>-@+!:=#{}()*?~\u00a0\u2028")) | _odd_chars
+_text = st.text(CONFIG_CHARS, max_size=24)
 
 
-def _splittable(text: str) -> bool:
+def splittable(text: str) -> bool:
     try:
         shlex.split(text)
     except ValueError:
@@ -756,10 +756,10 @@ def _splittable(text: str) -> bool:
     return True
 
 
-_args = _text.filter(_splittable) | st.lists(_text, max_size=5).map(
+_args = _text.filter(splittable) | st.lists(_text, max_size=5).map(
     lambda words: " ".join(shlex.quote(word) for word in words)
 )
-_component = st.text(_chars.filter(lambda c: c != "/"), min_size=1, max_size=12).filter(
+_component = st.text(CONFIG_CHARS.filter(lambda c: c != "/"), min_size=1, max_size=12).filter(
     lambda part: (
         part not in (".", "..")
         and part == part.rstrip(" \t")
