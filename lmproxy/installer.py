@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import json
 import os
 import shutil
@@ -106,8 +107,7 @@ def install(config_path: Path, scope: Scope, *, now: bool, say: Say) -> None:
         if plan.remove:
             manager.disable_unit_files([n for n in plan.remove if _enableable(n)])
         files = {paths.unit_dir / name: (text.encode(), 0o644) for name, text in plan.write.items()}
-        # The config may hold secrets (Environment): only its owner, who runs the shims, reads it.
-        files[paths.installed_config] = (config_text, 0o600)
+        files[paths.installed_config] = (config_text, config_mode(scope))
         files[paths.manifest] = (json.dumps(sorted(units), indent=1).encode(), 0o644)
         switch_files(paths, files, [paths.unit_dir / name for name in plan.remove])
         manager.reload()
@@ -242,6 +242,22 @@ def _start_sockets(manager: Manager, sockets: Sequence[str], plan: Plan, say: Sa
 STAGED_SUFFIX = ".lmproxy-new"  # not a unit type: systemd ignores staged files
 
 
+SHIM_GROUP = "lmproxy"  # system mode: the shims' group (system/lmproxy.sysusers)
+
+
+def config_mode(scope: Scope) -> int:
+    """The config may hold secrets (Environment): only those who run the shims read
+    it. Under the system manager the shims run as lmproxy, which reads it by group."""
+    return 0o640 if scope is Scope.SYSTEM and _shim_gid() is not None else 0o600
+
+
+def _shim_gid() -> int | None:
+    try:
+        return grp.getgrnam(SHIM_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
 def switch_files(paths: Paths, files: dict[Path, tuple[bytes, int]], remove: list[Path]) -> None:
     """Replaces the installed set of files by a new one, as one step.
 
@@ -294,9 +310,12 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Writes a whole file; one readable by group (0640) belongs to the shims' group."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     with os.fdopen(fd, "wb") as file:
+        if mode & 0o077 == 0o040 and (gid := _shim_gid()) is not None:
+            os.fchown(file.fileno(), -1, gid)
         file.write(data)
         file.flush()
         os.fsync(file.fileno())

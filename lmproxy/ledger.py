@@ -107,8 +107,13 @@ class Ledger:
         return self._load(quiet=True)
 
     def _load(self, *, quiet: bool = False) -> dict[str, Entry]:
+        """quiet: a read-only look (status): another user's ledger may be read
+        (root reads the system shims'), never written."""
         try:
-            fd = _open_owned(self.path, os.O_RDONLY, 0)
+            if quiet:
+                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            else:
+                fd = _open_owned(self.path, os.O_RDONLY, 0)
         except FileNotFoundError:
             return {}
         with os.fdopen(fd, encoding="utf-8") as file:

@@ -135,6 +135,9 @@ def _values(
             Escaped(unitsyntax.environment_assignment(k, v)) for k, v in backend_environment.items()
         ],
         "user": Escaped(unitsyntax.quote_value(service.user)) if service.user else None,
+        # Under the system manager a model server never runs as root by default.
+        "default_user": scope is Scope.SYSTEM and not service.user,
+        "system": scope is Scope.SYSTEM,
         "remain_after_exit": Escaped("yes")
         if not service.consider_stopped_on_process_exit
         else None,

@@ -840,3 +840,49 @@ def test_user_needs_the_system_manager() -> None:
         ("$.Services[0].User", "User needs the system manager (install with --system)")
     ]
     assert "User=llm" in render_for(config, Scope.SYSTEM)["lmproxy-llm-backend.service"]
+
+
+# --- System mode: unprivileged shims, model servers never root by default ------------------
+
+
+def test_system_shim_runs_unprivileged_and_hardened() -> None:
+    units = render_parsed(make_config(service()), scope=Scope.SYSTEM)
+    shim = units["lmproxy-llm.service"]
+    assert shim.values("Service", "User") == ["lmproxy"]
+    assert shim.values("Service", "RuntimeDirectory") == ["lmproxy"]
+    assert shim.values("Service", "RuntimeDirectoryPreserve") == ["yes"]
+    for setting, value in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("CapabilityBoundingSet", ""),
+    ]:
+        assert shim.values("Service", setting) == [value], setting
+
+
+def test_user_shim_has_no_system_settings() -> None:
+    shim = render_parsed(make_config(service()), scope=Scope.USER)["lmproxy-llm.service"]
+    for setting in ("User", "RuntimeDirectory", "ProtectSystem", "CapabilityBoundingSet"):
+        assert shim.values("Service", setting) == [], setting
+
+
+def test_system_backend_defaults_to_the_model_user_with_gpu_groups() -> None:
+    backend = render_parsed(make_config(service()), scope=Scope.SYSTEM)[
+        "lmproxy-llm-backend.service"
+    ]
+    assert backend.values("Service", "User") == ["lmproxy-model"]
+    assert backend.values("Service", "SupplementaryGroups") == ["video render"]
+    assert backend.values("Service", "NoNewPrivileges") == ["yes"]
+    # Settings that would hide GPUs or break their JIT compilers stay off.
+    for setting in ("PrivateDevices", "DevicePolicy", "MemoryDenyWriteExecute", "ProtectHome"):
+        assert backend.values("Service", setting) == [], setting
+
+
+def test_system_backend_runs_as_root_only_when_the_config_says_so() -> None:
+    for user in ("root", "llm"):
+        backend = render_parsed(make_config(service(User=user)), scope=Scope.SYSTEM)[
+            "lmproxy-llm-backend.service"
+        ]
+        assert backend.values("Service", "User") == [user]
+        assert backend.values("Service", "SupplementaryGroups") == []
