@@ -117,9 +117,15 @@ class Row:
         return ("—" if value is None else f"{value:,.{self.digits}f}") + note
 
     def ratio(self) -> str:
+        """lmproxy / systemd-socket-proxyd: the median of the ratios within each round (the
+        paths ran one after the other, in the same state of a shared machine) where every
+        round measured both, else the ratio of the medians."""
         mine, theirs = self.value(LMPROXY), self.value(PROXY)
         if mine is None or theirs is None or LMPROXY in self.fixed or PROXY in self.fixed:
             return "—"
+        ours, others = self.samples.get(LMPROXY, []), self.samples.get(PROXY, [])
+        if ours and len(ours) == len(others) and all(others):
+            return f"{statistics.median(a / b for a, b in zip(ours, others, strict=True)):.2f}"
         if theirs == 0:
             return "∞" if mine else "—"
         return f"{mine / theirs:.2f}"
@@ -336,9 +342,16 @@ def install(sandbox: Sandbox, work: Path) -> Setup:
         + f"Environment={unitsyntax.environment_assignment('PYTHONPATH', str(ROOT))}\n"
     )
 
-    result = sandbox.run(
-        [python, "-m", "lmproxy", "install", "--user", "--config", str(config), "--now"],
+    # This checkout's lmproxy, not one installed elsewhere: the units then run it too.
+    result = subprocess.run(
+        sandbox.command(
+            [python, "-m", "lmproxy", "install", "--user", "--config", str(config), "--now"]
+        ),
+        env=sandbox.env(pythonpath),
+        capture_output=True,
+        text=True,
         timeout=STEP_TIMEOUT_S,
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"lmproxy install failed:\n{result.stdout}{result.stderr}")
@@ -436,7 +449,9 @@ class Bench:
             "close1": Row("new connection per request, 1 at a time (wrk -c1)", "req/s"),
             "close64": Row("new connection per request, 64 at a time (wrk -c64)", "req/s"),
             "cold": Row("cold start: port opens → client's first byte", "ms", 1),
-            "herd": Row(f"{HERD_CLIENTS} clients at a cold service at once: served", "clients"),
+            "herd": Row(
+                f"{HERD_CLIENTS} clients at a cold service at once: served, all trials", "clients"
+            ),
             "herd_slowest": Row(f"… the slowest of the {HERD_CLIENTS}: connect → answer", "ms"),
             "herd_warm": Row(
                 f"{HERD_CLIENTS} clients at once at the running fake model (1 trial): slowest", "ms"
@@ -446,11 +461,13 @@ class Bench:
                 "streams",
             ),
             "idle_done": Row(
-                f"{IDLE_CLIENTS:,} slow streams at once, LimitNOFILE={NOFILE}: completed",
+                f"{IDLE_CLIENTS:,} slow streams at once, LimitNOFILE={NOFILE}: "
+                "completed, all trials",
                 "streams",
             ),
             "idle_rss": Row(f"… proxy's peak RSS (VmHWM) with {IDLE_CLIENTS:,} open", "MiB", 1),
             "idle_per_conn": Row("… RSS added per connection", "KiB", 1),
+            "idle_fds": Row("… file descriptors per connection", "fds", 1),
             "idle_cpu": Row(
                 f"… proxy's CPU while {IDLE_CLIENTS:,} sit idle ({IDLE_SECONDS:g} s)", "ms/s", 2
             ),
@@ -458,13 +475,14 @@ class Bench:
             "import_help": Row("start-up: `-X importtime -m lmproxy shim --help`", "ms", 1),
             "import_shim": Row("start-up: imports of a socket-activated shim", "ms", 1),
         }
-        for key in ("herd", "herd_slowest", "activation"):
+        # Cells that do not apply: no proxy to start or to measure, or no Python.
+        for key in ("herd", "herd_slowest", "activation", "import_help", "import_shim"):
             self.rows[key].fixed[DIRECT] = "—"
-        for key in ("idle_rss", "idle_per_conn", "idle_cpu", "import_help", "import_shim"):
+        for key in ("idle_rss", "idle_per_conn", "idle_fds", "idle_cpu"):
             self.rows[key].fixed[DIRECT] = "—"
-        self.rows["import_help"].fixed[PROXY] = "—"
+        for key in ("import_help", "import_shim"):
+            self.rows[key].fixed[PROXY] = "—"
         self.cold_trials: dict[str, list[int]] = {}  # path -> [dropped, trials]
-        self.rows["import_shim"].fixed[PROXY] = "—"
 
     def port(self, backend: str, path: str) -> int:
         return self.setup.ports[backend][path]
@@ -606,6 +624,14 @@ class Bench:
         slowest = f", slowest {slowest_ms:,.0f} ms" if slowest_ms is not None else ""
         kind = "herd" if cold else "herd/warm"
         say(f"    {kind:8} {path:22} {len(times)}/{HERD_CLIENTS} served{slowest}")
+        if path == LMPROXY and len(times) < HERD_CLIENTS:
+            # Not expected of lmproxy: show what its shim said.
+            service = f"LMPROXY_SERVICE={self.setup.lmproxy_name('cold')}"
+            journal = self.setup.sandbox.run(
+                ["journalctl", "--no-pager", "-o", "cat", "-n", "8", service], timeout=30
+            )
+            for line in journal.stdout.splitlines():
+                say(f"      shim: {line}")
 
     def make_warm(self, path: str) -> None:
         """The cold service's fake model runs and listens, and so does the proxy before it."""
@@ -706,7 +732,7 @@ class Bench:
         tokens, sit idle for IDLE_SECONDS (the proxy's CPU time is taken meanwhile), end."""
         port = self.port("trickle", path)
         unit = self.idle_units().get(path)
-        pid = before_kib = 0
+        pid = before_kib = before_fds = 0
         if unit is not None:
             self.setup.stop(unit)
             # One stream first: the proxy is up, and its RSS before the crowd is known.
@@ -714,13 +740,16 @@ class Bench:
                 raise RuntimeError(f"the trickle backend did not answer through {path}")
             pid = self.setup.main_pid(unit)
             before_kib = status_kib(pid, "VmRSS")
+            before_fds = len(os.listdir(f"/proc/{pid}/fd"))
         cpu: list[float] = []
         peak: list[int] = []
+        fds: list[int] = []
 
         def idle_phase() -> None:
             with contextlib.suppress(OSError):
                 if pid:
                     cpu.append(cpu_seconds(pid))
+                    fds.append(len(os.listdir(f"/proc/{pid}/fd")))
                 time.sleep(IDLE_SECONDS)
                 if pid:
                     cpu.append(cpu_seconds(pid))
@@ -737,6 +766,7 @@ class Bench:
         if pid and len(peak) == 1 and len(cpu) == 2 and not default_limits:
             self.rows["idle_rss"].add(path, peak[0] / 1024)
             self.rows["idle_per_conn"].add(path, (peak[0] - before_kib) / IDLE_CLIENTS)
+            self.rows["idle_fds"].add(path, (fds[0] - before_fds) / IDLE_CLIENTS)
             per_s = (cpu[1] - cpu[0]) * 1000 / IDLE_SECONDS
             self.rows["idle_cpu"].add(path, per_s)
             line += f", RSS {before_kib / 1024:.1f} → peak {peak[0] / 1024:.1f} MiB"
@@ -987,6 +1017,7 @@ def main(argv: Sequence[str]) -> int:
     if os.geteuid() != 0:
         say("bench/relay.py needs root (the systemd sandbox); run it with sudo")
         return 2
+    os.chdir(ROOT)  # `python3 -m lmproxy` finds this checkout first
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     try:
