@@ -33,6 +33,20 @@ class Target:
             raise
         return sock
 
+    def connect_patiently(self, total: float, attempt: float = 0.02) -> socket.socket:
+        """Connects, trying again every `attempt` seconds for up to `total`.
+
+        A backend whose accept queue is full drops the SYN, and the kernel would
+        only send it again after a second; a fresh attempt gets through as soon as
+        the backend accepts. A refused connection fails at once."""
+        deadline = time.monotonic() + total
+        while True:
+            try:
+                return self.connect(timeout=attempt)
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+
 
 def resolve(host: str, port: int) -> list[Target]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

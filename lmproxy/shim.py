@@ -18,6 +18,7 @@ import contextlib
 import enum
 import errno
 import os
+import resource
 import select
 import socket
 import threading
@@ -42,6 +43,12 @@ PUBLISH_INTERVAL_S = 1.0
 # While waiting for other services: first and longest pause between tries.
 WAIT_FIRST_S = 0.01
 WAIT_MAX_S = 0.25
+
+
+# accept() errors that pass once connections close: wait, do not die (and drop them all).
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+OUT_OF_RESOURCES_PAUSE_S = 0.05
+OUT_OF_RESOURCES_LOG_EVERY_S = 10.0
 
 
 class Outcome(enum.Enum):
@@ -83,6 +90,7 @@ class Shim:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._published = threading.Event()
         self._pending: list[socket.socket] = []  # accepted, not relayed yet
+        self._resources_logged = -OUT_OF_RESOURCES_LOG_EVERY_S
         self._claimed = False
 
     # --- edges ------------------------------------------------------------
@@ -333,6 +341,9 @@ class Shim:
                     except OSError as error:
                         if error.errno in (errno.ECONNABORTED, errno.EPROTO):
                             continue
+                        if error.errno in OUT_OF_RESOURCES:
+                            self._out_of_resources(error)
+                            return True
                         raise
                 match self._relay(client):
                     case Relayed.GONE:
@@ -346,7 +357,7 @@ class Shim:
         """Connects client to the backend and hands both to the relay."""
         assert self.target is not None
         try:
-            backend = self.target.connect(timeout=5.0)
+            backend = self.target.connect_patiently(total=5.0)
         except OSError as error:
             if not self._probe([self.backend]).get(self.backend, False):
                 # It went away between accept and connect: keep the client for the next start.
@@ -374,6 +385,19 @@ class Shim:
             txn.set(self.name, connections=max(1, entry.connections), last_used=time.time())
             self._claimed = True
             return True
+
+    def _out_of_resources(self, error: OSError) -> None:
+        """Out of descriptors or memory: clients stay in the backlog a moment (the
+        listener stays readable, so a pause keeps this from spinning)."""
+        now = time.monotonic()
+        if now - self._resources_logged >= OUT_OF_RESOURCES_LOG_EVERY_S:
+            self._resources_logged = now
+            self.log.warning(
+                f"cannot accept more clients for now ({error.strerror}); "
+                f"{self.relay.active} connection(s) open",
+                event="out-of-resources",
+            )
+        time.sleep(OUT_OF_RESOURCES_PAUSE_S)
 
     def _close_pending(self) -> int:
         closed = len(self._pending)
@@ -458,7 +482,17 @@ def inherited_listener() -> socket.socket:
     return socket.socket(fileno=fds[0])
 
 
+def raise_descriptor_limit() -> None:
+    """Each relayed connection holds up to six descriptors (two sockets, two pipes);
+    systemd's default soft limit of 1024 would stop a shim near 170 connections.
+    The hard limit (524288 by default) is ours to take."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(name: str, scope: Scope, config_path: Path) -> int:
+    raise_descriptor_limit()
     config = load_config(config_path)
     try:
         service = config.service(name)

@@ -22,6 +22,7 @@ from tests.e2e.helpers import (
     lmproxy,
     main_pid,
     open_connection,
+    request_on,
     status_json,
     turned_away,
     unit_state,
@@ -257,4 +258,21 @@ def test_garbage_clients_block_nobody_and_spin_nothing(
         assert _cpu_seconds(shim) - before < 0.05  # waiting on epoll, not spinning
     finally:
         for conn in silent + noisy + half_open:
+            conn.close()
+
+
+def test_hundreds_of_open_connections_through_one_shim(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """More connections than systemd's default descriptor limit (1024, six per
+    connection) would allow: the shim raises its soft limit and serves them all."""
+    port = free_port()
+    install(systemd_sandbox, write_config(tmp_path / "c.json", [fake_model("many", port)]))
+    held = [open_connection(port) for _ in range(300)]
+    try:
+        for conn in held[::50]:
+            assert b'"model": "many"' in request_on(conn)
+        assert unit_state(systemd_sandbox, "lmproxy-many.service") == "active"
+    finally:
+        for conn in held:
             conn.close()
