@@ -40,6 +40,11 @@ from lmproxy.systemd import Manager, SystemdError
 JOB_TIMEOUT_S = 120.0
 # How often the ledger learns of relay activity (last used time, for LRU).
 PUBLISH_INTERVAL_S = 1.0
+# At most one publishing transaction per this long.
+PUBLISH_GAP_S = 0.2
+# How long a claim outlives the last connection: short connections one after
+# another need no transaction each, and eviction of an idle service waits this long.
+HOLD_S = 0.5
 # While waiting for other services: first and longest pause between tries.
 WAIT_FIRST_S = 0.01
 WAIT_MAX_S = 0.25
@@ -92,6 +97,8 @@ class Shim:
         self._pending: list[socket.socket] = []  # accepted, not relayed yet
         self._resources_logged = -OUT_OF_RESOURCES_LOG_EVERY_S
         self._claimed = False
+        self._held = False
+        self._claim_lock = threading.Lock()
 
     # --- edges ------------------------------------------------------------
 
@@ -297,6 +304,8 @@ class Shim:
     # --- serving ----------------------------------------------------------
 
     def _serve(self) -> Outcome:
+        with self._claim_lock:
+            self._held = False  # a new or adopted entry: nothing is claimed in it yet
         idle_after = self.service.shutdown_after_inactivity_s
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
@@ -324,7 +333,10 @@ class Shim:
     def _accept_clients(self) -> bool:
         """Relays the clients left from a backend that went away, then every waiting
         client; False if the backend refused one and is to be restarted."""
-        if self.relay.active == 0 and not self._claim_first_connection():
+        with self._claim_lock:
+            held = self._held
+            self._claimed = held  # pinned: the publisher cannot write 0 meanwhile
+        if not held and not self._claim_first_connection():
             # Being stopped (evicted): leave clients in the backlog; this shim starts
             # the backend again if it accepted any, systemd starts a new one otherwise.
             self.backend_gone.wait(JOB_TIMEOUT_S)
@@ -374,16 +386,19 @@ class Shim:
         return Relayed.OK
 
     def _claim_first_connection(self) -> bool:
-        """Before the first connection is relayed, the ledger must say so: a
-        service with open connections is never evicted, and this is the moment
-        another shim could be choosing victims. `_claimed` keeps the publisher
-        from writing back a count of 0 until the relay counts the connection."""
+        """Before a connection is relayed, the ledger must count one: a service with
+        open connections is never evicted, and this is the moment another shim could
+        be choosing victims. The claim is `_held` until the publisher writes 0 (after
+        HOLD_S without connections), so a stream of short connections costs one
+        transaction, not one each; `_claimed` keeps the publisher from writing 0
+        until the relay counts the connection."""
         with self.ledger.transaction() as txn:
             entry = txn.entries.get(self.name)
             if entry is None or entry.state is not State.RUNNING:
                 return False
             txn.set(self.name, connections=max(1, entry.connections), last_used=time.time())
-            self._claimed = True
+            with self._claim_lock:
+                self._held = self._claimed = True
             return True
 
     def _out_of_resources(self, error: OSError) -> None:
@@ -414,6 +429,8 @@ class Shim:
                 return True  # already gone
             if self.relay.active > 0:
                 return False
+            with self._claim_lock:
+                self._held = False
             txn.set(self.name, state=State.STOPPING, connections=0)
         self.log.info(
             f"stopping {self.backend}: idle for {self.service.shutdown_after_inactivity_s} s",
@@ -429,17 +446,24 @@ class Shim:
             self._wake()  # the idle timer starts now
 
     def _publisher(self) -> None:
-        """Keeps the ledger's connection count and last-used time current. The
-        count is read under the ledger's lock, so it cannot overwrite a claim."""
+        """Keeps the ledger's connection count and last-used time current, at most
+        one transaction per PUBLISH_GAP_S. The count is read under the ledger's
+        lock, so it cannot overwrite a claim; 0 is written only once the relay has
+        been empty for HOLD_S, which ends the claim."""
         published: tuple[int, float] = (-1, 0.0)
+        last = 0.0
         while True:
-            self._published.wait(PUBLISH_INTERVAL_S)
+            holding = self._held and self.relay.active == 0
+            self._published.wait(HOLD_S if holding else PUBLISH_INTERVAL_S)
             self._published.clear()
-            if (self.relay.active, self.relay.last_activity) == published:
+            time.sleep(max(0.0, last + PUBLISH_GAP_S - time.monotonic()))
+            active, activity = self.relay.active, self.relay.last_activity
+            release = self._held and active == 0 and time.monotonic() - activity >= HOLD_S
+            if (active, activity) == published and not release:
                 continue
             try:
                 with self.ledger.transaction() as txn:
-                    count = self.relay.active + (1 if self._claimed else 0)
+                    count = self._count_to_publish()
                     activity = self.relay.last_activity
                     used = time.time() - (time.monotonic() - activity)
                     entry = txn.entries.get(self.name)
@@ -448,7 +472,17 @@ class Shim:
             except (OSError, SystemdError) as error:
                 self.log.error(f"could not update the ledger: {error}", event="ledger-failed")
                 continue
-            published = (count, activity)
+            last = time.monotonic()
+            published = (self.relay.active, activity)
+
+    def _count_to_publish(self) -> int:
+        with self._claim_lock:
+            count = self.relay.active + (1 if self._claimed else 0)
+            if count == 0 and self._held:
+                if time.monotonic() - self.relay.last_activity < HOLD_S:
+                    return 1  # still held: the next client needs no transaction
+                self._held = False
+            return count
 
     def _turn_away_waiting_clients(self) -> int:
         closed = 0
