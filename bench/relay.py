@@ -415,7 +415,11 @@ def first_byte(port: int, request: bytes, timeout: float) -> tuple[float | None,
     the whole answer)."""
     answer = b""
     first: float | None = None
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+    try:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    except ConnectionRefusedError:  # e.g. a reference proxy whose socket systemd gave up on
+        return None, b"connection refused"
+    with conn:
         try:
             conn.sendall(request)
             chunk = conn.recv(65536)
