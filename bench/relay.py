@@ -647,6 +647,12 @@ class Bench:
                 _, answer = first_byte(self.port("cold", path), HTTP_GET, STEP_TIMEOUT_S)
                 if served(answer) and stamp.exists():
                     return
+                if answer == b"connection refused" and path == PROXY:
+                    # Dropped clients made its service hit the start limit, and systemd
+                    # closed the socket: open it again.
+                    proxyd = self.setup.proxyd_name("cold")
+                    self.setup.systemctl("reset-failed", f"{proxyd}.socket", f"{proxyd}.service")
+                    self.setup.systemctl("start", f"{proxyd}.socket")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the fake model did not answer through {path}")
             time.sleep(0.05)

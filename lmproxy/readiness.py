@@ -12,7 +12,7 @@ from dataclasses import dataclass
 # Connect attempts on loopback cost microseconds; waking this often keeps the
 # delay between the port opening and the first relayed byte at a few ms.
 FIRST_DELAY_S = 0.001
-MAX_DELAY_S = 0.005
+MAX_DELAY_S = 0.002
 
 
 @dataclass(frozen=True)
