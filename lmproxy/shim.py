@@ -113,6 +113,17 @@ class Shim:
     def _probe(self, units: Sequence[str]) -> Mapping[str, bool]:
         return {name: state.running for name, state in self.manager().unit_states(units).items()}
 
+    def _backend_runs(self) -> bool:
+        return self._probe([self.backend]).get(self.backend, False)
+
+    def _stop_backend(self) -> None:
+        """Stops the backend unit; a failure is logged, and the ledger keeps the
+        reservation for as long as systemd says the unit still runs."""
+        try:
+            self.manager().stop_unit(self.backend, JOB_TIMEOUT_S)
+        except SystemdError as error:
+            self.log.error(f"could not stop {self.backend}: {error}", event="stop-failed")
+
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
@@ -167,13 +178,10 @@ class Shim:
             # the transaction that failed wrote nothing.
             raise StartError(str(error)) from error
         try:
-            already = self.manager().unit_state(self.backend).running
-            if not already:
-                started = time.monotonic()
+            started = time.monotonic()
+            if not self._backend_runs():
                 self.manager().start_unit(self.backend, JOB_TIMEOUT_S)
                 self.log.info(f"started {self.backend}", event="started")
-            else:
-                started = time.monotonic()
             self._watch_backend()
             deadline = started + self.service.startup_timeout_ms / 1000
             target = wait_until_ready(
@@ -277,8 +285,7 @@ class Shim:
 
     def _roll_back(self) -> None:
         """A start that failed: stop what may have started, release the reservation."""
-        with contextlib.suppress(SystemdError):
-            self.manager().stop_unit(self.backend, JOB_TIMEOUT_S)
+        self._stop_backend()
         self._release()
 
     def _release(self) -> None:
@@ -287,7 +294,7 @@ class Shim:
         with self.ledger.transaction() as txn:
             if self.name not in txn.entries:
                 return
-            if self._probe([self.backend]).get(self.backend, False):
+            if self._backend_runs():
                 txn.set(self.name, state=State.STOPPING)
             else:
                 del txn.entries[self.name]
@@ -296,8 +303,7 @@ class Shim:
         with self.ledger.transaction() as txn:
             if self.name in txn.entries:
                 txn.set(self.name, state=State.STOPPING)
-        with contextlib.suppress(SystemdError):
-            self.manager().stop_unit(self.backend, JOB_TIMEOUT_S)
+        self._stop_backend()
         self.backend_gone.wait(JOB_TIMEOUT_S)
         self._release()
 
@@ -371,7 +377,7 @@ class Shim:
         try:
             backend = self.target.connect_patiently(total=5.0)
         except OSError as error:
-            if not self._probe([self.backend]).get(self.backend, False):
+            if not self._backend_runs():
                 # It went away between accept and connect: keep the client for the next start.
                 self._pending.append(client)
                 self.backend_gone.wait(JOB_TIMEOUT_S)
@@ -436,8 +442,7 @@ class Shim:
             f"stopping {self.backend}: idle for {self.service.shutdown_after_inactivity_s} s",
             event="idle-stop",
         )
-        with contextlib.suppress(SystemdError):
-            self.manager().stop_unit(self.backend, JOB_TIMEOUT_S)
+        self._stop_backend()
         return True
 
     def _connections_changed(self, active: int) -> None:
