@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmproxy import unitsyntax
+from lmproxy import unitnames, unitsyntax
 
 
 class ConfigError(ValueError):
@@ -84,8 +84,6 @@ class Config:
 
 
 # --- Names, defaults and ranges -------------------------------------------------------------
-
-UNIT_PREFIX = "lmproxy-"
 
 DEFAULT_LISTEN_ADDRESS = "127.0.0.1"
 DEFAULT_PROXY_TARGET_HOST = "localhost"
@@ -152,16 +150,6 @@ _NAME_RULE = (
     "(it becomes part of systemd unit names)"
 )
 _RESOURCE_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . : -, starting with a letter or digit"
-
-
-def unit_stem(name: str) -> str:
-    """The common start of the names of a service's systemd units."""
-    return UNIT_PREFIX + name
-
-
-def _unit_names(name: str) -> tuple[str, str, str]:
-    stem = unit_stem(name)
-    return (f"{stem}.socket", f"{stem}.service", f"{stem}-backend.service")
 
 
 # --- Entry points ------------------------------------------------------------------------------
@@ -933,7 +921,7 @@ class _Parser:
                 )
                 continue
             first_with_name[entry.name] = entry
-            for unit in _unit_names(entry.name):
+            for unit in unitnames.units_of(entry.name):
                 owner = unit_owner.get(unit)
                 if owner is not None and owner.name is not None:
                     self.error(
@@ -943,7 +931,7 @@ class _Parser:
                         f"{unit!r}; rename one of them",
                     )
                     break
-            for unit in _unit_names(entry.name):
+            for unit in unitnames.units_of(entry.name):
                 unit_owner.setdefault(unit, entry)
 
     def check_ports(self, entries: list[_Entry]) -> None:

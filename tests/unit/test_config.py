@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmproxy import unitnames
 from lmproxy.config import (
     SERVICE_FIELDS,
     TOP_LEVEL_FIELDS,
@@ -18,7 +19,6 @@ from lmproxy.config import (
     Service,
     load_config,
     parse_config,
-    unit_stem,
 )
 
 BASE = Path("/etc/lmproxy")
@@ -794,8 +794,12 @@ def test_bad_users(user: str) -> None:
 # --- Names and unit names ----------------------------------------------------------------------
 
 
-def test_unit_stem() -> None:
-    assert unit_stem("llm") == "lmproxy-llm"
+def test_unit_names() -> None:
+    assert unitnames.units_of("llm") == (
+        "lmproxy-llm.socket",
+        "lmproxy-llm.service",
+        "lmproxy-llm-backend.service",
+    )
 
 
 @pytest.mark.parametrize("name", ["a", "A.b-c_d", "0", "x" * 63, "Gemma-27B"])
