@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmproxy import unitnames, unitsyntax
 from lmproxy.config import Config, ConfigError, load_config
+from lmproxy.files import write_atomically
 from lmproxy.paths import Paths, Scope, paths_for
 from lmproxy.render import current_interpreter, render_units
 from lmproxy.systemd import Manager, SystemdError
@@ -274,7 +274,7 @@ def switch_files(paths: Paths, files: dict[Path, tuple[bytes, int]], remove: lis
         _write_file(staged, data, mode)
         renames.append((str(staged), str(path)))
     intent = {"rename": renames, "remove": [str(path) for path in remove]}
-    _write_atomically(paths.intent, json.dumps(intent).encode(), 0o600)
+    write_atomically(paths.intent, json.dumps(intent).encode(), 0o600)
     _finish_switch(paths)
 
 
@@ -320,24 +320,6 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.chmod(path, mode)
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Writes to a temporary file in the same directory, then renames it into place:
-    a reader or a crash never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
 
 
 @contextlib.contextmanager

@@ -22,7 +22,6 @@ import fcntl
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from lmproxy import unitnames
 from lmproxy.eviction import Entry, State
+from lmproxy.files import write_atomically
 
 FORMAT_VERSION = 1
 
@@ -129,17 +129,9 @@ class Ledger:
             return {}
 
     def _store(self, entries: Mapping[str, Entry]) -> None:
-        data = json.dumps(_encode(entries), indent=1, sort_keys=True)
-        fd, temp = tempfile.mkstemp(dir=self.runtime_dir, prefix=".ledger.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(data)
-            os.chmod(temp, 0o644)  # status is readable by all; only the owner writes
-            os.replace(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
+        data = json.dumps(_encode(entries), indent=1, sort_keys=True).encode()
+        # Status is readable by all; only the owner writes. The runtime dir is a tmpfs.
+        write_atomically(self.path, data, 0o644, durable=False)
 
     def _reconcile(self, txn: Transaction) -> None:
         names = sorted(set(self.needs) | set(txn.entries))

@@ -75,7 +75,7 @@ def test_crash_before_commit_point_leaves_the_old_set(
     def crash(*_: object) -> None:
         raise KeyboardInterrupt("killed while staging")
 
-    monkeypatch.setattr(installer, "_write_atomically", crash)
+    monkeypatch.setattr(installer, "write_atomically", crash)
     with pytest.raises(KeyboardInterrupt):
         switch(paths)
     assert any(p.name.endswith(installer.STAGED_SUFFIX) for p in paths.unit_dir.iterdir())
