@@ -81,12 +81,12 @@ def wait_until_ready(
 
 
 def _wait_for_port(host: str, port: int, deadline: float, gone: Callable[[], bool]) -> Target:
+    try:
+        targets = resolve(host, port)  # once: the poll below runs every few milliseconds
+    except OSError as error:
+        raise ReadinessError(f"cannot resolve {host}: {error}") from error
     delay = FIRST_DELAY_S
     while True:
-        try:
-            targets = resolve(host, port)
-        except OSError as error:
-            raise ReadinessError(f"cannot resolve {host}: {error}") from error
         for target in targets:
             try:
                 target.connect(timeout=1.0).close()
