@@ -144,7 +144,7 @@ class Sandbox:
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
         for cgroup in self.cgroups:
-            _remove_cgroup(cgroup)
+            remove_cgroup(cgroup)
 
 
 def start(root: Path | None = None, *, journal: bool = True, timeout: float = 15) -> Sandbox:
@@ -165,7 +165,7 @@ def start(root: Path | None = None, *, journal: bool = True, timeout: float = 15
         "LMPROXY_SANDBOX_JOURNAL": "1" if journal else "0",
         "SYSTEMD_LOG_LEVEL": "warning",
     }
-    cgroups = _private_cgroups(f"{os.getpid()}-{zlib.crc32(str(root).encode()):08x}")
+    cgroups = private_cgroups(f"{os.getpid()}-{zlib.crc32(str(root).encode()):08x}")
     environ["LMPROXY_SANDBOX_CGROUPS"] = " ".join(str(c) for c in cgroups)
     launch = _LAUNCH.format(journald=JOURNALD, systemd=SYSTEMD)
     log = (root / "manager.log").open("wb")
@@ -187,7 +187,7 @@ def start(root: Path | None = None, *, journal: bool = True, timeout: float = 15
     return sandbox
 
 
-def _private_cgroups(name: str) -> list[Path]:
+def private_cgroups(name: str) -> list[Path]:
     """A cgroup of its own for the manager, in each hierarchy systemd uses.
 
     A user manager takes the cgroup it starts in as its root and names units'
@@ -211,7 +211,7 @@ def _private_cgroups(name: str) -> list[Path]:
     return created
 
 
-def _remove_cgroup(cgroup: Path) -> None:
+def remove_cgroup(cgroup: Path) -> None:
     """Removes a cgroup and the ones systemd left inside it (empty by now)."""
     if not cgroup.is_dir():
         return

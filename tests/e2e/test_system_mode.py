@@ -1,0 +1,191 @@
+"""System mode end to end: `lmproxy install --system` under a real system manager.
+
+The manager (tests/e2e/system_manager.py) runs in PID and mount namespaces of
+its own, with the system bus and polkit. What is checked is what system mode
+promises: the units load, the shims run as the unprivileged `lmproxy` user and
+polkit lets them start and stop lmproxy's backend units (their own, and a
+sibling's to make room), backends run as `lmproxy-model` with the GPU groups,
+the ledger belongs to lmproxy, and the shims' user may touch no other unit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e import system_manager
+from tests.e2e.helpers import free_port, http_get, wait_for
+from tests.e2e.system_manager import SystemManager
+
+pytestmark = pytest.mark.systemd
+
+CONFIG = "/run/lmproxy-sandbox/config.json"
+
+
+@pytest.fixture(scope="module")
+def manager(request: pytest.FixtureRequest) -> Iterator[SystemManager]:
+    """One system manager for this module's tests (booting one takes a second or two).
+    It runs the checkout's lmproxy, or the installed one where LMPROXY_COMMAND is set."""
+    reason = system_manager.unavailable_reason()
+    if reason:
+        if os.environ.get("LMPROXY_REQUIRE_SANDBOX") == "1":
+            pytest.fail(f"system manager sandbox required but unavailable: {reason}")
+        pytest.skip(reason)
+    installed = bool(os.environ.get("LMPROXY_COMMAND"))
+    with system_manager.running(source=None if installed else system_manager.CHECKOUT) as m:
+        failed_before = request.session.testsfailed
+        yield m
+        if request.session.testsfailed > failed_before:
+            journal = m.run(["journalctl", "--no-pager", "-o", "short-precise", "-n", "150"])
+            print("--- the system sandbox's journal ---\n" + journal.stdout + m.log())
+
+
+def lmproxy(m: SystemManager, *args: str) -> Any:
+    installed = os.environ.get("LMPROXY_COMMAND")
+    command = shlex.split(installed) if installed else [sys.executable, "-m", "lmproxy"]
+    return m.run([*command, *args], timeout=120)
+
+
+def fake_model(m: SystemManager, name: str, port: int, **fields: Any) -> dict[str, Any]:
+    service: dict[str, Any] = {
+        "Name": name,
+        "ListenPort": str(port),
+        "ProxyTargetHost": "127.0.0.1",
+        "ProxyTargetPort": str(port + 10000),
+        "Command": sys.executable,
+        "Args": f"-m lmproxy.fakemodel --name {name} --port {port + 10000} --delay 0.2",
+        "Environment": {"PYTHONPATH": m.python_path} if m.python_path else {},
+    }
+    service.update(fields)
+    return service
+
+
+def install(m: SystemManager, services: list[dict[str, Any]]) -> None:
+    document = {"ResourcesAvailable": {"VRAM": 24000}, "Services": services}
+    m.path(CONFIG).write_text(json.dumps(document))
+    result = lmproxy(m, "install", "--system", "--config", CONFIG, "--now")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def ids(m: SystemManager, unit: str) -> tuple[set[int], set[int]]:
+    """The (real, effective, saved, file-system) uids and the groups of unit's main process."""
+    pid = m.show(unit, "MainPID")
+    assert pid not in ("", "0"), f"{unit} has no main process"
+    status = m.run(["cat", f"/proc/{pid}/status"]).stdout
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    return {int(u) for u in fields["Uid"].split()}, {int(g) for g in fields["Groups"].split()}
+
+
+def uid(m: SystemManager, user: str) -> int:
+    return int(m.run(["id", "-u", user]).stdout)
+
+
+def gid(m: SystemManager, group: str) -> int:
+    return int(m.run(["getent", "group", group]).stdout.split(":")[2])
+
+
+@pytest.fixture
+def installed(manager: SystemManager) -> Iterator[tuple[int, int]]:
+    """alpha and beta, which cannot both fit in VRAM; alpha stops after 3 idle seconds."""
+    alpha, beta = free_port(), free_port()
+    install(
+        manager,
+        [
+            fake_model(
+                manager,
+                "alpha",
+                alpha,
+                ResourceRequirements={"VRAM": 16000},
+                ShutDownAfterInactivitySeconds=3,
+            ),
+            fake_model(manager, "beta", beta, ResourceRequirements={"VRAM": 16000}),
+        ],
+    )
+    yield alpha, beta
+    result = lmproxy(manager, "uninstall", "--system")
+    assert result.returncode == 0, result.stdout + result.stderr
+    left = sorted(p.name for p in manager.path("/etc/systemd/system").iterdir())
+    assert left == [], left
+
+
+def test_system_units_load_and_are_listening(
+    manager: SystemManager, installed: tuple[int, int]
+) -> None:
+    for name in ("alpha", "beta"):
+        for unit in (
+            f"lmproxy-{name}.socket",
+            f"lmproxy-{name}.service",
+            f"lmproxy-{name}-backend.service",
+        ):
+            assert manager.show(unit, "LoadState") == "loaded", unit
+        assert manager.show(f"lmproxy-{name}.socket", "ActiveState") == "active"
+        assert manager.show(f"lmproxy-{name}-backend.service", "ActiveState") == "inactive"
+    assert manager.show("lmproxy.target", "ActiveState") == "active"
+
+
+def test_shim_runs_unprivileged_and_starts_its_backend(
+    manager: SystemManager, installed: tuple[int, int]
+) -> None:
+    alpha, _ = installed
+    answer = http_get(alpha)
+    assert answer["model"] == "alpha"
+
+    shim_uids, shim_groups = ids(manager, "lmproxy-alpha.service")
+    assert shim_uids == {uid(manager, "lmproxy")}
+    assert shim_groups <= {gid(manager, "lmproxy")}  # no GPU, no other group
+    backend_uids, backend_groups = ids(manager, "lmproxy-alpha-backend.service")
+    assert backend_uids == {uid(manager, "lmproxy-model")}
+    assert {gid(manager, "video"), gid(manager, "render")} <= backend_groups
+    assert int(manager.show("lmproxy-alpha-backend.service", "MainPID")) == answer["pid"]
+
+    ledger = manager.run(["stat", "-c", "%U %a", "/run/lmproxy", "/run/lmproxy/ledger.json"])
+    owners = ledger.stdout.split("\n")
+    assert owners[0].split()[0] == "lmproxy", ledger.stdout + ledger.stderr
+    assert owners[1].split()[0] == "lmproxy", ledger.stdout + ledger.stderr
+
+
+def test_shim_stops_its_idle_backend(manager: SystemManager, installed: tuple[int, int]) -> None:
+    alpha, _ = installed
+    http_get(alpha)
+    wait_for(
+        lambda: manager.show("lmproxy-alpha-backend.service", "ActiveState") == "inactive",
+        15,
+        "the idle backend to be stopped by its unprivileged shim",
+    )
+    assert manager.show("lmproxy-alpha-backend.service", "Result") == "success"
+
+
+def test_shim_stops_a_sibling_to_make_room(
+    manager: SystemManager, installed: tuple[int, int]
+) -> None:
+    alpha, beta = installed
+    assert http_get(alpha)["model"] == "alpha"
+    assert http_get(beta)["model"] == "beta"  # 16000 + 16000 > 24000: alpha must go
+    assert manager.show("lmproxy-alpha-backend.service", "ActiveState") == "inactive"
+    assert manager.show("lmproxy-beta-backend.service", "ActiveState") == "active"
+
+
+def test_shims_user_may_touch_no_other_unit(
+    manager: SystemManager, installed: tuple[int, int]
+) -> None:
+    as_lmproxy = ["setpriv", "--reuid=lmproxy", "--regid=lmproxy", "--clear-groups", "--"]
+    refused = manager.run([*as_lmproxy, "systemctl", "--no-ask-password", "stop", "dbus.socket"])
+    assert refused.returncode != 0
+    assert "Access denied" in refused.stderr or "authentication required" in refused.stderr
+    assert manager.show("dbus.socket", "ActiveState") == "active"
+    # nor lmproxy's own socket and shim units: only the backends are theirs to start and stop
+    refused = manager.run(
+        [*as_lmproxy, "systemctl", "--no-ask-password", "stop", "lmproxy-beta.socket"]
+    )
+    assert refused.returncode != 0
+    assert manager.show("lmproxy-beta.socket", "ActiveState") == "active"
+    allowed = manager.run(
+        [*as_lmproxy, "systemctl", "--no-ask-password", "start", "lmproxy-beta-backend.service"]
+    )
+    assert allowed.returncode == 0, allowed.stderr
