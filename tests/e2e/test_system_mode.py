@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -189,3 +190,45 @@ def test_shims_user_may_touch_no_other_unit(
         [*as_lmproxy, "systemctl", "--no-ask-password", "start", "lmproxy-beta-backend.service"]
     )
     assert allowed.returncode == 0, allowed.stderr
+
+
+def remove_script(m: SystemManager, kind: str) -> list[str]:
+    """The command that removing the package runs before its files go: Debian's prerm
+    (the installed one where the installed package is under test), or pacman's
+    pre_remove."""
+    installed_prerm = Path("/var/lib/dpkg/info/lmproxy.prerm")
+    if kind == "debian" and os.environ.get("LMPROXY_COMMAND") and installed_prerm.exists():
+        return [str(installed_prerm), "remove"]
+    in_checkout = "debian/lmproxy.prerm" if kind == "debian" else "lmproxy.install"
+    source = system_manager.CHECKOUT / in_checkout
+    inside = f"/run/lmproxy-sandbox/{source.name}"
+    m.path(inside).write_text(source.read_text())
+    if kind == "debian":
+        return ["sh", inside, "remove"]
+    return ["sh", "-c", f". {inside} && pre_remove"]
+
+
+@pytest.mark.parametrize("kind", ["debian", "arch"])
+def test_removing_the_package_removes_the_units_it_installed(
+    manager: SystemManager, kind: str
+) -> None:
+    port = free_port()
+    install(manager, [fake_model(manager, "gamma", port)])
+    assert http_get(port)["model"] == "gamma"
+    env = {}
+    if manager.python_path:  # the checkout: `lmproxy` on PATH runs it
+        wrapper = manager.path("/run/lmproxy-sandbox/bin/lmproxy")
+        wrapper.parent.mkdir(exist_ok=True)
+        wrapper.write_text('#!/bin/sh\nexec /usr/bin/python3 -m lmproxy "$@"\n')
+        wrapper.chmod(0o755)
+        env["PATH"] = "/run/lmproxy-sandbox/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+    result = manager.run(remove_script(manager, kind), env=env)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(manager.path("/etc/systemd/system").iterdir()) == []
+    assert not manager.path("/etc/lmproxy/installed-units.json").exists()
+    for unit in ("lmproxy-gamma.socket", "lmproxy-gamma-backend.service"):
+        assert manager.show(unit, "ActiveState") == "inactive", unit
+    with pytest.raises(ConnectionRefusedError):
+        http_get(port, timeout=5)
