@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import system_manager
+from tests.e2e import helpers, system_manager
 from tests.e2e.helpers import free_port, http_get, wait_for
 from tests.e2e.system_manager import SystemManager
 
@@ -54,17 +54,9 @@ def lmproxy(m: SystemManager, *args: str) -> Any:
 
 
 def fake_model(m: SystemManager, name: str, port: int, **fields: Any) -> dict[str, Any]:
-    service: dict[str, Any] = {
-        "Name": name,
-        "ListenPort": str(port),
-        "ProxyTargetHost": "127.0.0.1",
-        "ProxyTargetPort": str(port + 10000),
-        "Command": sys.executable,
-        "Args": f"-m lmproxy.fakemodel --name {name} --port {port + 10000} --delay 0.2",
-        "Environment": {"PYTHONPATH": m.python_path} if m.python_path else {},
-    }
-    service.update(fields)
-    return service
+    """helpers.fake_model, importing lmproxy from the namespace's copy of the checkout."""
+    environment = {"PYTHONPATH": m.python_path} if m.python_path else {}
+    return helpers.fake_model(name, port, Environment=environment, **fields)
 
 
 def install(m: SystemManager, services: list[dict[str, Any]]) -> None:
