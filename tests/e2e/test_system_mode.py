@@ -184,6 +184,19 @@ def test_shims_user_may_touch_no_other_unit(
     assert allowed.returncode == 0, allowed.stderr
 
 
+def test_backend_runs_as_the_user_the_config_names(manager: SystemManager) -> None:
+    port = free_port()
+    install(manager, [fake_model(manager, "delta", port, User="nobody")])
+    try:
+        assert http_get(port)["model"] == "delta"
+        backend_uids, backend_groups = ids(manager, "lmproxy-delta-backend.service")
+        assert backend_uids == {uid(manager, "nobody")}
+        assert gid(manager, "video") not in backend_groups  # only the default user has them
+    finally:
+        result = lmproxy(manager, "uninstall", "--system")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def remove_script(m: SystemManager, kind: str) -> list[str]:
     """The command that removing the package runs before its files go: Debian's prerm
     (the installed one where the installed package is under test), or pacman's
