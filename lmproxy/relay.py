@@ -19,9 +19,11 @@ Design (measurements behind it: docs/relay-notes.md):
 * Each wakeup reads until EAGAIN, up to a few MiB per direction (one chunk per wakeup kept TCP
   windows small); a direction that still had data gets another turn after the other ready
   connections.
-* Pipes are pooled, but only after a clean two-way close: then both pipes are known to be empty.
-  A pipe from a connection that ended in an error may still hold bytes, which would be delivered
-  to the next connection that got it.
+* A direction holds a pipe only while the pipe may have bytes in it: it takes one from its loop's
+  pool just before it reads its source, and gives it back as soon as the pipe is known to be
+  empty (everything written on, or a read that found nothing). An idle connection holds just its
+  two sockets. A pipe still held when its connection ends in an error may hold bytes, which
+  would be delivered to the next connection that got it: it is closed, never pooled.
 """
 
 from __future__ import annotations
@@ -111,8 +113,7 @@ class _Direction:
         self.src_fd = src.fileno()
         self.dst = dst
         self.dst_fd = dst.fileno()
-        # Taken from the pool when the source first has something to read, so that connections
-        # that sit idle before their first request hold no pipes.
+        # Held only while it may have bytes in it (see _Loop._pump); -1 when not held.
         self.pipe_r = -1
         self.pipe_w = -1
         self.pending = 0  # bytes in the pipe, not yet written to dst
@@ -309,7 +310,11 @@ class _Loop:
         return moved > 0
 
     def _pump(self, d: _Direction) -> int:
-        """Move one direction as far as readiness, the pipe and the budget allow."""
+        """Move one direction as far as readiness, the pipe and the budget allow.
+
+        The direction holds a pipe only while it may have bytes in it: one is taken from the
+        pool just before reading the source, and given back as soon as it is known empty
+        again (everything written to dst, or a read that found nothing)."""
         moved = 0
         d.more = False
         while True:
@@ -327,16 +332,18 @@ class _Loop:
                 d.pending -= n
                 moved += n
                 continue
+            # The pipe, if the direction holds one, is empty here.
             if d.eof:
                 # Half-close: everything before the FIN has been delivered; pass the FIN on.
                 if not d.shut:
                     d.dst.shutdown(socket.SHUT_WR)
                     d.shut = True
                 return moved
-            if not d.readable:
-                return moved
-            if moved >= _BUDGET:
-                d.more = True
+            if not d.readable or moved >= _BUDGET:
+                if d.readable:
+                    d.more = True
+                if d.pipe_w >= 0:
+                    self._give_pipe(d)
                 return moved
             if d.pipe_w < 0:
                 d.pipe_r, d.pipe_w = self._take_pipe()
@@ -345,11 +352,22 @@ class _Loop:
             except BlockingIOError:
                 # The pipe is empty, so EAGAIN means the socket is drained.
                 d.readable = False
+                self._give_pipe(d)
                 return moved
             if n == 0:
                 d.eof = True
+                self._give_pipe(d)
             else:
                 d.pending = n
+
+    def _give_pipe(self, d: _Direction) -> None:
+        """Take back the pipe of a direction whose pipe is known to be empty."""
+        if len(self.pool) < _POOL_MAX:
+            self.pool.append((d.pipe_r, d.pipe_w))
+        else:
+            os.close(d.pipe_r)
+            os.close(d.pipe_w)
+        d.pipe_r = d.pipe_w = -1
 
     def _take_pipe(self) -> tuple[int, int]:
         if self.pool:
@@ -384,13 +402,11 @@ class _Loop:
         for d in (pair.up, pair.down):
             if d.pipe_w < 0:
                 continue
-            # Only a clean close proves both pipes empty; after an error a pipe may still
-            # hold bytes that would leak into the next connection.
-            if clean and d.pending == 0 and len(self.pool) < _POOL_MAX:
-                self.pool.append((d.pipe_r, d.pipe_w))
-            else:
-                os.close(d.pipe_r)
-                os.close(d.pipe_w)
+            # An empty pipe went back to the pool already. One still held here either has
+            # bytes in it or met an error (a splice that failed may have left bytes): it is
+            # closed, never pooled, so that no stale byte reaches the next connection.
+            os.close(d.pipe_r)
+            os.close(d.pipe_w)
             d.pipe_r = d.pipe_w = -1
         self.relay._closed(self, 1)
         self.changed = True

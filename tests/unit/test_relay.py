@@ -388,6 +388,58 @@ def test_pooled_pipe_is_empty_when_reused(net: Net) -> None:
         relay.stop()
 
 
+def pipes_open() -> set[str]:
+    """The pipes this process holds open, by inode ("pipe:[1234]"; both ends give one)."""
+    return {link for _, link in open_files() if link.startswith("pipe:")}
+
+
+def test_idle_connections_hold_no_pipes(net: Net) -> None:
+    relay = Relay(loops=1)
+    relay.start()
+    try:
+        before = pipes_open()
+        pairs = []
+        for _ in range(50):
+            client, backend = net.relayed(relay)
+            client.sendall(b"request")
+            assert backend.recv(16) == b"request"
+            backend.sendall(b"answer")
+            assert client.recv(16) == b"answer"
+            pairs.append((client, backend))
+        assert relay.active == 50
+        # Each exchange gave its pipe back once it was empty, and the next one took it
+        # again: 50 open, idle connections, and no more than the pool's pipe or two.
+        assert len(pipes_open() - before) <= 2
+        # They still work, both ways and all at once.
+        for client, backend in pairs:
+            backend.sendall(b"more")
+            client.sendall(b"again")
+        for client, backend in pairs:
+            assert client.recv(16) == b"more"
+            assert backend.recv(16) == b"again"
+    finally:
+        relay.stop()
+
+
+def test_a_pipe_that_may_hold_bytes_is_closed_not_pooled(net: Net) -> None:
+    relay = Relay(loops=1)
+    relay.start()
+    try:
+        before = pipes_open()
+        client, backend = net.relayed(relay)
+        flood = Flood(backend)
+        flood.start()
+        wait_stalled(flood.progress, quiet=0.3)  # the client reads nothing: the pipe fills
+        full = pipes_open() - before
+        assert len(full) == 1, "the stalled direction holds exactly one pipe"
+        reset(client)
+        flood.result()
+        assert relay.wait_idle(TIMEOUT)
+        wait_until(lambda: not (pipes_open() & full))  # closed, so no one can draw it
+    finally:
+        relay.stop()
+
+
 # --- counts, callbacks, closing ------------------------------------------------------------
 
 
