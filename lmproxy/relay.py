@@ -24,6 +24,19 @@ Design (measurements behind it: docs/relay-notes.md):
   empty (everything written on, or a read that found nothing). An idle connection holds just its
   two sockets. A pipe still held when its connection ends in an error may hold bytes, which
   would be delivered to the next connection that got it: it is closed, never pooled.
+* New connections: pairs can be handed in (``add``, from any thread: a queue and an eventfd
+  wake-up), or, after ``accept_from``, the loops accept clients from the shared listener
+  themselves (registered level-triggered with ``EPOLLEXCLUSIVE``, so one loop wakes per client)
+  and connect each to the backend without blocking. That takes the hand-over between threads
+  out of every connection. A client is counted in ``active`` in the same locked step as its
+  ``accept()``, and ``stop_accepting_if_idle`` stops the loops in the same locked step as its
+  check that nothing is open: the caller can base a promise on the count (the shim's ledger
+  claim) with no window in which a client is accepted uncounted. Until its backend is
+  connected, only the backend socket is watched and the client is not read; a client whose
+  backend refuses, or does not answer within ``connect_timeout`` (a full accept queue drops
+  SYNs), is given back to the caller unread, which retries it patiently (the shim's
+  ``connect_patiently`` and its restart rules). An accept() error such as EMFILE, which a loop
+  cannot wait out, stops the accepting and goes to the caller too.
 """
 
 from __future__ import annotations
@@ -66,6 +79,11 @@ _EXPECTED_ERRNOS = frozenset(
         errno.EHOSTDOWN,
     }
 )
+
+# accept() errors that only concern the client that was being accepted.
+_ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO})
+# Clients one loop accepts per wakeup before its connections get a turn again.
+_ACCEPT_BATCH = 16
 
 _NEW, _RUNNING, _DONE = "new", "running", "done"
 
@@ -126,7 +144,7 @@ class _Direction:
 
 
 class _Pair:
-    __slots__ = ("backend", "client", "closed", "down", "fds", "up")
+    __slots__ = ("backend", "client", "closed", "deadline", "down", "fds", "up")
 
     def __init__(self, client: socket.socket, backend: socket.socket) -> None:
         self.client = client
@@ -135,6 +153,7 @@ class _Pair:
         self.up = _Direction(client, backend)
         self.down = _Direction(backend, client)
         self.closed = False
+        self.deadline = 0.0  # while the backend connects: when to give the client back
 
 
 class _Loop:
@@ -156,6 +175,9 @@ class _Loop:
         self.fds: dict[int, tuple[_Pair, _Direction, _Direction]] = {}
         self.pool: list[tuple[int, int]] = []
         self.again: set[_Pair] = set()
+        # Pairs whose backend connects (accepted by this loop), by the backend's descriptor, in
+        # the order of their deadlines. Only the backend is watched until it is connected.
+        self.connecting: dict[int, _Pair] = {}
         self.changed = False  # pairs added or closed since the last on_change call
         self.last_activity = time.monotonic()
 
@@ -215,7 +237,12 @@ class _Loop:
                 again = self.again
                 if again:
                     self.again = set()
-                events = epoll.poll(0 if again else -1, _MAX_EVENTS)
+                    timeout: float = 0
+                elif self.connecting:
+                    timeout = self._poll_timeout()
+                else:
+                    timeout = -1
+                events = epoll.poll(timeout, _MAX_EVENTS)
                 busy = False
                 wake = False
                 for fd, mask in events:
@@ -223,6 +250,12 @@ class _Loop:
                     if entry is None:
                         if fd == wake_fd:
                             wake = True
+                        elif fd in self.connecting:
+                            self._connected(self.connecting.pop(fd), mask)
+                            busy = True
+                        elif fd == self.relay._listen_fd:
+                            self._accept()
+                            busy = True
                         continue
                     pair, out, into = entry
                     if mask & select.EPOLLERR:
@@ -243,6 +276,8 @@ class _Loop:
                 for pair in again:
                     if not pair.closed and self._service(pair, pair.up, pair.down):
                         busy = True
+                if self.connecting:
+                    self._expire_connects()
                 if wake:
                     stop = self._handle_inbox()
                     busy = True
@@ -265,7 +300,7 @@ class _Loop:
             if isinstance(command, _Add):
                 self._register(command.client, command.backend)
             elif isinstance(command, _CloseAll):
-                self._close_pairs()
+                self._close_pairs(give_back=True)
                 command.done.set()
             else:
                 stop = True
@@ -288,6 +323,124 @@ class _Loop:
             self._close(pair, clean=False)
             return
         self.changed = True
+
+    def _accept(self) -> None:
+        """Accept waiting clients (the relay counts each at once) and start their backends'
+        connects. The listener is level-triggered: what is left of a batch comes back."""
+        relay = self.relay
+        for _ in range(_ACCEPT_BATCH):
+            stopped: OSError | None = None
+            with relay._lock:
+                # Under the lock: stop_accepting_if_idle() cannot end the claim on the clients
+                # between this accept and the count that covers them.
+                listener = relay._listener
+                if listener is None or self.state != _RUNNING:
+                    return
+                try:
+                    client, _ = listener.accept()
+                except BlockingIOError:
+                    return
+                except OSError as error:
+                    if error.errno in _ACCEPT_SKIP:
+                        continue
+                    relay._stop_accepting_locked()
+                    stopped = error
+                else:
+                    self.count += 1
+                    relay._active += 1
+            if stopped is not None:
+                # Out of descriptors, or worse: not for a loop to wait out. The caller takes
+                # the listener back and handles the error its own way.
+                if relay._on_accept_stopped is not None:
+                    relay._on_accept_stopped(stopped)
+                return
+            self._connect(client)
+
+    def _connect(self, client: socket.socket) -> None:
+        relay = self.relay
+        assert relay._backend is not None and self.epoll is not None
+        family, address = relay._backend
+        backend = None
+        try:
+            client.setblocking(False)
+            if relay._listen_tcp:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            backend = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = backend.connect_ex(address)
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, os.strerror(code))
+            # Completion (or refusal) is the backend's first event.
+            self.epoll.register(backend.fileno(), _SOCKET_EVENTS)
+        except OSError:
+            self._give_back(client, backend)
+            return
+        pair = _Pair(client, backend)
+        pair.deadline = time.monotonic() + relay._connect_timeout
+        self.pairs.add(pair)
+        self.connecting[pair.fds[1]] = pair
+        self.changed = True
+
+    def _connected(self, pair: _Pair, mask: int) -> None:
+        """The backend's first event: connected (relay from now on) or refused (give back)."""
+        if mask & (select.EPOLLERR | select.EPOLLHUP):
+            self._give_back_pair(pair)
+            return
+        assert self.epoll is not None
+        client_fd, backend_fd = pair.fds
+        self.fds[backend_fd] = (pair, pair.down, pair.up)
+        self.fds[client_fd] = (pair, pair.up, pair.down)
+        try:
+            # Reports what the client sent meanwhile (edge-triggered: the current state once).
+            self.epoll.register(client_fd, _SOCKET_EVENTS)
+        except (OSError, ValueError):
+            logger.exception("relay: cannot watch a new connection; closing it")
+            self._close(pair, clean=False)
+            return
+        if mask & _READ_EVENTS:
+            pair.down.readable = True
+        pair.up.writable = True
+        self._service(pair, pair.down, pair.up)
+
+    def _poll_timeout(self) -> float:
+        first = next(iter(self.connecting.values()))
+        return max(0.0, first.deadline - time.monotonic())
+
+    def _expire_connects(self) -> None:
+        """Give back the clients whose backend did not answer in time (a full accept queue
+        drops SYNs; the caller retries them its own, patient way)."""
+        now = time.monotonic()
+        while self.connecting:
+            fd, pair = next(iter(self.connecting.items()))
+            if pair.deadline > now:
+                return
+            del self.connecting[fd]
+            self._give_back_pair(pair)
+
+    def _give_back_pair(self, pair: _Pair) -> None:
+        """A pair whose backend never connected: the client goes back, unread."""
+        assert self.epoll is not None
+        pair.closed = True
+        self.pairs.discard(pair)
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(pair.fds[1])
+        self._give_back(pair.client, pair.backend)
+
+    def _give_back(self, client: socket.socket, backend: socket.socket | None) -> None:
+        if backend is not None:
+            backend.close()
+        relay = self.relay
+        relay._closed(self, 1)
+        self.changed = True
+        if relay._on_give_back is None:
+            client.close()
+            return
+        try:
+            client.setblocking(True)
+            relay._on_give_back(client)
+        except Exception:
+            logger.exception("relay: giving back a client failed; closing it")
+            client.close()
 
     def _service(self, pair: _Pair, first: _Direction | None, second: _Direction | None) -> bool:
         """Pump the given directions of a pair; True if anything happened."""
@@ -411,7 +564,19 @@ class _Loop:
         self.relay._closed(self, 1)
         self.changed = True
 
-    def _close_pairs(self) -> None:
+    def _close_pairs(self, *, give_back: bool = False) -> None:
+        """Close every pair; with ``give_back``, clients whose backend is still connecting
+        (they were sent nothing yet) go back to the caller instead."""
+        connecting = list(self.connecting.values())
+        self.connecting.clear()
+        for pair in connecting:
+            try:
+                if give_back:
+                    self._give_back_pair(pair)
+                else:
+                    self._close(pair, clean=False)
+            except Exception:
+                logger.exception("relay: error while closing a connection")
         for pair in list(self.pairs):
             try:
                 self._close(pair, clean=False)
@@ -440,6 +605,14 @@ class _Loop:
             self.wake_fd = -1
 
 
+def _no_delay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Forward each piece as soon as it arrives: the sender applied (or disabled) Nagle
+        # already, and a second Nagle here can wait out a delayed ACK (40 ms).
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Relay:
     """Relays bytes between pairs of connected sockets until both sides are done.
 
@@ -447,6 +620,13 @@ class Relay:
     added or closed. Calls never overlap and are made without any lock of the relay held (so
     the callback may call back into the relay); changes that happen while a call is running
     are folded into one later call, whose count is then current.
+
+    After ``accept_from``, the loops also accept clients themselves and connect them to the
+    backend. A client whose backend refuses or does not connect within ``connect_timeout`` goes
+    to ``on_give_back`` (from a loop thread, unread: it was sent nothing), as do the clients
+    still connecting when ``close_all`` is called; without the callback they are closed. An
+    accept() error other than a client that gave up stops the accepting and is passed to
+    ``on_accept_stopped`` (from a loop thread).
     """
 
     def __init__(
@@ -454,6 +634,10 @@ class Relay:
         loops: int | None = None,
         pipe_size: int = 256 * 1024,
         on_change: Callable[[int], None] | None = None,
+        *,
+        on_give_back: Callable[[socket.socket], None] | None = None,
+        on_accept_stopped: Callable[[OSError], None] | None = None,
+        connect_timeout: float = 0.02,
     ) -> None:
         if loops is None:
             loops = min(2, os.cpu_count() or 1)
@@ -463,6 +647,14 @@ class Relay:
             raise ValueError("pipe_size must be between 1 and 2**30 bytes")
         self._pipe_size = pipe_size
         self._on_change = on_change
+        self._on_give_back = on_give_back
+        self._on_accept_stopped = on_accept_stopped
+        self._connect_timeout = connect_timeout
+        # Set by accept_from(), cleared by the stop_accepting*() methods, under the lock.
+        self._listener: socket.socket | None = None
+        self._listen_fd = -1
+        self._listen_tcp = False
+        self._backend: tuple[int, tuple[str, int] | tuple[str, int, int, int]] | None = None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0
@@ -509,11 +701,7 @@ class Relay:
             raise ValueError("socket is closed")
         for sock in (client, backend):
             sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                # Forward each piece as soon as it arrives: the sender applied (or disabled)
-                # Nagle already, and a second Nagle here can wait out a delayed ACK (40 ms).
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _no_delay(sock)
         with self._lock:
             loops = [loop for loop in self._loops if loop.state != _DONE]
             if self._stopped or not loops:
@@ -528,6 +716,61 @@ class Relay:
             client.close()
             backend.close()
             raise RuntimeError("relay is stopped")
+
+    def accept_from(
+        self,
+        listener: socket.socket,
+        family: int,
+        address: tuple[str, int] | tuple[str, int, int, int],
+    ) -> None:
+        """Let the running loops accept clients from ``listener`` (non-blocking, shared by the
+        loops with EPOLLEXCLUSIVE) and connect each to the TCP ``address`` of ``family``, until
+        a stop_accepting*() call. Each client counts in ``active`` from the moment it is
+        accepted."""
+        with self._lock:
+            if self._listener is not None:
+                return
+            if self._stopped or not self._started:
+                raise RuntimeError("relay is not running")
+            self._listener = listener
+            self._listen_fd = listener.fileno()
+            self._listen_tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
+            self._backend = (family, address)
+            for loop in self._loops:
+                if loop.state == _RUNNING:
+                    assert loop.epoll is not None
+                    loop.epoll.register(self._listen_fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+
+    @property
+    def accepting(self) -> bool:
+        with self._lock:
+            return self._listener is not None
+
+    def stop_accepting(self) -> None:
+        """The loops accept no more clients once this returns."""
+        with self._lock:
+            self._stop_accepting_locked()
+
+    def stop_accepting_if_idle(self) -> bool:
+        """Stop accepting if no pair is open, atomically with that check: False (and nothing
+        changed) if a pair is open, even one that was accepted a moment ago."""
+        with self._lock:
+            if self._active:
+                return False
+            self._stop_accepting_locked()
+            return True
+
+    def _stop_accepting_locked(self) -> None:
+        if self._listener is None:
+            return
+        for loop in self._loops:
+            if loop.state == _RUNNING:
+                assert loop.epoll is not None
+                with contextlib.suppress(OSError, ValueError):
+                    loop.epoll.unregister(self._listen_fd)
+        self._listener = None
+        self._listen_fd = -1
+        self._backend = None
 
     @property
     def active(self) -> int:
@@ -549,7 +792,8 @@ class Relay:
             return self._idle.wait_for(lambda: self._active == 0, timeout)
 
     def close_all(self) -> None:
-        """Close every open pair at once (e.g. the backend died).
+        """Close every open pair at once (e.g. the backend died); clients whose backend is
+        still connecting are given back instead (``on_give_back``).
 
         Returns when the loops have closed them; called from a loop thread (from
         ``on_change``), it only asks the loops to and returns.
@@ -575,6 +819,7 @@ class Relay:
         adds: list[_Add] = []
         with self._lock:
             self._stopped = True
+            self._stop_accepting_locked()
             for loop in self._loops:
                 if loop.state == _RUNNING:
                     loop.post_locked(_Stop())
