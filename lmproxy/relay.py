@@ -264,14 +264,18 @@ class _Loop:
                         busy = True
                         continue
                     # Only the directions this socket's readiness can advance are pumped: a
-                    # readable socket feeds `out`, a writable one drains `into`.
-                    readable = mask & _READ_EVENTS
-                    writable = mask & _WRITE_EVENTS
-                    if readable:
-                        out.readable = True
-                    if writable:
+                    # readable socket feeds `out`, a writable one drains `into` (if its pipe
+                    # holds bytes: EPOLLOUT comes along with every EPOLLIN).
+                    drain = None
+                    if mask & _WRITE_EVENTS:
                         into.writable = True
-                    if self._service(pair, out if readable else None, into if writable else None):
+                        if into.pending:
+                            drain = into
+                    if mask & _READ_EVENTS:
+                        out.readable = True
+                        if self._service(pair, out, drain):
+                            busy = True
+                    elif drain is not None and self._service(pair, None, drain):
                         busy = True
                 for pair in again:
                     if not pair.closed and self._service(pair, pair.up, pair.down):
