@@ -108,6 +108,9 @@ class _Stop:
 
 
 _Command = _Add | _CloseAll | _Stop
+# Where the loops connect the clients they accept: family, address, and whether the clients
+# are TCP (TCP_NODELAY) too.
+_Backend = tuple[int, tuple[str, int] | tuple[str, int, int, int], bool]
 
 
 class _Direction:
@@ -337,8 +340,8 @@ class _Loop:
             with relay._lock:
                 # Under the lock: stop_accepting_if_idle() cannot end the claim on the clients
                 # between this accept and the count that covers them.
-                listener = relay._listener
-                if listener is None or self.state != _RUNNING:
+                listener, backend = relay._listener, relay._backend
+                if listener is None or backend is None or self.state != _RUNNING:
                     return
                 try:
                     client, _ = listener.accept()
@@ -358,16 +361,17 @@ class _Loop:
                 if relay._on_accept_stopped is not None:
                     relay._on_accept_stopped(stopped)
                 return
-            self._connect(client)
+            # What was read under the lock: a stop_accepting() since then changes nothing for
+            # this client, which is counted already.
+            self._connect(client, backend)
 
-    def _connect(self, client: socket.socket) -> None:
-        relay = self.relay
-        assert relay._backend is not None and self.epoll is not None
-        family, address = relay._backend
+    def _connect(self, client: socket.socket, target: _Backend) -> None:
+        assert self.epoll is not None
+        family, address, client_tcp = target
         backend = None
         try:
             client.setblocking(False)
-            if relay._listen_tcp:
+            if client_tcp:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             backend = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -380,7 +384,7 @@ class _Loop:
             self._give_back(client, backend)
             return
         pair = _Pair(client, backend)
-        pair.deadline = time.monotonic() + relay._connect_timeout
+        pair.deadline = time.monotonic() + self.relay._connect_timeout
         self.pairs.add(pair)
         self.connecting[pair.fds[1]] = pair
         self.changed = True
@@ -657,8 +661,7 @@ class Relay:
         # Set by accept_from(), cleared by the stop_accepting*() methods, under the lock.
         self._listener: socket.socket | None = None
         self._listen_fd = -1
-        self._listen_tcp = False
-        self._backend: tuple[int, tuple[str, int] | tuple[str, int, int, int]] | None = None
+        self._backend: _Backend | None = None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0
@@ -738,8 +741,8 @@ class Relay:
                 raise RuntimeError("relay is not running")
             self._listener = listener
             self._listen_fd = listener.fileno()
-            self._listen_tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
-            self._backend = (family, address)
+            client_tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
+            self._backend = (family, address, client_tcp)
             for loop in self._loops:
                 if loop.state == _RUNNING:
                     assert loop.epoll is not None

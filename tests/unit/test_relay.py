@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from lmproxy import relay as relay_module
 from lmproxy.relay import Relay
 
 TIMEOUT = 30.0
@@ -567,6 +568,27 @@ def test_no_client_is_accepted_once_stop_accepting_if_idle_said_yes(echo: EchoSe
             for worker in hammers:
                 worker.result()
         assert stops > 0
+
+
+def test_a_client_accepted_just_before_stop_accepting_is_still_relayed(
+    echo: EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shim stops the accepting when its backend goes away, whatever the loops are doing:
+    here, between a loop's accept() and its connect to the backend."""
+    connect = relay_module._Loop._connect
+
+    def stop_then_connect(loop: Any, *args: Any) -> None:
+        loop.relay.stop_accepting()
+        connect(loop, *args)
+
+    monkeypatch.setattr(relay_module._Loop, "_connect", stop_then_connect)
+    with accepting_relay(echo.address) as (relay, listener, given_back):
+        with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as client:
+            client.sendall(b"x")
+            assert client.recv(1) == b"x"
+        assert not relay.accepting
+        assert relay.wait_idle(TIMEOUT)
+        assert given_back.clients == []
 
 
 def test_a_refused_client_is_given_back_unread() -> None:
