@@ -57,8 +57,8 @@ logger = logging.getLogger(__name__)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Bytes one direction may move per wakeup before the other connections of the loop get a turn.
 _BUDGET = 4 * 1024 * 1024
-# Pooled pipes kept per loop; beyond that, pipes of closed connections are closed (after a burst
-# of connections the pool would otherwise hold two descriptors per connection of the burst).
+# Empty pipes kept per loop; beyond that, a pipe given back is closed (after a burst of
+# transfers the pool would otherwise keep two descriptors per direction that moved bytes at once).
 _POOL_MAX = 256
 _MAX_EVENTS = 512
 _SOCKET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
