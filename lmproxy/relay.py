@@ -28,15 +28,17 @@ Design (measurements behind it: docs/relay-notes.md):
   wake-up), or, after ``accept_from``, the loops accept clients from the shared listener
   themselves (registered level-triggered with ``EPOLLEXCLUSIVE``, so one loop wakes per client)
   and connect each to the backend without blocking. That takes the hand-over between threads
-  out of every connection. A client is counted in ``active`` in the same locked step as its
-  ``accept()``, and ``stop_accepting_if_idle`` stops the loops in the same locked step as its
-  check that nothing is open: the caller can base a promise on the count (the shim's ledger
-  claim) with no window in which a client is accepted uncounted. Until its backend is
-  connected, only the backend socket is watched and the client is not read; a client whose
-  backend refuses, or does not answer within ``connect_timeout`` (a full accept queue drops
-  SYNs), is given back to the caller unread, which retries it patiently (the shim's
-  ``connect_patiently`` and its restart rules). An accept() error such as EMFILE, which a loop
-  cannot wait out, stops the accepting and goes to the caller too.
+  out of most connections: ``EPOLLEXCLUSIVE`` wakes the loops in a fixed order, so a loop that
+  relays a few pairs more than another hands the clients it accepts over to that one. A client
+  is counted in ``active`` in the same locked step as its ``accept()``, and
+  ``stop_accepting_if_idle`` stops the loops in the same locked step as its check that nothing
+  is open: the caller can base a promise on the count (the shim's ledger claim) with no window
+  in which a client is accepted uncounted. Until its backend is connected, only the backend
+  socket is watched and the client is not read; a client whose backend refuses, or does not
+  answer within ``connect_timeout`` (a full accept queue drops SYNs), is given back to the
+  caller unread, which retries it patiently (the shim's ``connect_patiently`` and its restart
+  rules). An accept() error such as EMFILE, which a loop cannot wait out, stops the accepting
+  and goes to the caller too.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ _EXPECTED_ERRNOS = frozenset(
 _ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO})
 # Clients one loop accepts per wakeup before its connections get a turn again.
 _ACCEPT_BATCH = 16
+# A loop that accepts a client while it relays this many pairs more than another loop hands the
+# client over to that loop.
+_BALANCE_SLACK = 4
 
 _NEW, _RUNNING, _DONE = "new", "running", "done"
 
@@ -107,10 +112,22 @@ class _Stop:
     __slots__ = ()
 
 
-_Command = _Add | _CloseAll | _Stop
 # Where the loops connect the clients they accept: family, address, and whether the clients
 # are TCP (TCP_NODELAY) too.
 _Backend = tuple[int, tuple[str, int] | tuple[str, int, int, int], bool]
+
+
+class _Connect:
+    """A client another loop accepted, for this one to connect and relay."""
+
+    __slots__ = ("client", "target")
+
+    def __init__(self, client: socket.socket, target: _Backend) -> None:
+        self.client = client
+        self.target = target
+
+
+_Command = _Add | _Connect | _CloseAll | _Stop
 
 
 class _Direction:
@@ -213,9 +230,10 @@ class _Loop:
             self.signalled = True
             os.eventfd_write(self.wake_fd, 1)
 
-    def take_adds_locked(self) -> list[_Add]:
-        """Take back the pairs queued for a loop that is not running (not started or ended)."""
-        adds = [c for c in self.inbox if isinstance(c, _Add)]
+    def take_adds_locked(self) -> list[_Add | _Connect]:
+        """Take back the pairs and clients queued for a loop that is not running (not started
+        or ended)."""
+        adds = [c for c in self.inbox if isinstance(c, _Add | _Connect)]
         for command in self.inbox:
             if isinstance(command, _CloseAll):
                 command.done.set()
@@ -306,6 +324,8 @@ class _Loop:
         for command in commands:
             if isinstance(command, _Add):
                 self._register(command.client, command.backend)
+            elif isinstance(command, _Connect):
+                self._connect(command.client, command.target)
             elif isinstance(command, _CloseAll):
                 self._close_pairs(give_back=True)
                 command.done.set()
@@ -353,8 +373,12 @@ class _Loop:
                     relay._stop_accepting_locked()
                     stopped = error
                 else:
-                    self.count += 1
+                    owner = self._least_loaded_locked()
+                    owner.count += 1
                     relay._active += 1
+                    if owner is not self:
+                        owner.post_locked(_Connect(client, backend))
+                        continue
             if stopped is not None:
                 # Out of descriptors, or worse: not for a loop to wait out. The caller takes
                 # the listener back and handles the error its own way.
@@ -364,6 +388,18 @@ class _Loop:
             # What was read under the lock: a stop_accepting() since then changes nothing for
             # this client, which is counted already.
             self._connect(client, backend)
+
+    def _least_loaded_locked(self) -> _Loop:
+        """The loop that is to relay a client this loop accepted: this one, unless it has
+        _BALANCE_SLACK pairs more than another. EPOLLEXCLUSIVE wakes the loops in a fixed
+        order, so without this an idle first loop would take every client."""
+        if self.count < _BALANCE_SLACK:
+            return self
+        least = min(
+            (loop for loop in self.relay._loops if loop.state == _RUNNING),
+            key=lambda loop: loop.count,
+        )
+        return least if least.count + _BALANCE_SLACK <= self.count else self
 
     def _connect(self, client: socket.socket, target: _Backend) -> None:
         assert self.epoll is not None
@@ -806,7 +842,7 @@ class Relay:
         ``on_change``), it only asks the loops to and returns.
         """
         waits: list[threading.Event] = []
-        adds: list[_Add] = []
+        adds: list[_Add | _Connect] = []
         with self._lock:
             for loop in self._loops:
                 if loop.state == _RUNNING:
@@ -823,7 +859,7 @@ class Relay:
 
     def stop(self) -> None:
         """Close every pair, stop and join the loops, close pooled pipes. Idempotent."""
-        adds: list[_Add] = []
+        adds: list[_Add | _Connect] = []
         with self._lock:
             self._stopped = True
             self._stop_accepting_locked()
@@ -844,13 +880,15 @@ class Relay:
         current = threading.current_thread()
         return any(loop.thread is current for loop in self._loops)
 
-    def _drop(self, adds: list[_Add]) -> None:
-        """Close pairs that never reached a loop (their counts were already taken back)."""
+    def _drop(self, adds: list[_Add | _Connect]) -> None:
+        """Close pairs and clients that never reached a loop (their counts were already taken
+        back)."""
         if not adds:
             return
         for add in adds:
             add.client.close()
-            add.backend.close()
+            if isinstance(add, _Add):
+                add.backend.close()
         self._closed(None, len(adds), counted=True)
         self._publish()
 

@@ -532,6 +532,24 @@ def test_loops_accept_and_connect_clients_themselves(echo: EchoServer) -> None:
         late.close()
 
 
+def test_accepted_clients_are_spread_over_the_loops(echo: EchoServer) -> None:
+    """EPOLLEXCLUSIVE wakes the loops in a fixed order: an idle first loop would otherwise
+    accept every client, and one core would relay them all."""
+    with accepting_relay(echo.address) as (relay, listener, _):
+        clients = [
+            socket.create_connection(listener.getsockname(), timeout=TIMEOUT) for _ in range(40)
+        ]
+        for client in clients:
+            client.sendall(b"ping")
+            assert client.recv(16) == b"ping"
+        counts = [loop.count for loop in relay._loops]
+        assert sum(counts) == 40
+        assert max(counts) - min(counts) <= relay_module._BALANCE_SLACK + 1, counts
+        for client in clients:
+            client.close()
+        assert relay.wait_idle(TIMEOUT)
+
+
 def test_no_client_is_accepted_once_stop_accepting_if_idle_said_yes(echo: EchoServer) -> None:
     """The shim ends its ledger claim only when this says yes: from then on, no loop may
     accept a client, however close its accept() came to the check."""
