@@ -630,9 +630,19 @@ class _Loop:
     def _finish(self) -> None:
         """Close everything this loop owns; also runs after a crash."""
         self._close_pairs()
-        with self.relay._lock:
+        relay = self.relay
+        with relay._lock:
             self.state = _DONE
             adds = self.take_adds_locked()
+            # The last loop gone (a crash, or stop()): nobody accepts any more. The caller
+            # must hear of it, or clients would wait in the backlog for a loop that is gone.
+            orphaned = relay._listener is not None and all(
+                loop.state != _RUNNING for loop in relay._loops
+            )
+            if orphaned:
+                relay._stop_accepting_locked()
+        if orphaned and relay._on_accept_stopped is not None:
+            relay._on_accept_stopped(OSError(errno.ESHUTDOWN, "the relay loops ended"))
         if adds:
             self.relay._drop(adds)
         elif self.changed:

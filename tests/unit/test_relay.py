@@ -686,6 +686,31 @@ def test_an_accept_error_stops_accepting_and_is_reported(echo: EchoServer) -> No
         listener.close()
 
 
+def test_when_the_last_loop_ends_the_caller_takes_the_listener_back(
+    echo: EchoServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def crash(loop: Any) -> None:
+        raise RuntimeError("a bug in the loop")
+
+    monkeypatch.setattr(relay_module._Loop, "_accept", crash)
+    errors: list[OSError] = []
+    relay = Relay(loops=1, on_accept_stopped=errors.append)
+    relay.start()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    try:
+        relay.accept_from(listener, socket.AF_INET, echo.address)
+        client = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        wait_until(lambda: bool(errors))
+        assert not relay.accepting
+        client.close()
+    finally:
+        relay.stop()
+        listener.close()
+    assert "relay loop 0 failed" in caplog.text
+    caplog.clear()  # expected here
+
+
 # --- counts, callbacks, closing ------------------------------------------------------------
 
 
