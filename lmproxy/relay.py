@@ -19,9 +19,26 @@ Design (measurements behind it: docs/relay-notes.md):
 * Each wakeup reads until EAGAIN, up to a few MiB per direction (one chunk per wakeup kept TCP
   windows small); a direction that still had data gets another turn after the other ready
   connections.
-* Pipes are pooled, but only after a clean two-way close: then both pipes are known to be empty.
-  A pipe from a connection that ended in an error may still hold bytes, which would be delivered
-  to the next connection that got it.
+* A direction holds a pipe only while the pipe may have bytes in it: it takes one from its loop's
+  pool just before it reads its source, and gives it back as soon as the pipe is known to be
+  empty (everything written on, or a read that found nothing). An idle connection holds just its
+  two sockets. A pipe still held when its connection ends in an error may hold bytes, which
+  would be delivered to the next connection that got it: it is closed, never pooled.
+* New connections: pairs can be handed in (``add``, from any thread: a queue and an eventfd
+  wake-up), or, after ``accept_from``, the loops accept clients from the shared listener
+  themselves (registered level-triggered with ``EPOLLEXCLUSIVE``, so one loop wakes per client)
+  and connect each to the backend without blocking. That takes the hand-over between threads
+  out of most connections: ``EPOLLEXCLUSIVE`` wakes the loops in a fixed order, so a loop that
+  relays a few pairs more than another hands the clients it accepts over to that one. A client
+  is counted in ``active`` in the same locked step as its ``accept()``, and
+  ``stop_accepting_if_idle`` stops the loops in the same locked step as its check that nothing
+  is open: the caller can base a promise on the count (the shim's ledger claim) with no window
+  in which a client is accepted uncounted. Until its backend is connected, only the backend
+  socket is watched and the client is not read; a client whose backend refuses, or does not
+  answer within ``connect_timeout`` (a full accept queue drops SYNs), is given back to the
+  caller unread, which retries it patiently (the shim's ``connect_patiently`` and its restart
+  rules). An accept() error such as EMFILE, which a loop cannot wait out, stops the accepting
+  and goes to the caller too.
 """
 
 from __future__ import annotations
@@ -42,8 +59,8 @@ logger = logging.getLogger(__name__)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Bytes one direction may move per wakeup before the other connections of the loop get a turn.
 _BUDGET = 4 * 1024 * 1024
-# Pooled pipes kept per loop; beyond that, pipes of closed connections are closed (after a burst
-# of connections the pool would otherwise hold two descriptors per connection of the burst).
+# Empty pipes kept per loop; beyond that, a pipe given back is closed (after a burst of
+# transfers the pool would otherwise keep two descriptors per direction that moved bytes at once).
 _POOL_MAX = 256
 _MAX_EVENTS = 512
 _SOCKET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
@@ -64,6 +81,14 @@ _EXPECTED_ERRNOS = frozenset(
         errno.EHOSTDOWN,
     }
 )
+
+# accept() errors that only concern the client that was being accepted.
+_ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO})
+# Clients one loop accepts per wakeup before its connections get a turn again.
+_ACCEPT_BATCH = 16
+# A loop that accepts a client while it relays this many pairs more than another loop hands the
+# client over to that loop.
+_BALANCE_SLACK = 4
 
 _NEW, _RUNNING, _DONE = "new", "running", "done"
 
@@ -87,7 +112,22 @@ class _Stop:
     __slots__ = ()
 
 
-_Command = _Add | _CloseAll | _Stop
+# Where the loops connect the clients they accept: family, address, and whether the clients
+# are TCP (TCP_NODELAY) too.
+_Backend = tuple[int, tuple[str, int] | tuple[str, int, int, int], bool]
+
+
+class _Connect:
+    """A client another loop accepted, for this one to connect and relay."""
+
+    __slots__ = ("client", "target")
+
+    def __init__(self, client: socket.socket, target: _Backend) -> None:
+        self.client = client
+        self.target = target
+
+
+_Command = _Add | _Connect | _CloseAll | _Stop
 
 
 class _Direction:
@@ -111,8 +151,7 @@ class _Direction:
         self.src_fd = src.fileno()
         self.dst = dst
         self.dst_fd = dst.fileno()
-        # Taken from the pool when the source first has something to read, so that connections
-        # that sit idle before their first request hold no pipes.
+        # Held only while it may have bytes in it (see _Loop._pump); -1 when not held.
         self.pipe_r = -1
         self.pipe_w = -1
         self.pending = 0  # bytes in the pipe, not yet written to dst
@@ -125,7 +164,7 @@ class _Direction:
 
 
 class _Pair:
-    __slots__ = ("backend", "client", "closed", "down", "fds", "up")
+    __slots__ = ("backend", "client", "closed", "deadline", "down", "fds", "up")
 
     def __init__(self, client: socket.socket, backend: socket.socket) -> None:
         self.client = client
@@ -134,6 +173,7 @@ class _Pair:
         self.up = _Direction(client, backend)
         self.down = _Direction(backend, client)
         self.closed = False
+        self.deadline = 0.0  # while the backend connects: when to give the client back
 
 
 class _Loop:
@@ -155,6 +195,9 @@ class _Loop:
         self.fds: dict[int, tuple[_Pair, _Direction, _Direction]] = {}
         self.pool: list[tuple[int, int]] = []
         self.again: set[_Pair] = set()
+        # Pairs whose backend connects (accepted by this loop), by the backend's descriptor, in
+        # the order of their deadlines. Only the backend is watched until it is connected.
+        self.connecting: dict[int, _Pair] = {}
         self.changed = False  # pairs added or closed since the last on_change call
         self.last_activity = time.monotonic()
 
@@ -187,9 +230,10 @@ class _Loop:
             self.signalled = True
             os.eventfd_write(self.wake_fd, 1)
 
-    def take_adds_locked(self) -> list[_Add]:
-        """Take back the pairs queued for a loop that is not running (not started or ended)."""
-        adds = [c for c in self.inbox if isinstance(c, _Add)]
+    def take_adds_locked(self) -> list[_Add | _Connect]:
+        """Take back the pairs and clients queued for a loop that is not running (not started
+        or ended)."""
+        adds = [c for c in self.inbox if isinstance(c, _Add | _Connect)]
         for command in self.inbox:
             if isinstance(command, _CloseAll):
                 command.done.set()
@@ -214,7 +258,12 @@ class _Loop:
                 again = self.again
                 if again:
                     self.again = set()
-                events = epoll.poll(0 if again else -1, _MAX_EVENTS)
+                    timeout: float = 0
+                elif self.connecting:
+                    timeout = self._poll_timeout()
+                else:
+                    timeout = -1
+                events = epoll.poll(timeout, _MAX_EVENTS)
                 busy = False
                 wake = False
                 for fd, mask in events:
@@ -222,6 +271,12 @@ class _Loop:
                     if entry is None:
                         if fd == wake_fd:
                             wake = True
+                        elif fd in self.connecting:
+                            self._connected(self.connecting.pop(fd), mask)
+                            busy = True
+                        elif fd == self.relay._listen_fd:
+                            self._accept()
+                            busy = True
                         continue
                     pair, out, into = entry
                     if mask & select.EPOLLERR:
@@ -230,18 +285,24 @@ class _Loop:
                         busy = True
                         continue
                     # Only the directions this socket's readiness can advance are pumped: a
-                    # readable socket feeds `out`, a writable one drains `into`.
-                    readable = mask & _READ_EVENTS
-                    writable = mask & _WRITE_EVENTS
-                    if readable:
-                        out.readable = True
-                    if writable:
+                    # readable socket feeds `out`, a writable one drains `into` (if its pipe
+                    # holds bytes: EPOLLOUT comes along with every EPOLLIN).
+                    drain = None
+                    if mask & _WRITE_EVENTS:
                         into.writable = True
-                    if self._service(pair, out if readable else None, into if writable else None):
+                        if into.pending:
+                            drain = into
+                    if mask & _READ_EVENTS:
+                        out.readable = True
+                        if self._service(pair, out, drain):
+                            busy = True
+                    elif drain is not None and self._service(pair, None, drain):
                         busy = True
                 for pair in again:
                     if not pair.closed and self._service(pair, pair.up, pair.down):
                         busy = True
+                if self.connecting:
+                    self._expire_connects()
                 if wake:
                     stop = self._handle_inbox()
                     busy = True
@@ -263,8 +324,10 @@ class _Loop:
         for command in commands:
             if isinstance(command, _Add):
                 self._register(command.client, command.backend)
+            elif isinstance(command, _Connect):
+                self._connect(command.client, command.target)
             elif isinstance(command, _CloseAll):
-                self._close_pairs()
+                self._close_pairs(give_back=True)
                 command.done.set()
             else:
                 stop = True
@@ -288,6 +351,141 @@ class _Loop:
             return
         self.changed = True
 
+    def _accept(self) -> None:
+        """Accept waiting clients (the relay counts each at once) and start their backends'
+        connects. The listener is level-triggered: what is left of a batch comes back."""
+        relay = self.relay
+        for _ in range(_ACCEPT_BATCH):
+            stopped: OSError | None = None
+            with relay._lock:
+                # Under the lock: stop_accepting_if_idle() cannot end the claim on the clients
+                # between this accept and the count that covers them.
+                listener, backend = relay._listener, relay._backend
+                if listener is None or backend is None or self.state != _RUNNING:
+                    return
+                try:
+                    client, _ = listener.accept()
+                except BlockingIOError:
+                    return
+                except OSError as error:
+                    if error.errno in _ACCEPT_SKIP:
+                        continue
+                    relay._stop_accepting_locked()
+                    stopped = error
+                else:
+                    owner = self._least_loaded_locked()
+                    owner.count += 1
+                    relay._active += 1
+                    if owner is not self:
+                        owner.post_locked(_Connect(client, backend))
+                        continue
+            if stopped is not None:
+                # Out of descriptors, or worse: not for a loop to wait out. The caller takes
+                # the listener back and handles the error its own way.
+                if relay._on_accept_stopped is not None:
+                    relay._on_accept_stopped(stopped)
+                return
+            # What was read under the lock: a stop_accepting() since then changes nothing for
+            # this client, which is counted already.
+            self._connect(client, backend)
+
+    def _least_loaded_locked(self) -> _Loop:
+        """The loop that is to relay a client this loop accepted: this one, unless it has
+        _BALANCE_SLACK pairs more than another. EPOLLEXCLUSIVE wakes the loops in a fixed
+        order, so without this an idle first loop would take every client."""
+        if self.count < _BALANCE_SLACK:
+            return self
+        least = min(
+            (loop for loop in self.relay._loops if loop.state == _RUNNING),
+            key=lambda loop: loop.count,
+        )
+        return least if least.count + _BALANCE_SLACK <= self.count else self
+
+    def _connect(self, client: socket.socket, target: _Backend) -> None:
+        assert self.epoll is not None
+        family, address, client_tcp = target
+        backend = None
+        try:
+            client.setblocking(False)
+            if client_tcp:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            backend = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = backend.connect_ex(address)
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, os.strerror(code))
+            # Completion (or refusal) is the backend's first event.
+            self.epoll.register(backend.fileno(), _SOCKET_EVENTS)
+        except OSError:
+            self._give_back(client, backend)
+            return
+        pair = _Pair(client, backend)
+        pair.deadline = time.monotonic() + self.relay._connect_timeout
+        self.pairs.add(pair)
+        self.connecting[pair.fds[1]] = pair
+        self.changed = True
+
+    def _connected(self, pair: _Pair, mask: int) -> None:
+        """The backend's first event: connected (relay from now on) or refused (give back)."""
+        if mask & (select.EPOLLERR | select.EPOLLHUP):
+            self._give_back_pair(pair)
+            return
+        assert self.epoll is not None
+        client_fd, backend_fd = pair.fds
+        self.fds[backend_fd] = (pair, pair.down, pair.up)
+        self.fds[client_fd] = (pair, pair.up, pair.down)
+        try:
+            # Reports what the client sent meanwhile (edge-triggered: the current state once).
+            self.epoll.register(client_fd, _SOCKET_EVENTS)
+        except (OSError, ValueError):
+            logger.exception("relay: cannot watch a new connection; closing it")
+            self._close(pair, clean=False)
+            return
+        if mask & _READ_EVENTS:
+            pair.down.readable = True
+        pair.up.writable = True
+        self._service(pair, pair.down, pair.up)
+
+    def _poll_timeout(self) -> float:
+        first = next(iter(self.connecting.values()))
+        return max(0.0, first.deadline - time.monotonic())
+
+    def _expire_connects(self) -> None:
+        """Give back the clients whose backend did not answer in time (a full accept queue
+        drops SYNs; the caller retries them its own, patient way)."""
+        now = time.monotonic()
+        while self.connecting:
+            fd, pair = next(iter(self.connecting.items()))
+            if pair.deadline > now:
+                return
+            del self.connecting[fd]
+            self._give_back_pair(pair)
+
+    def _give_back_pair(self, pair: _Pair) -> None:
+        """A pair whose backend never connected: the client goes back, unread."""
+        assert self.epoll is not None
+        pair.closed = True
+        self.pairs.discard(pair)
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(pair.fds[1])
+        self._give_back(pair.client, pair.backend)
+
+    def _give_back(self, client: socket.socket, backend: socket.socket | None) -> None:
+        if backend is not None:
+            backend.close()
+        relay = self.relay
+        relay._closed(self, 1)
+        self.changed = True
+        if relay._on_give_back is None:
+            client.close()
+            return
+        try:
+            client.setblocking(True)
+            relay._on_give_back(client)
+        except Exception:
+            logger.exception("relay: giving back a client failed; closing it")
+            client.close()
+
     def _service(self, pair: _Pair, first: _Direction | None, second: _Direction | None) -> bool:
         """Pump the given directions of a pair; True if anything happened."""
         try:
@@ -309,7 +507,11 @@ class _Loop:
         return moved > 0
 
     def _pump(self, d: _Direction) -> int:
-        """Move one direction as far as readiness, the pipe and the budget allow."""
+        """Move one direction as far as readiness, the pipe and the budget allow.
+
+        The direction holds a pipe only while it may have bytes in it: one is taken from the
+        pool just before reading the source, and given back as soon as it is known empty
+        again (everything written to dst, or a read that found nothing)."""
         moved = 0
         d.more = False
         while True:
@@ -327,16 +529,18 @@ class _Loop:
                 d.pending -= n
                 moved += n
                 continue
+            # The pipe, if the direction holds one, is empty here.
             if d.eof:
                 # Half-close: everything before the FIN has been delivered; pass the FIN on.
                 if not d.shut:
                     d.dst.shutdown(socket.SHUT_WR)
                     d.shut = True
                 return moved
-            if not d.readable:
-                return moved
-            if moved >= _BUDGET:
-                d.more = True
+            if not d.readable or moved >= _BUDGET:
+                if d.readable:
+                    d.more = True
+                if d.pipe_w >= 0:
+                    self._give_pipe(d)
                 return moved
             if d.pipe_w < 0:
                 d.pipe_r, d.pipe_w = self._take_pipe()
@@ -345,11 +549,22 @@ class _Loop:
             except BlockingIOError:
                 # The pipe is empty, so EAGAIN means the socket is drained.
                 d.readable = False
+                self._give_pipe(d)
                 return moved
             if n == 0:
                 d.eof = True
+                self._give_pipe(d)
             else:
                 d.pending = n
+
+    def _give_pipe(self, d: _Direction) -> None:
+        """Take back the pipe of a direction whose pipe is known to be empty."""
+        if len(self.pool) < _POOL_MAX:
+            self.pool.append((d.pipe_r, d.pipe_w))
+        else:
+            os.close(d.pipe_r)
+            os.close(d.pipe_w)
+        d.pipe_r = d.pipe_w = -1
 
     def _take_pipe(self) -> tuple[int, int]:
         if self.pool:
@@ -384,18 +599,28 @@ class _Loop:
         for d in (pair.up, pair.down):
             if d.pipe_w < 0:
                 continue
-            # Only a clean close proves both pipes empty; after an error a pipe may still
-            # hold bytes that would leak into the next connection.
-            if clean and d.pending == 0 and len(self.pool) < _POOL_MAX:
-                self.pool.append((d.pipe_r, d.pipe_w))
-            else:
-                os.close(d.pipe_r)
-                os.close(d.pipe_w)
+            # An empty pipe went back to the pool already. One still held here either has
+            # bytes in it or met an error (a splice that failed may have left bytes): it is
+            # closed, never pooled, so that no stale byte reaches the next connection.
+            os.close(d.pipe_r)
+            os.close(d.pipe_w)
             d.pipe_r = d.pipe_w = -1
         self.relay._closed(self, 1)
         self.changed = True
 
-    def _close_pairs(self) -> None:
+    def _close_pairs(self, *, give_back: bool = False) -> None:
+        """Close every pair; with ``give_back``, clients whose backend is still connecting
+        (they were sent nothing yet) go back to the caller instead."""
+        connecting = list(self.connecting.values())
+        self.connecting.clear()
+        for pair in connecting:
+            try:
+                if give_back:
+                    self._give_back_pair(pair)
+                else:
+                    self._close(pair, clean=False)
+            except Exception:
+                logger.exception("relay: error while closing a connection")
         for pair in list(self.pairs):
             try:
                 self._close(pair, clean=False)
@@ -405,9 +630,19 @@ class _Loop:
     def _finish(self) -> None:
         """Close everything this loop owns; also runs after a crash."""
         self._close_pairs()
-        with self.relay._lock:
+        relay = self.relay
+        with relay._lock:
             self.state = _DONE
             adds = self.take_adds_locked()
+            # The last loop gone (a crash, or stop()): nobody accepts any more. The caller
+            # must hear of it, or clients would wait in the backlog for a loop that is gone.
+            orphaned = relay._listener is not None and all(
+                loop.state != _RUNNING for loop in relay._loops
+            )
+            if orphaned:
+                relay._stop_accepting_locked()
+        if orphaned and relay._on_accept_stopped is not None:
+            relay._on_accept_stopped(OSError(errno.ESHUTDOWN, "the relay loops ended"))
         if adds:
             self.relay._drop(adds)
         elif self.changed:
@@ -424,6 +659,14 @@ class _Loop:
             self.wake_fd = -1
 
 
+def _no_delay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Forward each piece as soon as it arrives: the sender applied (or disabled) Nagle
+        # already, and a second Nagle here can wait out a delayed ACK (40 ms).
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Relay:
     """Relays bytes between pairs of connected sockets until both sides are done.
 
@@ -431,6 +674,13 @@ class Relay:
     added or closed. Calls never overlap and are made without any lock of the relay held (so
     the callback may call back into the relay); changes that happen while a call is running
     are folded into one later call, whose count is then current.
+
+    After ``accept_from``, the loops also accept clients themselves and connect them to the
+    backend. A client whose backend refuses or does not connect within ``connect_timeout`` goes
+    to ``on_give_back`` (from a loop thread, unread: it was sent nothing), as do the clients
+    still connecting when ``close_all`` is called; without the callback they are closed. An
+    accept() error other than a client that gave up stops the accepting and is passed to
+    ``on_accept_stopped`` (from a loop thread).
     """
 
     def __init__(
@@ -438,6 +688,10 @@ class Relay:
         loops: int | None = None,
         pipe_size: int = 256 * 1024,
         on_change: Callable[[int], None] | None = None,
+        *,
+        on_give_back: Callable[[socket.socket], None] | None = None,
+        on_accept_stopped: Callable[[OSError], None] | None = None,
+        connect_timeout: float = 0.02,
     ) -> None:
         if loops is None:
             loops = min(2, os.cpu_count() or 1)
@@ -447,6 +701,13 @@ class Relay:
             raise ValueError("pipe_size must be between 1 and 2**30 bytes")
         self._pipe_size = pipe_size
         self._on_change = on_change
+        self._on_give_back = on_give_back
+        self._on_accept_stopped = on_accept_stopped
+        self._connect_timeout = connect_timeout
+        # Set by accept_from(), cleared by the stop_accepting*() methods, under the lock.
+        self._listener: socket.socket | None = None
+        self._listen_fd = -1
+        self._backend: _Backend | None = None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0
@@ -493,11 +754,7 @@ class Relay:
             raise ValueError("socket is closed")
         for sock in (client, backend):
             sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                # Forward each piece as soon as it arrives: the sender applied (or disabled)
-                # Nagle already, and a second Nagle here can wait out a delayed ACK (40 ms).
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _no_delay(sock)
         with self._lock:
             loops = [loop for loop in self._loops if loop.state != _DONE]
             if self._stopped or not loops:
@@ -512,6 +769,61 @@ class Relay:
             client.close()
             backend.close()
             raise RuntimeError("relay is stopped")
+
+    def accept_from(
+        self,
+        listener: socket.socket,
+        family: int,
+        address: tuple[str, int] | tuple[str, int, int, int],
+    ) -> None:
+        """Let the running loops accept clients from ``listener`` (non-blocking, shared by the
+        loops with EPOLLEXCLUSIVE) and connect each to the TCP ``address`` of ``family``, until
+        a stop_accepting*() call. Each client counts in ``active`` from the moment it is
+        accepted."""
+        with self._lock:
+            if self._listener is not None:
+                return
+            if self._stopped or not self._started:
+                raise RuntimeError("relay is not running")
+            self._listener = listener
+            self._listen_fd = listener.fileno()
+            client_tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
+            self._backend = (family, address, client_tcp)
+            for loop in self._loops:
+                if loop.state == _RUNNING:
+                    assert loop.epoll is not None
+                    loop.epoll.register(self._listen_fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+
+    @property
+    def accepting(self) -> bool:
+        with self._lock:
+            return self._listener is not None
+
+    def stop_accepting(self) -> None:
+        """The loops accept no more clients once this returns."""
+        with self._lock:
+            self._stop_accepting_locked()
+
+    def stop_accepting_if_idle(self) -> bool:
+        """Stop accepting if no pair is open, atomically with that check: False (and nothing
+        changed) if a pair is open, even one that was accepted a moment ago."""
+        with self._lock:
+            if self._active:
+                return False
+            self._stop_accepting_locked()
+            return True
+
+    def _stop_accepting_locked(self) -> None:
+        if self._listener is None:
+            return
+        for loop in self._loops:
+            if loop.state == _RUNNING:
+                assert loop.epoll is not None
+                with contextlib.suppress(OSError, ValueError):
+                    loop.epoll.unregister(self._listen_fd)
+        self._listener = None
+        self._listen_fd = -1
+        self._backend = None
 
     @property
     def active(self) -> int:
@@ -533,13 +845,14 @@ class Relay:
             return self._idle.wait_for(lambda: self._active == 0, timeout)
 
     def close_all(self) -> None:
-        """Close every open pair at once (e.g. the backend died).
+        """Close every open pair at once (e.g. the backend died); clients whose backend is
+        still connecting are given back instead (``on_give_back``).
 
         Returns when the loops have closed them; called from a loop thread (from
         ``on_change``), it only asks the loops to and returns.
         """
         waits: list[threading.Event] = []
-        adds: list[_Add] = []
+        adds: list[_Add | _Connect] = []
         with self._lock:
             for loop in self._loops:
                 if loop.state == _RUNNING:
@@ -556,9 +869,10 @@ class Relay:
 
     def stop(self) -> None:
         """Close every pair, stop and join the loops, close pooled pipes. Idempotent."""
-        adds: list[_Add] = []
+        adds: list[_Add | _Connect] = []
         with self._lock:
             self._stopped = True
+            self._stop_accepting_locked()
             for loop in self._loops:
                 if loop.state == _RUNNING:
                     loop.post_locked(_Stop())
@@ -576,13 +890,15 @@ class Relay:
         current = threading.current_thread()
         return any(loop.thread is current for loop in self._loops)
 
-    def _drop(self, adds: list[_Add]) -> None:
-        """Close pairs that never reached a loop (their counts were already taken back)."""
+    def _drop(self, adds: list[_Add | _Connect]) -> None:
+        """Close pairs and clients that never reached a loop (their counts were already taken
+        back)."""
         if not adds:
             return
         for add in adds:
             add.client.close()
-            add.backend.close()
+            if isinstance(add, _Add):
+                add.backend.close()
         self._closed(None, len(adds), counted=True)
         self._publish()
 

@@ -23,6 +23,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -89,12 +90,17 @@ class Shim:
             self._probe,
             lambda message: self.log.info(message, event="reconcile"),
         )
-        self.relay = Relay(on_change=self._connections_changed)
+        self.relay = Relay(
+            on_change=self._connections_changed,
+            on_give_back=self._given_back,
+            on_accept_stopped=lambda _: self._wake(),
+        )
         self.target: Target | None = None
         self.backend_gone = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._published = threading.Event()
-        self._pending: list[socket.socket] = []  # accepted, not relayed yet
+        # Accepted, not relayed yet (a relay loop's connect failed, or the backend went away).
+        self._pending: deque[socket.socket] = deque()
         self._resources_logged = -OUT_OF_RESOURCES_LOG_EVERY_S
         self._claimed = False
         self._held = False
@@ -145,6 +151,7 @@ class Shim:
                 return 1
             notify(f"STATUS=relaying to {self.backend}")
             outcome = self._serve()
+            self.relay.stop_accepting()
             cut = self.relay.active
             self.relay.close_all()
             if cut:
@@ -314,13 +321,19 @@ class Shim:
             self._held = False  # a new or adopted entry: nothing is claimed in it yet
         idle_after = self.service.shutdown_after_inactivity_s
         poller = select.poll()
-        poller.register(self.listener, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        polled = False  # whether this thread watches the listener (the relay loops do not)
         if self._pending and not self._accept_clients():
             return Outcome.RESTART
         while True:
             if self.backend_gone.is_set():
                 return Outcome.BACKEND_GONE
+            if polled == self.relay.accepting:
+                polled = not polled
+                if polled:
+                    poller.register(self.listener, select.POLLIN)
+                else:
+                    poller.unregister(self.listener)
             timeout_ms: int | None = None
             if idle_after and self.relay.active == 0:
                 idle_for = time.monotonic() - self.relay.last_activity
@@ -333,12 +346,15 @@ class Shim:
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
+                    if self._pending and not self._accept_clients():
+                        return Outcome.RESTART
                 elif not self._accept_clients():
                     return Outcome.RESTART
 
     def _accept_clients(self) -> bool:
-        """Relays the clients left from a backend that went away, then every waiting
-        client; False if the backend refused one and is to be restarted."""
+        """Relays the clients left from a backend that went away or given back by the
+        relay, then every waiting client, then lets the relay loops accept the next
+        ones themselves; False if the backend refused one and is to be restarted."""
         with self._claim_lock:
             held = self._held
             self._claimed = held  # pinned: the publisher cannot write 0 meanwhile
@@ -350,11 +366,14 @@ class Shim:
         try:
             while True:
                 if self._pending:
-                    client = self._pending.pop(0)
+                    client = self._pending.popleft()
+                elif self.relay.accepting:
+                    return True
                 else:
                     try:
                         client, _ = self.listener.accept()
                     except BlockingIOError:
+                        self._delegate_accepting()
                         return True
                     except OSError as error:
                         if error.errno in (errno.ECONNABORTED, errno.EPROTO):
@@ -390,6 +409,22 @@ class Shim:
             return Relayed.REFUSED
         self.relay.add(client, backend)
         return Relayed.OK
+
+    def _delegate_accepting(self) -> None:
+        """While the claim is held, the relay loops accept and connect clients themselves
+        (no hand-over between threads per client). The relay counts each client the
+        moment it accepts it, and the claim ends only through stop_accepting_if_idle(),
+        which stops the loops in the same step: no client is relayed uncounted."""
+        assert self.target is not None
+        with self._claim_lock:
+            if self._held:
+                self.relay.accept_from(self.listener, self.target.family, self.target.address)
+
+    def _given_back(self, client: socket.socket) -> None:
+        """From a relay loop: a client whose backend refused or did not connect in time.
+        This thread retries it patiently (and decides about a restart)."""
+        self._pending.append(client)
+        self._wake()
 
     def _claim_first_connection(self) -> bool:
         """Before a connection is relayed, the ledger must count one: a service with
@@ -429,11 +464,12 @@ class Shim:
 
     def _stop_for_idleness(self) -> bool:
         """Marks the backend stopping and stops it; False if a client came first.
-        Only this thread adds connections, so the relay's count cannot rise meanwhile."""
+        The relay loops stop accepting in the same step as the check that no client
+        is open, and only this thread accepts otherwise, so none can come in after."""
         with self.ledger.transaction() as txn:
             if self.name not in txn.entries:
                 return True  # already gone
-            if self.relay.active > 0:
+            if not self.relay.stop_accepting_if_idle():
                 return False
             with self._claim_lock:
                 self._held = False
@@ -486,7 +522,10 @@ class Shim:
             if count == 0 and self._held:
                 if time.monotonic() - self.relay.last_activity < HOLD_S:
                     return 1  # still held: the next client needs no transaction
+                if not self.relay.stop_accepting_if_idle():
+                    return max(1, self.relay.active)  # a relay loop accepted one just now
                 self._held = False
+                self._wake()  # the main thread watches the listener again
             return count
 
     def _turn_away_waiting_clients(self) -> int:
@@ -522,7 +561,8 @@ def inherited_listener() -> socket.socket:
 
 
 def raise_descriptor_limit() -> None:
-    """Each relayed connection holds up to six descriptors (two sockets, two pipes);
+    """Each relayed connection holds two descriptors (its sockets), and two more for
+    each direction that is moving bytes (a pipe): up to six;
     systemd's default soft limit of 1024 would stop a shim near 170 connections.
     The hard limit (524288 by default) is ours to take."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

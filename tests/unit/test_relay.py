@@ -9,6 +9,7 @@ assertions are the idle-CPU bounds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from lmproxy import relay as relay_module
 from lmproxy.relay import Relay
 
 TIMEOUT = 30.0
@@ -386,6 +388,327 @@ def test_pooled_pipe_is_empty_when_reused(net: Net) -> None:
             assert relay.wait_idle(TIMEOUT)
     finally:
         relay.stop()
+
+
+def pipes_open() -> set[str]:
+    """The pipes this process holds open, by inode ("pipe:[1234]"; both ends give one)."""
+    return {link for _, link in open_files() if link.startswith("pipe:")}
+
+
+def test_idle_connections_hold_no_pipes(net: Net) -> None:
+    relay = Relay(loops=1)
+    relay.start()
+    try:
+        before = pipes_open()
+        pairs = []
+        for _ in range(50):
+            client, backend = net.relayed(relay)
+            client.sendall(b"request")
+            assert backend.recv(16) == b"request"
+            backend.sendall(b"answer")
+            assert client.recv(16) == b"answer"
+            pairs.append((client, backend))
+        assert relay.active == 50
+        # Each exchange gave its pipe back once it was empty, and the next one took it
+        # again: 50 open, idle connections, and no more than the pool's pipe or two.
+        assert len(pipes_open() - before) <= 2
+        # They still work, both ways and all at once.
+        for client, backend in pairs:
+            backend.sendall(b"more")
+            client.sendall(b"again")
+        for client, backend in pairs:
+            assert client.recv(16) == b"more"
+            assert backend.recv(16) == b"again"
+    finally:
+        relay.stop()
+
+
+def test_a_pipe_that_may_hold_bytes_is_closed_not_pooled(net: Net) -> None:
+    relay = Relay(loops=1)
+    relay.start()
+    try:
+        before = pipes_open()
+        client, backend = net.relayed(relay)
+        flood = Flood(backend)
+        flood.start()
+        wait_stalled(flood.progress, quiet=0.3)  # the client reads nothing: the pipe fills
+        full = pipes_open() - before
+        assert len(full) == 1, "the stalled direction holds exactly one pipe"
+        reset(client)
+        flood.result()
+        assert relay.wait_idle(TIMEOUT)
+        wait_until(lambda: not (pipes_open() & full))  # closed, so no one can draw it
+    finally:
+        relay.stop()
+
+
+# --- loops that accept clients themselves -----------------------------------------------
+
+
+class GivenBack:
+    """Collects the clients a relay gives back (from its loop threads)."""
+
+    def __init__(self) -> None:
+        self.clients: list[socket.socket] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, client: socket.socket) -> None:
+        with self._cond:
+            self.clients.append(client)
+            self._cond.notify_all()
+
+    def wait(self, count: int) -> list[socket.socket]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.clients) >= count, TIMEOUT)
+            return list(self.clients)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+@contextlib.contextmanager
+def accepting_relay(
+    backend: tuple[str, int], connect_timeout: float = 0.02
+) -> Iterator[tuple[Relay, socket.socket, GivenBack]]:
+    """A relay whose loops accept from a listener of their own and connect to ``backend``."""
+    given_back = GivenBack()
+    relay = Relay(on_give_back=given_back, connect_timeout=connect_timeout)
+    relay.start()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    listener.setblocking(False)
+    try:
+        relay.accept_from(listener, socket.AF_INET, backend)
+        yield relay, listener, given_back
+    finally:
+        relay.stop()
+        listener.close()
+        given_back.close()
+
+
+def black_hole() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: it drops every further SYN."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+        fillers.append(filler)
+    return listener, fillers
+
+
+def test_loops_accept_and_connect_clients_themselves(echo: EchoServer) -> None:
+    with accepting_relay(echo.address) as (relay, listener, given_back):
+        assert relay.accepting
+        clients = [
+            socket.create_connection(listener.getsockname(), timeout=TIMEOUT) for _ in range(50)
+        ]
+        for client in clients:
+            client.sendall(b"ping")
+        for client in clients:
+            assert client.recv(16) == b"ping"
+        assert relay.active == 50
+        # Counted from accept to close, and idle ones hold no pipe.
+        assert not relay.stop_accepting_if_idle()
+        assert relay.accepting
+        payload = random.randbytes(3 * MiB)
+        sender = Worker(send_and_shut, clients[0], payload)
+        sender.start()
+        assert read_to_eof(clients[0]) == payload
+        sender.result()
+        for client in clients:
+            client.close()
+        assert relay.wait_idle(TIMEOUT)
+        assert relay.stop_accepting_if_idle()
+        assert not relay.accepting
+        # Not accepted any more: the client waits in the backlog, unanswered.
+        late = socket.create_connection(listener.getsockname(), timeout=0.3)
+        late.sendall(b"late")
+        with pytest.raises(TimeoutError):
+            late.recv(16)
+        assert relay.active == 0
+        assert given_back.clients == []
+        late.close()
+
+
+def test_accepted_clients_are_spread_over_the_loops(echo: EchoServer) -> None:
+    """EPOLLEXCLUSIVE wakes the loops in a fixed order: an idle first loop would otherwise
+    accept every client, and one core would relay them all."""
+    with accepting_relay(echo.address) as (relay, listener, _):
+        clients = [
+            socket.create_connection(listener.getsockname(), timeout=TIMEOUT) for _ in range(40)
+        ]
+        for client in clients:
+            client.sendall(b"ping")
+            assert client.recv(16) == b"ping"
+        counts = [loop.count for loop in relay._loops]
+        assert sum(counts) == 40
+        assert max(counts) - min(counts) <= relay_module._BALANCE_SLACK + 1, counts
+        for client in clients:
+            client.close()
+        assert relay.wait_idle(TIMEOUT)
+
+
+def test_no_client_is_accepted_once_stop_accepting_if_idle_said_yes(echo: EchoServer) -> None:
+    """The shim ends its ledger claim only when this says yes: from then on, no loop may
+    accept a client, however close its accept() came to the check."""
+    with accepting_relay(echo.address) as (relay, listener, _):
+        address = listener.getsockname()
+        done = threading.Event()
+        served: list[int] = []
+
+        def hammer() -> None:
+            while not done.is_set():
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(address, timeout=0.2) as client,
+                ):
+                    client.sendall(b"x")
+                    if client.recv(1):
+                        served.append(1)
+                time.sleep(random.random() / 200)  # gaps, in which the relay may be idle
+
+        hammers = [Worker(hammer) for _ in range(3)]
+        for worker in hammers:
+            worker.start()
+        stops = 0
+        deadline = time.monotonic() + TIMEOUT
+        try:
+            while (stops < 30 or len(served) < 150) and time.monotonic() < deadline:
+                if relay.stop_accepting_if_idle():
+                    stops += 1
+                    for _ in range(20):
+                        assert relay.active == 0, "a client was accepted after the stop"
+                    relay.accept_from(listener, socket.AF_INET, echo.address)
+        finally:
+            done.set()
+            for worker in hammers:
+                worker.result()
+        assert stops > 0
+
+
+def test_a_client_accepted_just_before_stop_accepting_is_still_relayed(
+    echo: EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shim stops the accepting when its backend goes away, whatever the loops are doing:
+    here, between a loop's accept() and its connect to the backend."""
+    connect = relay_module._Loop._connect
+
+    def stop_then_connect(loop: Any, *args: Any) -> None:
+        loop.relay.stop_accepting()
+        connect(loop, *args)
+
+    monkeypatch.setattr(relay_module._Loop, "_connect", stop_then_connect)
+    with accepting_relay(echo.address) as (relay, listener, given_back):
+        with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as client:
+            client.sendall(b"x")
+            assert client.recv(1) == b"x"
+        assert not relay.accepting
+        assert relay.wait_idle(TIMEOUT)
+        assert given_back.clients == []
+
+
+def test_a_refused_client_is_given_back_unread() -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    nobody = closed.getsockname()
+    closed.close()  # nothing listens there now: connects are refused
+    with accepting_relay(nobody) as (relay, listener, given_back):
+        client = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        client.sendall(b"request")
+        (back,) = given_back.wait(1)
+        back.settimeout(TIMEOUT)
+        assert back.recv(16) == b"request"  # the relay read nothing of it
+        assert relay.wait_idle(TIMEOUT)
+        assert relay.accepting
+        client.close()
+
+
+def test_a_client_whose_backend_does_not_answer_in_time_is_given_back() -> None:
+    hole, fillers = black_hole()
+    try:
+        with accepting_relay(hole.getsockname()) as (relay, listener, given_back):
+            client = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+            client.sendall(b"request")
+            (back,) = given_back.wait(1)
+            back.settimeout(TIMEOUT)
+            assert back.recv(16) == b"request"
+            assert relay.wait_idle(TIMEOUT)
+            client.close()
+    finally:
+        hole.close()
+        for filler in fillers:
+            filler.close()
+
+
+def test_close_all_gives_back_clients_still_connecting() -> None:
+    hole, fillers = black_hole()
+    try:
+        with accepting_relay(hole.getsockname(), connect_timeout=60) as (relay, listener, back):
+            client = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+            wait_until(lambda: relay.active == 1)
+            relay.stop_accepting()
+            relay.close_all()
+            assert relay.active == 0
+            assert len(back.wait(1)) == 1
+            client.close()
+    finally:
+        hole.close()
+        for filler in fillers:
+            filler.close()
+
+
+class FailingListener(socket.socket):
+    """A real listening socket (so epoll watches it) whose accept() fails."""
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_an_accept_error_stops_accepting_and_is_reported(echo: EchoServer) -> None:
+    errors: list[OSError] = []
+    relay = Relay(on_accept_stopped=errors.append)
+    relay.start()
+    listener = FailingListener()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        relay.accept_from(listener, socket.AF_INET, echo.address)
+        client = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        wait_until(lambda: bool(errors))
+        assert [e.errno for e in errors] == [errno.EMFILE]
+        assert not relay.accepting
+        assert relay.active == 0
+        client.close()
+    finally:
+        relay.stop()
+        listener.close()
+
+
+def test_when_the_last_loop_ends_the_caller_takes_the_listener_back(
+    echo: EchoServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def crash(loop: Any) -> None:
+        raise RuntimeError("a bug in the loop")
+
+    monkeypatch.setattr(relay_module._Loop, "_accept", crash)
+    errors: list[OSError] = []
+    relay = Relay(loops=1, on_accept_stopped=errors.append)
+    relay.start()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    try:
+        relay.accept_from(listener, socket.AF_INET, echo.address)
+        client = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        wait_until(lambda: bool(errors))
+        assert not relay.accepting
+        client.close()
+    finally:
+        relay.stop()
+        listener.close()
+    assert "relay loop 0 failed" in caplog.text
+    caplog.clear()  # expected here
 
 
 # --- counts, callbacks, closing ------------------------------------------------------------
