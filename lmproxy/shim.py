@@ -342,6 +342,12 @@ class Shim:
                         return Outcome.IDLE
                     continue
                 timeout_ms = max(1, int((idle_after - idle_for) * 1000))
+            elif idle_after:
+                # Look again after idle_after: if the last connection closed meanwhile, the
+                # rest of the idle time is waited then, so the stop comes on time without a
+                # wake-up of this thread each time the relay empties (a client that opens
+                # one connection per request would cost one each).
+                timeout_ms = max(1, int(idle_after * 1000))
             for fd, _ in poller.poll(timeout_ms):
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
@@ -483,8 +489,6 @@ class Shim:
 
     def _connections_changed(self, active: int) -> None:
         self._published.set()
-        if active == 0:
-            self._wake()  # the idle timer starts now
 
     def _publisher(self) -> None:
         """Keeps the ledger's connection count and last-used time current, at most
