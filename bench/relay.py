@@ -51,6 +51,7 @@ TOOLS = {
     "/usr/bin/iperf3": "iperf3",
     "/usr/bin/wrk": "wrk",
     "/usr/sbin/nginx": "nginx-light",
+    "/usr/bin/taskset": "util-linux",
     PROXYD: "systemd",
 }
 
@@ -398,6 +399,12 @@ _ERRORS = re.compile(r"Socket errors: .*|Non-2xx or 3xx responses: \d+")
 def wrk(port: int, connections: int, threads: int, seconds: int, close: bool) -> float:
     """Requests per second."""
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s"]
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads == 1 and len(cpus) >= 2:
+        # One wrk thread on a CPU of its own: left to the scheduler, where it put wrk, nginx
+        # and the proxy made every path flip between two rates (about 26,000 and 60,000
+        # req/s with one connection on 2 CPUs) from one run to the next.
+        argv = ["taskset", "-c", str(cpus[-1]), *argv]
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://127.0.0.1:{port}/")
@@ -448,9 +455,9 @@ class Bench:
         self.rows: dict[str, Row] = {
             "bulk1": Row("bulk, 1 stream (iperf3 -P 1)", "Gbit/s", 1),
             "bulk8": Row("bulk, 8 streams (iperf3 -P 8)", "Gbit/s", 1),
-            "c1": Row("keep-alive, 1 connection (wrk -c1 -t1)", "req/s"),
+            "c1": Row("keep-alive, 1 connection (wrk -c1 -t1, pinned)", "req/s"),
             "c64": Row("keep-alive, 64 connections (wrk -c64 -t2)", "req/s"),
-            "close1": Row("new connection per request, 1 at a time (wrk -c1)", "req/s"),
+            "close1": Row("new connection per request, 1 at a time (wrk -c1, pinned)", "req/s"),
             "close64": Row("new connection per request, 64 at a time (wrk -c64)", "req/s"),
             "cold": Row("cold start: port opens → client's first byte", "ms", 1),
             "herd": Row(
