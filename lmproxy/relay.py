@@ -1,6 +1,6 @@
 """Relay engine: moves bytes between client and backend sockets with epoll and splice.
 
-Design (measurements behind it: docs/relay-notes.md):
+Design (measured against systemd-socket-proxyd by bench/relay.py; figures in the README):
 
 * A few event loops (one per core, at most two by default), each a thread that owns an
   ``epoll`` set, its connections and its pipes. ``os.splice`` and ``epoll_wait`` release the GIL,
