@@ -2,10 +2,12 @@
 
 Design (measured against systemd-socket-proxyd by bench/relay.py; figures in the README):
 
-* A few event loops (one per core, at most two by default), each a thread that owns an
-  ``epoll`` set, its connections and its pipes. ``os.splice`` and ``epoll_wait`` release the GIL,
-  so threads of one process scale nearly as well as separate processes, while a thread per
-  connection costs too much per connection.
+* Event loops, each a thread that owns an ``epoll`` set, its connections and its pipes (a thread
+  per connection costs too much per connection). ``os.splice`` and ``epoll_wait`` release the
+  GIL, but the Python between them does not: on 2 CPUs, shared with the clients and the backend,
+  a second loop cost more in GIL hand-overs than it gained (new connections, one at a time:
+  about 8,500/s with two loops against 13,000/s with one; every other row equal or better with
+  one). So one loop below 4 CPUs, two from 4 CPUs on, where a second loop has a core to run on.
 * Bytes never pass through Python: each direction splices socket -> pipe -> socket, with the pipe
   resized to 256 KiB like systemd-socket-proxyd does.
 * Sockets are registered once, edge-triggered, for both reading and writing; the loop remembers
@@ -659,6 +661,11 @@ class _Loop:
             self.wake_fd = -1
 
 
+def default_loops() -> int:
+    """One relay loop below 4 CPUs, two from 4 on (see the module's docstring)."""
+    return 1 if len(os.sched_getaffinity(0)) < 4 else 2
+
+
 def _no_delay(sock: socket.socket) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         # Forward each piece as soon as it arrives: the sender applied (or disabled) Nagle
@@ -694,7 +701,7 @@ class Relay:
         connect_timeout: float = 0.02,
     ) -> None:
         if loops is None:
-            loops = min(2, os.cpu_count() or 1)
+            loops = default_loops()
         if loops < 1:
             raise ValueError("loops must be at least 1")
         if not 1 <= pipe_size <= 1 << 30:

@@ -581,6 +581,7 @@ def test_no_client_is_accepted_once_stop_accepting_if_idle_said_yes(echo: EchoSe
                     for _ in range(20):
                         assert relay.active == 0, "a client was accepted after the stop"
                     relay.accept_from(listener, socket.AF_INET, echo.address)
+                time.sleep(random.random() / 1000)  # the loops need the GIL to accept
         finally:
             done.set()
             for worker in hammers:
@@ -886,5 +887,16 @@ def test_unix_socket_pairs_work_too() -> None:
         assert read_to_eof(client) == b""
         assert relay.wait_idle(TIMEOUT)
         client.close()
+    finally:
+        relay.stop()
+
+
+@pytest.mark.parametrize(("cpus", "loops"), [(1, 1), (2, 1), (3, 1), (4, 2), (64, 2)])
+def test_one_loop_below_four_cpus(monkeypatch: pytest.MonkeyPatch, cpus: int, loops: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert relay_module.default_loops() == loops
+    relay = Relay()
+    try:
+        assert len(relay._loops) == loops
     finally:
         relay.stop()
