@@ -105,6 +105,15 @@ def read_to_eof(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "closed early"
+        data += chunk
+    return bytes(data)
+
+
 def hash_to_eof(sock: socket.socket) -> tuple[int, str]:
     digest = hashlib.sha256()
     buf = bytearray(MiB)
@@ -300,6 +309,34 @@ def test_half_close_is_passed_on(relay: Relay, net: Net, first: str) -> None:
     other.close()
     assert read_to_eof(closer) == reply
     assert relay.wait_idle(TIMEOUT)
+
+
+def test_a_fin_that_comes_with_the_last_bytes_is_passed_on(relay: Relay, net: Net) -> None:
+    """A FIN that comes with (or right after) the last bytes must reach the other side: the
+    read that finds it is the one that would otherwise find the socket drained."""
+    for size in (1, 100, 4096, 40000):
+        for _ in range(10):
+            client, backend = net.relayed(relay)
+            backend.sendall(b"r" * size)  # the answer, then FIN at once
+            backend.shutdown(socket.SHUT_WR)
+            client.settimeout(5)
+            assert read_to_eof(client) == b"r" * size
+            client.close()
+            backend.close()
+    assert relay.wait_idle(TIMEOUT)
+
+
+def test_small_messages_both_ways_keep_their_order(relay: Relay, net: Net) -> None:
+    """Request / response traffic of small messages mixed with bursts of several MiB, on
+    one connection: every byte arrives, in order."""
+    client, backend = net.relayed(relay)
+    for round_ in range(200):
+        request = f"request {round_}".encode()
+        client.sendall(request)
+        assert recv_exactly(backend, len(request)) == request
+        answer = random.randbytes(3 * MiB if round_ % 50 == 0 else 1 + round_)
+        backend.sendall(answer)
+        assert recv_exactly(client, len(answer)) == answer
 
 
 @pytest.mark.parametrize("side", ["client", "backend"])
