@@ -531,7 +531,12 @@ class Bench:
         for key, backend, measure in measures:
             for path in order:
                 # The proxy's own cost, which the rate hides where it is not the bottleneck.
-                pid = self.setup.main_pid(proxies[path]) if key == "c1" and path in proxies else 0
+                pid = 0
+                if key == "c1" and path in proxies:
+                    pid = self.setup.main_pid(proxies[path])
+                    if not pid:  # stopped since: one request starts it, outside the measure
+                        first_byte(self.port(backend, path), HTTP_GET, STEP_TIMEOUT_S)
+                        pid = self.setup.main_pid(proxies[path])
                 before = cpu_seconds(pid) if pid else 0.0
                 value = measure(self.port(backend, path))
                 self.rows[key].add(path, value)
