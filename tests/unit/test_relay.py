@@ -114,6 +114,18 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
+def exchange_on_all(
+    pairs: list[tuple[socket.socket, socket.socket]], request: bytes, answer: bytes
+) -> None:
+    """Every pair at once: request from the client, answer from the backend, both arrive."""
+    for client, backend in pairs:
+        client.sendall(request)
+        backend.sendall(answer)
+    for client, backend in pairs:
+        assert backend.recv(len(request)) == request
+        assert client.recv(len(answer)) == answer
+
+
 def hash_to_eof(sock: socket.socket) -> tuple[int, str]:
     digest = hashlib.sha256()
     buf = bytearray(MiB)
@@ -450,12 +462,7 @@ def test_idle_connections_hold_no_pipes(net: Net) -> None:
         # again: 50 open, idle connections, and no more than the pool's pipe or two.
         assert len(pipes_open() - before) <= 2
         # They still work, both ways and all at once.
-        for client, backend in pairs:
-            backend.sendall(b"more")
-            client.sendall(b"again")
-        for client, backend in pairs:
-            assert client.recv(16) == b"more"
-            assert backend.recv(16) == b"again"
+        exchange_on_all(pairs, b"again", b"more")
     finally:
         relay.stop()
 
@@ -820,12 +827,7 @@ def test_close_all_closes_every_pair(relay: Relay, net: Net) -> None:
 
 def test_idle_pairs_use_no_cpu(relay: Relay, net: Net) -> None:
     pairs = [net.relayed(relay) for _ in range(100)]
-    for client, backend in pairs:
-        client.sendall(b"q")
-        backend.sendall(b"a")
-    for client, backend in pairs:
-        assert backend.recv(1) == b"q"
-        assert client.recv(1) == b"a"
+    exchange_on_all(pairs, b"q", b"a")
     assert relay.active == 100
     cpu_before = time.process_time()
     time.sleep(0.5)
