@@ -34,7 +34,13 @@ from lmproxy.config import Config, ConfigError, parse_config
 from lmproxy.installer import refuse_missing_commands
 from lmproxy.paths import Scope, paths_for
 from lmproxy.render import Interpreter, render_units
-from tests.unit.test_render import CONFIG_CHARS, exec_argv, splittable
+from tests.unit.test_render import (
+    CONFIG_CHARS,
+    HOSTILE_ARGS,
+    HOSTILE_ENVIRONMENT,
+    exec_argv,
+    splittable,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "config.json"
@@ -162,21 +168,6 @@ def test_every_optional_setting_verifies(scope: Scope, tmp_path: Path) -> None:
         ListenAddress="0.0.0.0",
     )
     verify(render(config, scope, CHECKOUT, tmp_path), scope, tmp_path)
-
-
-HOSTILE_ARGS = (
-    '%n %% %%n "$HOME" \'${HOME}\' $$ $1 \'a b\' "c  d" back\\\\slash \'single\\\' "dq\\"x" '
-    "; && | > '' \"\" -x @y +z !w :v --opt=%i%u é ☃ \\$PATH"
-)
-HOSTILE_ENVIRONMENT = {
-    "PERCENT": "100% %n %%",
-    "DOLLAR": "$HOME ${HOME} $$",
-    "QUOTES": '"double" \'single\' "',
-    "BACKSLASH": "a\\b\\\\c\\",
-    "SPACES": "  two  spaces  ",
-    "EMPTY": "",
-    "ODD": "x=y;z # not a comment é ☃ \u00a0nbsp \u2028 \u0085 \ue000",
-}
 
 
 def hostile_command(where: Path) -> str:
