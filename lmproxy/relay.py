@@ -283,7 +283,7 @@ class _Loop:
                     pair, out, into = entry
                     if mask & select.EPOLLERR:
                         # A reset (or another hard error) on either side ends both at once.
-                        self._close(pair, clean=False)
+                        self._close(pair)
                         busy = True
                         continue
                     # Only the directions this socket's readiness can advance are pumped: a
@@ -349,7 +349,7 @@ class _Loop:
             self.epoll.register(backend_fd, _SOCKET_EVENTS)
         except (OSError, ValueError):
             logger.exception("relay: cannot watch a new connection; closing it")
-            self._close(pair, clean=False)
+            self._close(pair)
             return
         self.changed = True
 
@@ -441,7 +441,7 @@ class _Loop:
             self.epoll.register(client_fd, _SOCKET_EVENTS)
         except (OSError, ValueError):
             logger.exception("relay: cannot watch a new connection; closing it")
-            self._close(pair, clean=False)
+            self._close(pair)
             return
         if mask & _READ_EVENTS:
             pair.down.readable = True
@@ -499,10 +499,10 @@ class _Loop:
         except OSError as exc:
             if exc.errno not in _EXPECTED_ERRNOS:
                 logger.warning("relay: closing a connection after an unexpected error: %s", exc)
-            self._close(pair, clean=False)
+            self._close(pair)
             return True
         if pair.up.shut and pair.down.shut:
-            self._close(pair, clean=True)
+            self._close(pair)
             return True
         if pair.up.more or pair.down.more:
             self.again.add(pair)
@@ -584,7 +584,7 @@ class _Loop:
             raise
         return r, w
 
-    def _close(self, pair: _Pair, *, clean: bool) -> None:
+    def _close(self, pair: _Pair) -> None:
         if pair.closed:
             return
         pair.closed = True
@@ -620,12 +620,12 @@ class _Loop:
                 if give_back:
                     self._give_back_pair(pair)
                 else:
-                    self._close(pair, clean=False)
+                    self._close(pair)
             except Exception:
                 logger.exception("relay: error while closing a connection")
         for pair in list(self.pairs):
             try:
-                self._close(pair, clean=False)
+                self._close(pair)
             except Exception:
                 logger.exception("relay: error while closing a connection")
 

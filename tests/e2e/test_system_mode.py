@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import sys
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,10 +46,9 @@ def manager(request: pytest.FixtureRequest) -> Iterator[SystemManager]:
             print("--- the system sandbox's journal ---\n" + journal.stdout + m.log())
 
 
-def lmproxy(m: SystemManager, *args: str) -> Any:
-    installed = os.environ.get("LMPROXY_COMMAND")
-    command = shlex.split(installed) if installed else [sys.executable, "-m", "lmproxy"]
-    return m.run([*command, *args], timeout=120)
+def lmproxy(m: SystemManager, *args: str) -> subprocess.CompletedProcess[str]:
+    """The lmproxy under test (helpers.lmproxy_command), inside the namespaces."""
+    return m.run([*helpers.lmproxy_command(), *args], timeout=120)
 
 
 def fake_model(m: SystemManager, name: str, port: int, **fields: Any) -> dict[str, Any]:
