@@ -257,14 +257,16 @@ class _Loop:
                     # One on_change call per wakeup, however many pairs came or went.
                     self.changed = False
                     self.relay._publish()
-                again = self.again
+                # The pairs owed another turn from the last wakeup. Pairs that run out of
+                # budget in this one go to a fresh set (the loop below must not iterate a set
+                # that _service adds to and _close removes from).
+                again: set[_Pair] | tuple[()] = self.again
                 if again:
                     self.again = set()
                     timeout: float = 0
-                elif self.connecting:
-                    timeout = self._poll_timeout()
                 else:
-                    timeout = -1
+                    again = ()
+                    timeout = self._poll_timeout() if self.connecting else -1
                 events = epoll.poll(timeout, _MAX_EVENTS)
                 busy = False
                 wake = False

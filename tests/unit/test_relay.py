@@ -351,6 +351,37 @@ def test_small_messages_both_ways_keep_their_order(relay: Relay, net: Net) -> No
         assert recv_exactly(client, len(answer)) == answer
 
 
+def test_a_pair_that_ends_on_its_extra_turn_closes_cleanly(
+    net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direction that used up its per-wakeup budget gets another turn after the other ready
+    connections. A pair that ends on that turn leaves the set of pairs owed one while the loop
+    goes through it: that must neither crash the loop (it once did: "set changed size during
+    iteration", and every connection of the loop was closed) nor lose the pair's last bytes."""
+    monkeypatch.setattr(relay_module, "_BUDGET", 8192)
+    relay = Relay(loops=1, pipe_size=4096)  # the budget is spent after two or more splices
+    relay.start()
+    try:
+        for _ in range(5):
+            client_app, client_side = net.tcp_pair()
+            backend_app, backend_side = net.tcp_pair()
+            # Everything is queued before the relay sees the pair: the answer is over, and
+            # the request is a little over one budget, then FIN.
+            backend_app.shutdown(socket.SHUT_WR)
+            request = random.randbytes(8192 + 100)
+            send_and_shut(client_app, request)
+            relay.add(client_side, backend_side)
+            assert read_to_eof(backend_app) == request
+            assert read_to_eof(client_app) == b""
+            assert relay.wait_idle(TIMEOUT)
+        # The loop is still there for the next pair.
+        client, backend = net.relayed(relay)
+        send_and_shut(client, b"still relaying")
+        assert read_to_eof(backend) == b"still relaying"
+    finally:
+        relay.stop()
+
+
 @pytest.mark.parametrize("side", ["client", "backend"])
 def test_reset_on_one_side_closes_the_other(relay: Relay, net: Net, side: str) -> None:
     client, backend = net.relayed(relay)
