@@ -435,6 +435,37 @@ def test_backpressure_bounds_memory_and_everything_arrives(relay: Relay, net: Ne
     assert relay.wait_idle(TIMEOUT)
 
 
+@pytest.mark.parametrize("pipe_size", [4096, 256 * 1024])
+def test_a_message_its_reader_cannot_take_at_once_arrives_whole(net: Net, pipe_size: int) -> None:
+    """Messages up to the copy size go through a buffer, not a pipe. When the reader's
+    socket takes only part of one, the rest waits and goes first once the reader reads again
+    (also with pipes smaller than a message); meanwhile the sender is not read."""
+    relay = Relay(loops=1, pipe_size=pipe_size)
+    relay.start()
+    try:
+        client, client_side = net.tcp_pair()
+        backend, backend_side = net.tcp_pair()
+        # Little room toward the client app, so that one message fills it.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        client_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        relay.add(client_side, backend_side)
+        for _ in range(10):
+            filler, message = (random.randbytes(random.randint(1, 32 * 1024)) for _ in "ab")
+            backend.sendall(filler)
+            time.sleep(0.02)  # the relay copies it, and the client's socket is full
+            backend.sendall(message)
+            time.sleep(0.02)  # the relay copies it, and keeps what the socket cannot take
+            backend.sendall(b"next")  # read only once the rest of the message is sent
+            expected = filler + message + b"next"
+            assert recv_exactly(client, len(expected)) == expected
+        send_and_shut(backend, b"end")
+        assert read_to_eof(client) == b"end"
+        client.close()
+        assert relay.wait_idle(TIMEOUT)
+    finally:
+        relay.stop()
+
+
 def test_pooled_pipe_is_empty_when_reused(net: Net) -> None:
     relay = Relay(loops=1)  # one loop, one pool: every new pair draws from it
     relay.start()
