@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lmproxy import sandbox as sandbox_module  # noqa: E402
-from lmproxy import unitsyntax  # noqa: E402
+from lmproxy import unitnames, unitsyntax  # noqa: E402
 from lmproxy.sandbox import Sandbox  # noqa: E402
 
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
@@ -184,17 +184,24 @@ def status_kib(pid: int, key: str) -> int:
 
 
 def free_ports(count: int) -> list[int]:
-    """Distinct ports nobody listens on now (bound together, so they differ)."""
-    probes = []
-    try:
-        for _ in range(count):
-            probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
-            probes.append(probe)
-        return [int(p.getsockname()[1]) for p in probes]
-    finally:
-        for probe in probes:
-            probe.close()
+    """Distinct ports nobody listens on now, just below the ephemeral range.
+
+    Not ports the kernel hands out (bind to port 0): those are ephemeral ports, which
+    connect() takes for its own end too. A wrk run with a new connection per request goes
+    through the whole range within seconds and leaves it in TIME_WAIT, so a backend stopped
+    between trials could not listen on its port again (EADDRINUSE)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports: list[int] = []
+    for port in range(low - 1, 1024, -1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"fewer than {count} free ports below the ephemeral range ({low})")
 
 
 NGINX_CONF = """\
@@ -258,6 +265,20 @@ class Setup:
                 raise RuntimeError(f"{unit} is still {state} after {timeout:g} s")
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
+
+    def backend_journal(self, backend: str, lines: int) -> list[str]:
+        """The last journal lines of an lmproxy backend: its own output, and what the
+        manager said about its unit (a failed start)."""
+        name = self.lmproxy_name(backend)
+        matches = [
+            f"SYSLOG_IDENTIFIER={unitnames.syslog_identifier(name)}",
+            "+",
+            f"USER_UNIT=lmproxy-{name}-backend.service",
+        ]
+        result = self.sandbox.run(
+            ["journalctl", "--no-pager", "-o", "cat", "-n", str(lines), *matches], timeout=30
+        )
+        return result.stdout.splitlines()
 
     def main_pid(self, unit: str) -> int:
         return int(self.systemctl("show", "-p", "MainPID", "--value", unit) or 0)
@@ -601,7 +622,11 @@ class Bench:
             except OSError:
                 conn.close()
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the fake model never listened") from None
+                    raise RuntimeError(
+                        f"the fake model never listened; {backend} is "
+                        f"{self.setup.active_state(backend)}: "
+                        + " / ".join(self.setup.backend_journal("cold", 5))
+                    ) from None
                 time.sleep(0.001)
         with conn:
             conn.settimeout(STEP_TIMEOUT_S)
