@@ -631,7 +631,7 @@ class _Loop:
 
     def _copy(self, d: _Direction) -> int:
         """The first read of a wakeup, copied: the bytes read. Leaves src not readable when it
-        was drained, or dst not writable with the rest in a pipe when dst was full."""
+        was drained, or dst not writable with the rest held when dst was full."""
         buffer = self.buffer
         try:
             n = d.src.recv_into(buffer)
