@@ -716,17 +716,15 @@ class _Loop:
         (they were sent nothing yet) go back to the caller instead."""
         connecting = list(self.connecting.values())
         self.connecting.clear()
-        for pair in connecting:
+        self._end_each(connecting, self._give_back_pair if give_back else self._close)
+        self._end_each(list(self.pairs), self._close)
+
+    @staticmethod
+    def _end_each(pairs: list[_Pair], end: Callable[[_Pair], None]) -> None:
+        """End every pair, whatever one of them raises."""
+        for pair in pairs:
             try:
-                if give_back:
-                    self._give_back_pair(pair)
-                else:
-                    self._close(pair)
-            except Exception:
-                logger.exception("relay: error while closing a connection")
-        for pair in list(self.pairs):
-            try:
-                self._close(pair)
+                end(pair)
             except Exception:
                 logger.exception("relay: error while closing a connection")
 
@@ -747,9 +745,9 @@ class _Loop:
         if orphaned and relay._on_accept_stopped is not None:
             relay._on_accept_stopped(OSError(errno.ESHUTDOWN, "the relay loops ended"))
         if adds:
-            self.relay._drop(adds)
+            relay._drop(adds)
         elif self.changed:
-            self.relay._publish()
+            relay._publish()
         self.changed = False
         for r, w in self.pool:
             os.close(r)
