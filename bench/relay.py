@@ -275,9 +275,11 @@ class Setup:
             "+",
             f"USER_UNIT=lmproxy-{name}-backend.service",
         ]
-        result = self.sandbox.run(
-            ["journalctl", "--no-pager", "-o", "cat", "-n", str(lines), *matches], timeout=30
-        )
+        return self.journal(*matches, "-n", str(lines))
+
+    def journal(self, *args: str) -> list[str]:
+        """Messages of the sandbox's journal (journalctl -o cat with these matches and options)."""
+        result = self.sandbox.run(["journalctl", "--no-pager", "-o", "cat", *args], timeout=30)
         return result.stdout.splitlines()
 
     def main_pid(self, unit: str) -> int:
@@ -680,10 +682,7 @@ class Bench:
         if path == LMPROXY and len(times) < HERD_CLIENTS:
             # Not expected of lmproxy: show what its shim said.
             service = f"LMPROXY_SERVICE={self.setup.lmproxy_name('cold')}"
-            journal = self.setup.sandbox.run(
-                ["journalctl", "--no-pager", "-o", "cat", "-n", "8", service], timeout=30
-            )
-            for line in journal.stdout.splitlines():
+            for line in self.setup.journal("-n", "8", service):
                 say(f"      shim: {line}")
 
     def make_warm(self, path: str) -> None:
@@ -753,10 +752,7 @@ class Bench:
             deadline = time.monotonic() + 10
             lines: list[str] = []
             while time.monotonic() < deadline:  # journald may still be writing
-                journal = self.setup.sandbox.run(
-                    ["journalctl", "--no-pager", "-o", "cat", f"_PID={pid}"], timeout=30
-                )
-                lines = journal.stdout.splitlines()
+                lines = self.setup.journal(f"_PID={pid}")
                 if any(line.endswith("| lmproxy.shim") for line in lines):
                     break
                 time.sleep(0.1)
