@@ -20,6 +20,13 @@ Design (measured against systemd-socket-proxyd by bench/relay.py; figures in the
   was spliced). A read that fills the buffer switches the direction to splicing until a wakeup
   moves less than that. What the destination cannot take of a copied message is kept (at most
   32 KiB per direction) and sent before anything else is read.
+* That copy, the commonest event of all, is made in C where ``lmproxy._fastcopy`` was built
+  (the packages build it; a checkout builds it with ``tools/setup``): ``Copier.poll`` waits on
+  the loop's epoll set and copies the plain reads of the sockets the loop allows it to (those
+  of connections with nothing pending either way), with the GIL released; everything else
+  comes back to this loop, which stays the one place that knows the relay's rules. With one
+  keep-alive connection that saves about 2 µs of the interpreter per request (CPU per request
+  7.4 µs against 9.7); without the module the loop copies those reads itself.
 * Sockets are registered once, edge-triggered, for both reading and writing; the loop remembers
   which side is readable / writable. That needs no ``epoll_ctl`` on the hot path and cannot spin
   on a level-triggered ``EPOLLHUP`` while a direction waits for its destination.
@@ -60,12 +67,18 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import select
 import socket
 import threading
 import time
 from collections.abc import Callable
+
+try:
+    from lmproxy._fastcopy import Copier as Copier  # noqa: PLC0414 (re-exported for the tests)
+except ImportError:  # built without a C compiler: the loop copies every message itself
+    Copier = None  # type: ignore[assignment,misc]
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +196,12 @@ class _Direction:
         # A copied message that dst could not take at once: the rest, sent before anything
         # else. Empty when the pending bytes (if any) are in the pipe.
         self.held = _NOTHING_HELD
-        # Edge-triggered readiness: set by EPOLLIN / EPOLLOUT, cleared by EAGAIN.
+        # Edge-triggered readiness: set by EPOLLIN / EPOLLOUT, cleared by EAGAIN. A new socket
+        # is writable (its send buffer is empty), and a direction is not writable only while
+        # it has bytes pending: the fast copier, which handles an EPOLLOUT of a connection
+        # with nothing pending by ignoring it, relies on that.
         self.readable = False
-        self.writable = False
+        self.writable = True
         self.eof = False  # src has sent FIN
         self.rdhup = False  # epoll reported src's FIN (EPOLLRDHUP): read until EOF
         self.copy = True  # the first read of a wakeup is copied (small messages)
@@ -219,6 +235,7 @@ class _Loop:
         self.signalled = False
         self.count = 0  # pairs handed to this loop and not yet closed
         self.epoll: select.epoll | None = None
+        self.copier: Copier | None = None
         self.wake_fd = -1
         self.thread: threading.Thread | None = None
         self.pairs: set[_Pair] = set()
@@ -250,6 +267,8 @@ class _Loop:
             raise
         self.epoll = epoll
         self.wake_fd = wake_fd
+        if Copier is not None:
+            self.copier = Copier(epoll.fileno(), _MAX_EVENTS)
         self.state = _RUNNING
         self.thread = threading.Thread(
             target=self._run, name=f"lmproxy-relay-{self.index}", daemon=True
@@ -277,6 +296,7 @@ class _Loop:
     def _run(self) -> None:
         assert self.epoll is not None
         epoll = self.epoll
+        copier = self.copier
         wake_fd = self.wake_fd
         fds = self.fds
         try:
@@ -296,8 +316,17 @@ class _Loop:
                 else:
                     again = ()
                     timeout = self._poll_timeout() if self.connecting else -1
-                events = epoll.poll(timeout, _MAX_EVENTS)
-                busy = False
+                if copier is None:
+                    events = epoll.poll(timeout, _MAX_EVENTS)
+                    busy = False
+                else:
+                    handled, events, copied = copier.poll(
+                        -1 if timeout < 0 else math.ceil(timeout * 1000)
+                    )
+                    busy = handled > 0
+                    for fd, n, rest in copied:
+                        self._copied(fd, n, rest)
+                        busy = True
                 wake = False
                 for fd, mask in events:
                     entry = fds.get(fd)
@@ -311,57 +340,15 @@ class _Loop:
                             self._accept()
                             busy = True
                         continue
-                    pair, out, into = entry
-                    if (
-                        mask & _PLAIN_READ_CHECK == select.EPOLLIN
-                        and out.copy
-                        and not out.pending
-                        and not into.pending
-                        and not out.eof
-                    ):
-                        # The common case: a message (a request, a token) on a connection
-                        # with nothing pending. One copy, without the general path's
-                        # bookkeeping, which is what a keep-alive exchange costs beyond the
-                        # system calls; anything else it leaves goes on to the general path.
-                        if mask & select.EPOLLOUT:
-                            into.writable = True
-                        out.readable = True
-                        try:
-                            if self._copy(out):
-                                busy = True
-                        except OSError as exc:
-                            self._fail(pair, exc)
-                            busy = True
-                            continue
-                        if (out.readable or out.pending or out.eof) and self._service(
-                            pair, out, None
-                        ):
-                            busy = True
-                        continue
-                    if mask & select.EPOLLERR:
-                        # A reset (or another hard error) on either side ends both at once.
-                        self._close(pair)
+                    if self._event(*entry, mask):
                         busy = True
-                        continue
-                    # Only the directions this socket's readiness can advance are pumped: a
-                    # readable socket feeds `out`, a writable one drains `into` (if its pipe
-                    # holds bytes: EPOLLOUT comes along with every EPOLLIN).
-                    drain = None
-                    if mask & _WRITE_EVENTS:
-                        into.writable = True
-                        if into.pending:
-                            drain = into
-                    if mask & _READ_EVENTS:
-                        out.readable = True
-                        if mask & select.EPOLLRDHUP:
-                            out.rdhup = True
-                        if self._service(pair, out, drain):
-                            busy = True
-                    elif drain is not None and self._service(pair, None, drain):
-                        busy = True
+                    if copier is not None:
+                        self._allow(entry[0])
                 for pair in again:
                     if not pair.closed and self._service(pair, pair.up, pair.down):
                         busy = True
+                    if copier is not None:
+                        self._allow(pair)
                 if self.connecting:
                     self._expire_connects()
                 if wake:
@@ -410,6 +397,7 @@ class _Loop:
             logger.exception("relay: cannot watch a new connection; closing it")
             self._close(pair)
             return
+        self._allow(pair)
         self.changed = True
 
     def _accept(self) -> None:
@@ -504,8 +492,8 @@ class _Loop:
             return
         if mask & _READ_EVENTS:
             pair.down.readable = True
-        pair.up.writable = True
         self._service(pair, pair.down, pair.up)
+        self._allow(pair)
 
     def _poll_timeout(self) -> float:
         first = next(iter(self.connecting.values()))
@@ -546,6 +534,88 @@ class _Loop:
         except Exception:
             logger.exception("relay: giving back a client failed; closing it")
             client.close()
+
+    def _event(self, pair: _Pair, out: _Direction, into: _Direction, mask: int) -> bool:
+        """Act on the epoll event of one of a pair's sockets (the one ``out`` reads from and
+        ``into`` writes to); True if anything happened."""
+        if (
+            mask & _PLAIN_READ_CHECK == select.EPOLLIN
+            and out.copy
+            and not out.pending
+            and not into.pending
+            and not out.eof
+        ):
+            # The common case: a message (a request, a token) on a connection with nothing
+            # pending. One copy, without the general path's bookkeeping, which is what a
+            # keep-alive exchange costs beyond the system calls; anything else it leaves goes
+            # on to the general path. (The fast copier does the same in C.)
+            if mask & select.EPOLLOUT:
+                into.writable = True
+            out.readable = True
+            try:
+                busy = self._copy(out) > 0
+            except OSError as exc:
+                self._fail(pair, exc)
+                return True
+            if (out.readable or out.pending or out.eof) and self._service(pair, out, None):
+                busy = True
+            return busy
+        if mask & select.EPOLLERR:
+            # A reset (or another hard error) on either side ends both at once.
+            self._close(pair)
+            return True
+        # Only the directions this socket's readiness can advance are pumped: a readable
+        # socket feeds `out`, a writable one drains `into` (if it holds bytes: EPOLLOUT comes
+        # along with every EPOLLIN).
+        drain = None
+        if mask & _WRITE_EVENTS:
+            into.writable = True
+            if into.pending:
+                drain = into
+        if mask & _READ_EVENTS:
+            out.readable = True
+            if mask & select.EPOLLRDHUP:
+                out.rdhup = True
+            return self._service(pair, out, drain)
+        return drain is not None and self._service(pair, None, drain)
+
+    def _copied(self, fd: int, n: int, rest: bytes | None) -> None:
+        """Finish a read the fast copier made from ``fd`` (what ``_copy`` does after its
+        ``recv_into`` and ``send``): ``n`` bytes read, 0 at EOF, -errno after an error;
+        ``rest``: what the destination did not take."""
+        entry = self.fds.get(fd)
+        if entry is None:  # closed by an earlier result of the same wakeup
+            return
+        pair, out, _ = entry
+        if n < 0:
+            self._fail(pair, OSError(-n, os.strerror(-n)))
+            return
+        out.readable = True
+        if n == 0:
+            out.eof = True
+        elif rest is not None:
+            out.held = memoryview(rest)
+            out.pending = len(rest)
+            out.writable = False
+        else:
+            out.copy = False  # a full buffer: bulk, splice the rest
+        self._service(pair, out, None)
+        self._allow(pair)
+
+    def _allow(self, pair: _Pair) -> None:
+        """Tell the fast copier which of the pair's sockets it may copy from: those whose
+        direction copies, has not seen the FIN, and whose connection holds nothing pending
+        either way (so that no byte it copies overtakes another, and an EPOLLOUT it ignores
+        had nothing to drain)."""
+        copier = self.copier
+        if copier is None or pair.closed:
+            return
+        quiet = not pair.up.pending and not pair.down.pending
+        for d in (pair.up, pair.down):
+            if quiet and d.copy and not d.eof and not d.rdhup:
+                copier.allow(d.src_fd, d.dst_fd)
+            else:
+                copier.deny(d.src_fd)
 
     def _service(self, pair: _Pair, first: _Direction | None, second: _Direction | None) -> bool:
         """Pump the given directions of a pair; True if anything happened."""
@@ -693,6 +763,8 @@ class _Loop:
         self.again.discard(pair)
         assert self.epoll is not None
         for fd in pair.fds:
+            if self.copier is not None:
+                self.copier.deny(fd)  # before the descriptor can be reused
             self.fds.pop(fd, None)
             with contextlib.suppress(OSError, ValueError):
                 self.epoll.unregister(fd)

@@ -26,6 +26,7 @@ import pytest
 
 from lmproxy import relay as relay_module
 from lmproxy.relay import Relay
+from tests.unit.fastcopy import require_fast_copier
 
 TIMEOUT = 30.0
 MiB = 1024 * 1024
@@ -220,6 +221,19 @@ class EchoServer:
         self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self.listener.close()
         self.thread.join(TIMEOUT)
+
+
+@pytest.fixture(autouse=True, params=["fast-copier", "python-copy"])
+def copier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every relay test runs twice: with the loops' plain reads copied in C (lmproxy._fastcopy,
+    which the packages and tools/setup build) and copied by the loops themselves (where it was
+    not built)."""
+    mode: str = request.param
+    if mode == "python-copy":
+        monkeypatch.setattr(relay_module, "Copier", None)
+    elif relay_module.Copier is None:
+        require_fast_copier()
+    return mode
 
 
 @pytest.fixture(autouse=True)
