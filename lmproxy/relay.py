@@ -26,7 +26,8 @@ Design (measured against systemd-socket-proxyd by bench/relay.py; figures in the
   of connections with nothing pending either way), with the GIL released; everything else
   comes back to this loop, which stays the one place that knows the relay's rules. With one
   keep-alive connection that saves about 2 µs of the interpreter per request (CPU per request
-  7.4 µs against 9.7); without the module the loop copies those reads itself.
+  0.85 to 0.90 of systemd-socket-proxyd's, 0.99 to 1.08 with the copy in Python); without the
+  module the loop copies those reads itself.
 * Sockets are registered once, edge-triggered, for both reading and writing; the loop remembers
   which side is readable / writable. That needs no ``epoll_ctl`` on the hot path and cannot spin
   on a level-triggered ``EPOLLHUP`` while a direction waits for its destination.
