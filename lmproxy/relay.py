@@ -595,9 +595,7 @@ class _Loop:
         if n == 0:
             out.eof = True
         elif rest is not None:
-            out.held = memoryview(rest)
-            out.pending = len(rest)
-            out.writable = False
+            self._hold(out, rest)
         else:
             out.copy = False  # a full buffer: bulk, splice the rest
         self._service(pair, out, None)
@@ -720,9 +718,7 @@ class _Loop:
             # dst is full: the rest waits for EPOLLOUT, as spliced bytes do. It is kept here,
             # not in a pipe: a pipe made while the user is over fs.pipe-user-pages-soft holds
             # only 8 KiB. At most 32 KiB per direction, and only while its reader is slow.
-            d.held = memoryview(bytes(buffer[sent:n]))
-            d.pending = n - sent
-            d.writable = False
+            self._hold(d, bytes(buffer[sent:n]))
             return n
         if n < _COPY_SIZE and not d.rdhup:
             d.readable = False  # drained when read: the next byte raises a new event
@@ -730,6 +726,13 @@ class _Loop:
         if n == _COPY_SIZE:
             d.copy = False  # bulk: splice the rest of this wakeup and the next ones
         return n
+
+    @staticmethod
+    def _hold(d: _Direction, rest: bytes) -> None:
+        """Keep what dst did not take of a copied message, to send before anything else."""
+        d.held = memoryview(rest)
+        d.pending = len(rest)
+        d.writable = False  # until EPOLLOUT
 
     def _give_pipe(self, d: _Direction) -> None:
         """Take back the pipe of a direction whose pipe is known to be empty."""
