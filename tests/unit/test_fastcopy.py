@@ -169,9 +169,11 @@ def test_descriptors_above_the_first_table_size(setup: Setup) -> None:
 
 
 def test_only_writable_is_nothing_to_do_for_an_allowed_socket(setup: Setup) -> None:
-    _, source, _, _ = relay_pair(setup)
+    relay_pair(setup)
     assert setup.poll() == (1, [], [])  # EPOLLOUT alone, reported on registration
-    assert source.fileno() >= 0
+    _, other = setup.pair()
+    setup.watch(other)  # not allowed: its EPOLLOUT is the caller's
+    assert setup.poll() == (0, [(other.fileno(), select.EPOLLOUT)], [])
 
 
 def test_a_wait_with_nothing_to_report(setup: Setup) -> None:
