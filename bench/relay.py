@@ -8,6 +8,8 @@ into it with `lmproxy install --user --now` (nginx, iperf3 -s, a fake model and 
 slow-streaming backend as lmproxy backends) and socket-activated
 systemd-socket-proxyd units beside it, then measures each path in interleaved
 rounds (every path once per round, in turn) and prints one table of medians.
+A second systemd-socket-proxyd (the control) runs in the throughput rows' rounds
+too: its ratio to the first shows how far apart equal proxies measure.
 Not part of the test suite. Needs root, and the apt packages iperf3, wrk and
 nginx-light (or nginx). All traffic stays on 127.0.0.1; everything it starts is
 stopped when it ends, also on Ctrl-C or failure.
@@ -57,6 +59,12 @@ TOOLS = {
 
 DIRECT, PROXY, LMPROXY = "direct", "systemd-socket-proxyd", "lmproxy"
 PATHS = (DIRECT, PROXY, LMPROXY)
+# A second, identical systemd-socket-proxyd in the throughput rows: its ratio to the first is
+# what two equal proxies measure against each other on this machine in this run, the spread
+# that any ratio of those rows carries.
+CONTROL = "control"
+CONTROL_BACKENDS = ("nginx", "iperf")
+THROUGHPUT_PATHS = (*PATHS, CONTROL)
 
 # The fake model's load time in the cold-start rows: long enough that lmproxy's readiness
 # polling is in its steady state (5 ms) when the port opens, short enough for many trials.
@@ -117,14 +125,14 @@ class Row:
         value = self.value(path)
         return ("—" if value is None else f"{value:,.{self.digits}f}") + note
 
-    def ratio(self) -> str:
-        """lmproxy / systemd-socket-proxyd: the median of the ratios within each round (the
+    def ratio(self, path: str = LMPROXY) -> str:
+        """path / systemd-socket-proxyd: the median of the ratios within each round (the
         paths ran one after the other, in the same state of a shared machine) where every
         round measured both, else the ratio of the medians."""
-        mine, theirs = self.value(LMPROXY), self.value(PROXY)
-        if mine is None or theirs is None or LMPROXY in self.fixed or PROXY in self.fixed:
+        mine, theirs = self.value(path), self.value(PROXY)
+        if mine is None or theirs is None or path in self.fixed or PROXY in self.fixed:
             return "—"
-        ours, others = self.samples.get(LMPROXY, []), self.samples.get(PROXY, [])
+        ours, others = self.samples.get(path, []), self.samples.get(PROXY, [])
         if ours and len(ours) == len(others) and all(others):
             return f"{statistics.median(a / b for a, b in zip(ours, others, strict=True)):.2f}"
         if theirs == 0:
@@ -238,8 +246,8 @@ class Setup:
         return f"bn-{backend}"
 
     @staticmethod
-    def proxyd_name(backend: str) -> str:
-        return f"bench-proxyd-{backend}"
+    def proxyd_name(backend: str, path: str = PROXY) -> str:
+        return f"bench-proxyd-{backend}" if path == PROXY else f"bench-proxyd2-{backend}"
 
     @property
     def unit_dir(self) -> Path:
@@ -294,9 +302,11 @@ class Setup:
 def install(sandbox: Sandbox, work: Path) -> Setup:
     setup = Setup(sandbox, work)
     backends = ("nginx", "iperf", "trickle", "cold")
-    ports = iter(free_ports(len(backends) * 3 + 1))
+    ports = iter(free_ports(len(backends) * len(PATHS) + len(CONTROL_BACKENDS) + 1))
     for backend in backends:
         setup.ports[backend] = {path: next(ports) for path in PATHS}
+    for backend in CONTROL_BACKENDS:
+        setup.ports[backend][CONTROL] = next(ports)
     # The cold rows need a backend of their own per proxy: it is stopped between trials.
     cold_proxyd_backend = next(ports)
     python = sys.executable
@@ -342,12 +352,14 @@ def install(sandbox: Sandbox, work: Path) -> Setup:
 
     # systemd-socket-proxyd, socket-activated like lmproxy's shim (same socket settings).
     unit_dir = sandbox.config_home / "systemd" / "user"
-    for backend in backends:
-        name = setup.proxyd_name(backend)
+    proxyds = [(backend, PROXY) for backend in backends]
+    proxyds += [(backend, CONTROL) for backend in CONTROL_BACKENDS]
+    for backend, path in proxyds:
+        name = setup.proxyd_name(backend, path)
         target = cold_proxyd_backend if backend == "cold" else setup.ports[backend][DIRECT]
         (unit_dir / f"{name}.socket").write_text(
             "[Socket]\n"
-            f"ListenStream=127.0.0.1:{setup.ports[backend][PROXY]}\n"
+            f"ListenStream=127.0.0.1:{setup.ports[backend][path]}\n"
             "Accept=no\nNoDelay=yes\nBacklog=4096\n"
         )
         depends = ""
@@ -380,7 +392,7 @@ def install(sandbox: Sandbox, work: Path) -> Setup:
     if result.returncode != 0:
         raise RuntimeError(f"lmproxy install failed:\n{result.stdout}{result.stderr}")
     setup.systemctl("daemon-reload")
-    setup.systemctl("start", *(f"{setup.proxyd_name(b)}.socket" for b in backends))
+    setup.systemctl("start", *(f"{setup.proxyd_name(b, p)}.socket" for b, p in proxyds))
     return setup
 
 
@@ -526,7 +538,7 @@ class Bench:
 
     def warm_up(self) -> None:
         """Starts the lmproxy backends that direct and systemd-socket-proxyd also use."""
-        for path in (LMPROXY, PROXY):
+        for path in (LMPROXY, PROXY, CONTROL):
             _, answer = first_byte(self.port("nginx", path), HTTP_GET, STEP_TIMEOUT_S)
             if not served(answer):
                 raise RuntimeError(f"nginx through {path} answered {answer[:200]!r}")
@@ -550,6 +562,7 @@ class Bench:
         proxies = {
             LMPROXY: f"lmproxy-{self.setup.lmproxy_name('nginx')}.service",
             PROXY: f"{self.setup.proxyd_name('nginx')}.service",
+            CONTROL: f"{self.setup.proxyd_name('nginx', CONTROL)}.service",
         }
         for key, backend, measure in measures:
             for path in order:
@@ -920,9 +933,14 @@ async def streams(
 
 
 def print_table(bench: Bench, header: str) -> None:
-    columns = [*PATHS, "lmproxy / systemd-socket-proxyd"]
+    columns = [*PATHS, "lmproxy / systemd-socket-proxyd", "control / systemd-socket-proxyd"]
     lines = [
-        [f"{row.label} ({row.unit})", *(row.cell(p) for p in PATHS), row.ratio()]
+        [
+            f"{row.label} ({row.unit})",
+            *(row.cell(p) for p in PATHS),
+            row.ratio(),
+            row.ratio(CONTROL),
+        ]
         for row in bench.rows.values()
         if any(row.cell(p) != "—" for p in PATHS)  # rows that were not measured are left out
     ]
@@ -932,11 +950,16 @@ def print_table(bench: Bench, header: str) -> None:
     print("| --- | " + " | ".join("---:" for _ in columns) + " |")
     for line in lines:
         print("| " + " | ".join(line) + " |")
+    print()
+    print(
+        "control: a second systemd-socket-proxyd unit, the same as the first, measured in the "
+        "same rounds: how far apart two equal proxies measure here."
+    )
 
 
-def rotated(round_index: int) -> list[str]:
-    shift = round_index % len(PATHS)
-    return [*PATHS[shift:], *PATHS[:shift]]
+def rotated(round_index: int, paths: Sequence[str] = PATHS) -> list[str]:
+    shift = round_index % len(paths)
+    return [*paths[shift:], *paths[:shift]]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -982,7 +1005,7 @@ def run(args: argparse.Namespace) -> int:
                 order = rotated(index)
                 proxies = [path for path in order if path != DIRECT]
                 say(f"round {index + 1}/{rounds} (order: {', '.join(order)})")
-                bench.throughput(order)
+                bench.throughput(rotated(index, THROUGHPUT_PATHS))
                 for _ in range(args.cold):
                     for path in order:
                         bench.cold_start(path)
