@@ -117,7 +117,7 @@ class Shim:
         return manager
 
     def _probe(self, units: Sequence[str]) -> Mapping[str, bool]:
-        return {name: state.running for name, state in self.manager().unit_states(units).items()}
+        return self.manager().running(units)
 
     def _backend_runs(self) -> bool:
         return self._probe([self.backend]).get(self.backend, False)

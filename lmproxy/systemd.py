@@ -374,6 +374,22 @@ class Manager:
             raise SystemdError(operation, what, f"not valid unit names: {skipped}")
         return dict(zip(names, states, strict=True))
 
+    def running(self, names: Sequence[str]) -> dict[str, bool]:
+        """Whether each of names runs (UnitState.running), keyed by the names as given, in
+        one call that loads no unit: a unit that is not loaded does not run.
+
+        Cheaper than unit_states, which has systemd load every unit that is not loaded
+        (from disk, every call: about 0.1 ms a unit, which every ledger transaction paid
+        for each configured service). names are units' own names (an alias reads as not
+        running), without shell wildcards (they are matched as patterns)."""
+        wild = [name for name in names if not name or any(c in name for c in "*?[")]
+        if wild:
+            raise ValueError(f"not unit names: {', '.join(map(repr, wild))}")
+        if not names:
+            return {}
+        runs = {state.name for state in self.list_units_by_patterns(names) if state.running}
+        return {name: name in runs for name in names}
+
     def unit_state(self, name: str) -> UnitState:
         """The state of one unit (see unit_states)."""
         return self.unit_states([name])[name]

@@ -180,6 +180,31 @@ def test_list_units_by_patterns(systemd_sandbox: Sandbox, manager: Manager) -> N
 
 
 @pytest.mark.systemd
+def test_running_of_several_units_in_one_call(systemd_sandbox: Sandbox, manager: Manager) -> None:
+    install_unit(systemd_sandbox, "up.service", service("/bin/sleep 300"))
+    install_unit(systemd_sandbox, "down.service", service("/bin/true", kind="oneshot"))
+    manager.start_unit("up.service", TIMEOUT)
+    manager.start_unit("down.service", TIMEOUT)  # ran, is loaded and inactive now
+
+    runs = manager.running(["down.service", "up.service", "never-loaded.service"])
+
+    assert list(runs.items()) == [
+        ("down.service", False),
+        ("up.service", True),
+        ("never-loaded.service", False),
+    ]
+    manager.stop_unit("up.service", TIMEOUT)
+    assert manager.running(["up.service"]) == {"up.service": False}
+    assert manager.running([]) == {}
+
+
+@pytest.mark.systemd
+def test_running_refuses_patterns(manager: Manager) -> None:
+    with pytest.raises(ValueError, match=r"not unit names: 'lmproxy-\*\.service'"):
+        manager.running(["up.service", "lmproxy-*.service"])
+
+
+@pytest.mark.systemd
 def test_reload_picks_up_a_new_unit_file(systemd_sandbox: Sandbox, manager: Manager) -> None:
     assert manager.unit_state("late.service").load_state == "not-found"
     install_unit(systemd_sandbox, "late.service", service("/bin/sleep 300"), reload=False)
