@@ -31,7 +31,7 @@ from lmproxy import eviction, unitnames
 from lmproxy.config import Config, Service, load_config
 from lmproxy.eviction import Entry, State
 from lmproxy.journal import Logger
-from lmproxy.ledger import Ledger
+from lmproxy.ledger import Ledger, Transaction
 from lmproxy.paths import Scope, paths_for
 from lmproxy.readiness import ReadinessError, Target, wait_until_ready
 from lmproxy.relay import Relay
@@ -177,7 +177,10 @@ class Shim:
             return 0
 
     def _ensure_backend(self) -> Target:
-        """Reserves, evicts, starts and waits; returns the address that answers."""
+        """Reserves, evicts, starts and waits; returns the address that answers, with the
+        first connection claimed in the ledger."""
+        with self._claim_lock:
+            self._held = False  # a new or adopted entry: nothing is claimed in it yet
         try:
             self._reserve()
         except SystemdError as error:
@@ -206,6 +209,9 @@ class Shim:
         with self.ledger.transaction() as txn:
             if self.name in txn.entries:
                 txn.set(self.name, state=State.RUNNING, last_used=time.time())
+                # The client that started it comes next: its claim is made in the same
+                # transaction, which a cold start waits for (each costs a D-Bus call).
+                self._claim(txn)
         self.log.info(
             f"{self.name} ready after {ready_ms:.0f} ms", event="ready", ready_ms=ready_ms
         )
@@ -317,8 +323,6 @@ class Shim:
     # --- serving ----------------------------------------------------------
 
     def _serve(self) -> Outcome:
-        with self._claim_lock:
-            self._held = False  # a new or adopted entry: nothing is claimed in it yet
         idle_after = self.service.shutdown_after_inactivity_s
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
@@ -440,13 +444,19 @@ class Shim:
         transaction, not one each; `_claimed` keeps the publisher from writing 0
         until the relay counts the connection."""
         with self.ledger.transaction() as txn:
-            entry = txn.entries.get(self.name)
-            if entry is None or entry.state is not State.RUNNING:
-                return False
-            txn.set(self.name, connections=max(1, entry.connections), last_used=time.time())
-            with self._claim_lock:
-                self._held = self._claimed = True
-            return True
+            return self._claim(txn, pinned=True)
+
+    def _claim(self, txn: Transaction, *, pinned: bool = False) -> bool:
+        """Counts a connection in txn (False if the entry is not RUNNING) and holds the
+        claim; pinned: also `_claimed`, for a caller that relays a client next."""
+        entry = txn.entries.get(self.name)
+        if entry is None or entry.state is not State.RUNNING:
+            return False
+        txn.set(self.name, connections=max(1, entry.connections), last_used=time.time())
+        with self._claim_lock:
+            self._held = True
+            self._claimed = self._claimed or pinned
+        return True
 
     def _out_of_resources(self, error: OSError) -> None:
         """Out of descriptors or memory: clients stay in the backlog a moment (the
