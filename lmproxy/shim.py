@@ -143,14 +143,13 @@ class Shim:
         notify("READY=1", f"STATUS=starting {self.backend}")
         while True:
             try:
-                self.target = self._ensure_backend()
+                self.target, ready_ms = self._ensure_backend()
             except StartError as failure:
                 self.log.error(f"cannot serve {self.name}: {failure}", event="failed")
                 turned_away = self._close_pending() + self._turn_away_waiting_clients()
                 self.log.info(f"closed {turned_away} waiting client(s)", event="turned-away")
                 return 1
-            notify(f"STATUS=relaying to {self.backend}")
-            outcome = self._serve()
+            outcome = self._open(ready_ms) or self._serve()
             self.relay.stop_accepting()
             cut = self.relay.active
             self.relay.close_all()
@@ -176,9 +175,9 @@ class Shim:
             )
             return 0
 
-    def _ensure_backend(self) -> Target:
-        """Reserves, evicts, starts and waits; returns the address that answers, with the
-        first connection claimed in the ledger."""
+    def _ensure_backend(self) -> tuple[Target, float]:
+        """Reserves, evicts, starts and waits; returns the address that answers and how
+        long the backend took to (ms). Its entry stays STARTING: see _open."""
         with self._claim_lock:
             self._held = False  # a new or adopted entry: nothing is claimed in it yet
         try:
@@ -205,17 +204,29 @@ class Shim:
         except (SystemdError, ReadinessError) as error:
             self._roll_back()
             raise StartError(str(error)) from error
-        ready_ms = (time.monotonic() - started) * 1000
+        return target, (time.monotonic() - started) * 1000
+
+    def _open(self, ready_ms: float) -> Outcome | None:
+        """Relays the clients that wait for the backend that just became ready, then marks
+        it RUNNING with a connection claimed, in one transaction; an Outcome if serving
+        ends before that.
+
+        The clients go first: a STARTING entry is never evicted, so they need no claim
+        yet, and their first bytes then wait for no transaction (a flock, a D-Bus call
+        and a write: 1 to 2 ms of a cold start), journal line or status update."""
+        if not self._accept_clients(starting=True):
+            return Outcome.RESTART
+        if self.backend_gone.is_set():
+            return Outcome.BACKEND_GONE
         with self.ledger.transaction() as txn:
             if self.name in txn.entries:
                 txn.set(self.name, state=State.RUNNING, last_used=time.time())
-                # The client that started it comes next: its claim is made in the same
-                # transaction, which a cold start waits for (each costs a D-Bus call).
                 self._claim(txn)
         self.log.info(
             f"{self.name} ready after {ready_ms:.0f} ms", event="ready", ready_ms=ready_ms
         )
-        return target
+        notify(f"STATUS=relaying to {self.backend}")
+        return None
 
     def _reserve(self) -> None:
         """Loops until this service holds its reservation, stopping victims and
@@ -361,13 +372,15 @@ class Shim:
                 elif not self._accept_clients():
                     return Outcome.RESTART
 
-    def _accept_clients(self) -> bool:
+    def _accept_clients(self, *, starting: bool = False) -> bool:
         """Relays the clients left from a backend that went away or given back by the
         relay, then every waiting client, then lets the relay loops accept the next
-        ones themselves; False if the backend refused one and is to be restarted."""
+        ones themselves; False if the backend refused one and is to be restarted.
+        starting: the entry is still STARTING (see _open): no claim, and the loops are
+        not let accept."""
         with self._claim_lock:
-            held = self._held
-            self._claimed = held  # pinned: the publisher cannot write 0 meanwhile
+            held = self._held or starting
+            self._claimed = held and not starting  # pinned: the publisher cannot write 0
         if not held and not self._claim_first_connection():
             # Being stopped (evicted): leave clients in the backlog; this shim starts
             # the backend again if it accepted any, systemd starts a new one otherwise.
@@ -383,7 +396,8 @@ class Shim:
                     try:
                         client, _ = self.listener.accept()
                     except BlockingIOError:
-                        self._delegate_accepting()
+                        if not starting:
+                            self._delegate_accepting()
                         return True
                     except OSError as error:
                         if error.errno in (errno.ECONNABORTED, errno.EPROTO):

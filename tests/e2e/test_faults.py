@@ -116,8 +116,14 @@ def test_ledger_deleted_or_corrupted_is_rebuilt(systemd_sandbox: Sandbox, tmp_pa
     )
     install(systemd_sandbox, config)
     http_get(one)
-    # Between transactions: once one's shim has published that its client left.
-    wait_for(lambda: ledger_entries()["one"]["connections"] == 0, 10, "the count to settle")
+
+    # Between transactions: once one's shim has marked it running (just after its first
+    # client was relayed) and published that the client left.
+    def settled() -> bool:
+        entry = ledger_entries()["one"]
+        return (entry["state"], entry["connections"]) == ("running", 0)
+
+    wait_for(settled, 10, "the count to settle")
     ledger = paths_for(Scope.USER).ledger
     ledger.unlink()
     http_get(two)  # its transactions find one's backend running outside the ledger
