@@ -64,7 +64,6 @@ PATHS = (DIRECT, PROXY, LMPROXY)
 # that any ratio of those rows carries.
 CONTROL = "control"
 CONTROL_BACKENDS = ("nginx", "iperf")
-THROUGHPUT_PATHS = (*PATHS, CONTROL)
 
 # The fake model's load time in the cold-start rows: long enough that lmproxy's readiness
 # polling is in its steady state (5 ms) when the port opens, short enough for many trials.
@@ -957,9 +956,17 @@ def print_table(bench: Bench, header: str) -> None:
     )
 
 
-def rotated(round_index: int, paths: Sequence[str] = PATHS) -> list[str]:
-    shift = round_index % len(paths)
-    return [*paths[shift:], *paths[:shift]]
+def rotated(round_index: int) -> list[str]:
+    shift = round_index % len(PATHS)
+    return [*PATHS[shift:], *PATHS[:shift]]
+
+
+def throughput_order(round_index: int) -> list[str]:
+    """Each proxy measured next to systemd-socket-proxyd, which both ratios divide by (the
+    machine's pace moves within a round), in an order reversed from one round to the next
+    so that neither side of a ratio is always the one measured first."""
+    order = [DIRECT, LMPROXY, PROXY, CONTROL]
+    return order if round_index % 2 == 0 else order[::-1]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1005,7 +1012,7 @@ def run(args: argparse.Namespace) -> int:
                 order = rotated(index)
                 proxies = [path for path in order if path != DIRECT]
                 say(f"round {index + 1}/{rounds} (order: {', '.join(order)})")
-                bench.throughput(rotated(index, THROUGHPUT_PATHS))
+                bench.throughput(throughput_order(index))
                 for _ in range(args.cold):
                     for path in order:
                         bench.cold_start(path)
