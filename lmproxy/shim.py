@@ -176,8 +176,8 @@ class Shim:
             return 0
 
     def _ensure_backend(self) -> tuple[Target, float]:
-        """Reserves, evicts, starts and waits; returns the address that answers and how
-        long the backend took to (ms). Its entry stays STARTING: see _open."""
+        """Reserves, evicts, starts and waits; returns the address that answers and the
+        milliseconds the backend took to answer. Its entry stays STARTING: see _open."""
         with self._claim_lock:
             self._held = False  # a new or adopted entry: nothing is claimed in it yet
         try:
