@@ -30,7 +30,12 @@ Design (measured against systemd-socket-proxyd by bench/relay.py; figures in the
   module the loop copies those reads itself.
 * Sockets are registered once, edge-triggered, for both reading and writing; the loop remembers
   which side is readable / writable. That needs no ``epoll_ctl`` on the hot path and cannot spin
-  on a level-triggered ``EPOLLHUP`` while a direction waits for its destination.
+  on a level-triggered ``EPOLLHUP`` while a direction waits for its destination. One exception:
+  while a direction waits for its destination, its source is watched without ``EPOLLIN``, so
+  that segments arriving at a source that is not read then do not wake the loop one by one
+  (bulk with one stream: 103 to 106 ms of CPU per GB instead of 108 to 128, with
+  systemd-socket-proxyd at 56 to 115 in the same runs); small messages never wait, so the
+  keep-alive path makes no ``epoll_ctl``.
 * Backpressure: a source is read only while its pipe is empty. A pipe is full when its *slots*
   run out, which can happen well below its byte size, so a non-blocking splice into a non-empty
   pipe could answer EAGAIN while the socket still has data; with an empty pipe, EAGAIN can only
@@ -91,6 +96,8 @@ _BUDGET = 4 * 1024 * 1024
 _POOL_MAX = 256
 _MAX_EVENTS = 512
 _SOCKET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+# A source whose direction waits for its destination (see _Loop._mute).
+_MUTED_EVENTS = _SOCKET_EVENTS & ~select.EPOLLIN
 # EPOLLHUP (both directions shut down) counts as both: the next splice finds EOF or the error.
 _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLRDHUP
 # The first read of a wakeup is copied through a buffer of this size (see the docstring).
@@ -174,6 +181,7 @@ class _Direction:
         "eof",
         "held",
         "more",
+        "muted",
         "pending",
         "pipe_r",
         "pipe_w",
@@ -208,6 +216,7 @@ class _Direction:
         self.copy = True  # the first read of a wakeup is copied (small messages)
         self.shut = False  # ...and everything before it went to dst, then shutdown(SHUT_WR)
         self.more = False  # stopped for the per-wakeup budget with src still readable
+        self.muted = False  # src is registered without EPOLLIN (see _Loop._mute)
 
 
 class _Pair:
@@ -624,6 +633,10 @@ class _Loop:
                 moved += self._pump(first)
             if second is not None:
                 moved += self._pump(second)
+            up, down = pair.up, pair.down
+            if up.pending or down.pending or up.muted or down.muted:
+                self._mute(up)
+                self._mute(down)
         except OSError as exc:
             self._fail(pair, exc)
             return True
@@ -633,6 +646,18 @@ class _Loop:
         if pair.up.more or pair.down.more:
             self.again.add(pair)
         return moved > 0
+
+    def _mute(self, d: _Direction) -> None:
+        """Watch d's source without EPOLLIN while d waits for its destination (bytes pending,
+        dst full), and with it again once d's bytes are gone: a source that is not read
+        should not wake the loop for each segment that arrives (see the module's docstring).
+        epoll_ctl checks readiness again, so bytes that came meanwhile raise an event once
+        unmuted."""
+        blocked = d.pending > 0 and not d.writable
+        if blocked != d.muted:
+            assert self.epoll is not None
+            self.epoll.modify(d.src_fd, _MUTED_EVENTS if blocked else _SOCKET_EVENTS)
+            d.muted = blocked
 
     def _fail(self, pair: _Pair, exc: OSError) -> None:
         if exc.errno not in _EXPECTED_ERRNOS:

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import random
+import select
 import socket
 import struct
 import threading
@@ -447,6 +448,43 @@ def test_backpressure_bounds_memory_and_everything_arrives(relay: Relay, net: Ne
     producer.result()
     client.close()
     assert relay.wait_idle(TIMEOUT)
+
+
+def watched_for_reading(relay: Relay, fd: int) -> bool:
+    """Whether a loop of relay watches fd for EPOLLIN (the masks in the epoll's fdinfo)."""
+    for loop in relay._loops:
+        assert loop.epoll is not None
+        with open(f"/proc/self/fdinfo/{loop.epoll.fileno()}") as info:
+            for line in info:
+                fields = line.split()  # tfd: FD events: MASK data: ...
+                if fields[:1] == ["tfd:"] and int(fields[1]) == fd:
+                    return bool(int(fields[3], 16) & select.EPOLLIN)
+    raise AssertionError(f"descriptor {fd} is not watched")
+
+
+def test_a_source_is_not_watched_while_its_reader_is_full(net: Net) -> None:
+    """While a direction waits for its reader, its source does not wake the loop for every
+    segment that arrives (it is not read then anyway); once the reader took everything, the
+    source is watched and read again, and nothing was lost."""
+    relay = Relay(loops=1)
+    relay.start()
+    try:
+        client, client_side = net.tcp_pair()
+        backend, backend_side = net.tcp_pair()
+        source_fd = client_side.fileno()
+        relay.add(client_side, backend_side)
+        data = random.randbytes(32 * MiB)
+        producer = Worker(client.sendall, data)
+        producer.start()
+        # The backend reads nothing: the relay fills it and waits for it.
+        wait_until(lambda: not watched_for_reading(relay, source_fd))
+        assert recv_exactly(backend, len(data)) == data
+        producer.result()
+        wait_until(lambda: watched_for_reading(relay, source_fd))
+        client.sendall(b"still relayed")
+        assert recv_exactly(backend, 13) == b"still relayed"
+    finally:
+        relay.stop()
 
 
 @pytest.mark.parametrize("pipe_size", [4096, 256 * 1024])
