@@ -280,7 +280,7 @@ class Setup:
         matches = [
             f"SYSLOG_IDENTIFIER={unitnames.syslog_identifier(name)}",
             "+",
-            f"USER_UNIT=lmproxy-{name}-backend.service",
+            f"USER_UNIT=lmproxy-backend@{name}.service",
         ]
         return self.journal(*matches, "-n", str(lines))
 
@@ -587,7 +587,7 @@ class Bench:
         """Stops the cold service's backend (and the proxy in front of it)."""
         if path == LMPROXY:
             name = self.setup.lmproxy_name("cold")
-            self.setup.stop(f"lmproxy-{name}-backend.service")
+            self.setup.stop(f"lmproxy-backend@{name}.service")
             self.setup.wait_state(f"lmproxy-{name}.service", ("inactive", "failed"))
         else:
             self.setup.stop(
@@ -624,7 +624,7 @@ class Bench:
         every millisecond (as lmproxy's readiness probe does at best) sends the request."""
         self.make_cold(LMPROXY)
         stamp = self.setup.stamp(LMPROXY)
-        backend = f"lmproxy-{self.setup.lmproxy_name('cold')}-backend.service"
+        backend = f"lmproxy-backend@{self.setup.lmproxy_name('cold')}.service"
         self.setup.systemctl("start", "--no-block", backend)
         deadline = time.monotonic() + STEP_TIMEOUT_S
         address = ("127.0.0.1", self.port("cold", DIRECT))

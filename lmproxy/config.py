@@ -907,32 +907,18 @@ class _Parser:
 
     def check_names(self, entries: list[_Entry]) -> None:
         first_with_name: dict[str, _Entry] = {}
-        unit_owner: dict[str, _Entry] = {}
         for entry in entries:
             if entry.name is None:
                 continue
-            path = entry.fields.path_of("Name")
             first = first_with_name.get(entry.name)
             if first is not None:
                 self.error(
-                    path,
+                    entry.fields.path_of("Name"),
                     f"duplicate service name {_show(entry.name)}: "
                     f"$.Services[{first.index}] has it too",
                 )
                 continue
             first_with_name[entry.name] = entry
-            for unit in unitnames.units_of(entry.name):
-                owner = unit_owner.get(unit)
-                if owner is not None and owner.name is not None:
-                    self.error(
-                        path,
-                        f"service {_show(entry.name)} and service {_show(owner.name)} "
-                        f"($.Services[{owner.index}]) would both use the systemd unit "
-                        f"{unit!r}; rename one of them",
-                    )
-                    break
-            for unit in unitnames.units_of(entry.name):
-                unit_owner.setdefault(unit, entry)
 
     def check_ports(self, entries: list[_Entry]) -> None:
         listeners: dict[int, _Entry] = {}

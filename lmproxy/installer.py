@@ -209,7 +209,7 @@ def _stop_order(units: Sequence[str]) -> list[str]:
     def rank(name: str) -> int:
         if name.endswith(".socket") or name == unitnames.TARGET:
             return 0
-        if name.endswith("-backend.service"):
+        if unitnames.is_backend_unit(name):
             return 2
         return 1
 

@@ -16,8 +16,18 @@ def shim_unit(service: str) -> str:
     return f"{PREFIX}{service}.service"
 
 
+# Backend units carry a marker no socket or shim unit can: "@" is not allowed in a
+# service's own unit names, so polkit's rule for the shims (system/60-lmproxy.rules)
+# can match backends by their prefix and never match a shim or socket unit.
+BACKEND_PREFIX = f"{PREFIX}backend@"
+
+
 def backend_unit(service: str) -> str:
-    return f"{PREFIX}{service}-backend.service"
+    return f"{BACKEND_PREFIX}{service}.service"
+
+
+def is_backend_unit(unit: str) -> bool:
+    return unit.startswith(BACKEND_PREFIX) and unit.endswith(".service")
 
 
 def units_of(service: str) -> tuple[str, str, str]:

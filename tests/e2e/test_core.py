@@ -42,13 +42,13 @@ def test_cold_start_through_the_socket(systemd_sandbox: Sandbox, tmp_path: Path)
         systemd_sandbox, write_config(tmp_path / "c.json", [fake_model("alpha", port, delay=0.5)])
     )
     assert unit_state(systemd_sandbox, "lmproxy-alpha.socket") == "active"
-    assert unit_state(systemd_sandbox, "lmproxy-alpha-backend.service") == "inactive"
+    assert unit_state(systemd_sandbox, "lmproxy-backend@alpha.service") == "inactive"
     assert service_status(systemd_sandbox, "alpha")["state"] == "cold"
 
     answer = http_get(port)
 
     assert answer["model"] == "alpha"
-    assert answer["pid"] == main_pid(systemd_sandbox, "lmproxy-alpha-backend.service")
+    assert answer["pid"] == main_pid(systemd_sandbox, "lmproxy-backend@alpha.service")
     status = service_status(systemd_sandbox, "alpha")
     assert status["state"] == "running"
     assert status["last_used"] is not None
@@ -73,7 +73,7 @@ def test_second_service_evicts_the_first(systemd_sandbox: Sandbox, tmp_path: Pat
     assert http_get(second)["model"] == "second"
 
     wait_for(lambda: not os.path.exists(f"/proc/{first_pid}"), 10, "the evicted model to exit")
-    assert unit_state(systemd_sandbox, "lmproxy-first-backend.service") == "inactive"
+    assert unit_state(systemd_sandbox, "lmproxy-backend@first.service") == "inactive"
     document = status_json(systemd_sandbox)
     states = {s["name"]: s["state"] for s in document["services"]}
     assert states == {"first": "cold", "second": "running"}
@@ -84,7 +84,7 @@ def test_second_service_evicts_the_first(systemd_sandbox: Sandbox, tmp_path: Pat
     # and back: the first model starts again, evicting the second
     assert http_get(first)["model"] == "first"
     wait_for(
-        lambda: unit_state(systemd_sandbox, "lmproxy-second-backend.service") == "inactive",
+        lambda: unit_state(systemd_sandbox, "lmproxy-backend@second.service") == "inactive",
         10,
         "the second model to be evicted",
     )
@@ -99,7 +99,7 @@ def test_service_with_open_connection_is_not_evicted(
         started = time.monotonic()
         assert turned_away(newcomer)  # once the wait is over
         assert 2 <= time.monotonic() - started < 20
-        assert unit_state(systemd_sandbox, "lmproxy-busy-backend.service") == "active"
+        assert unit_state(systemd_sandbox, "lmproxy-backend@busy.service") == "active"
         assert b"busy" in request_on(held)  # still served
         assert "gave up after 2 s" in journal(systemd_sandbox, "LMPROXY_SERVICE=newcomer")
     finally:
@@ -177,14 +177,14 @@ def test_backend_that_cannot_start_releases_its_reservation(
     # either way the reason is named.
     assert (
         "cannot serve exits: the backend stopped before it opened" in failures
-        or "cannot serve exits: cannot start lmproxy-exits-backend.service" in failures
+        or "cannot serve exits: cannot start lmproxy-backend@exits.service" in failures
     )
     assert "cannot serve never-listens:" in failures and "startup timeout" in failures
     assert "cannot serve unhealthy: the health check did not pass" in failures
     document = status_json(systemd_sandbox)
     assert document["resources"][0]["reserved"] == 0
     for name in ("exits", "never-listens", "unhealthy"):
-        assert unit_state(systemd_sandbox, f"lmproxy-{name}-backend.service") != "active"
+        assert unit_state(systemd_sandbox, f"lmproxy-backend@{name}.service") != "active"
 
 
 def test_concurrent_first_connections_start_one_backend(
@@ -214,8 +214,8 @@ def test_install_reinstall_uninstall(systemd_sandbox: Sandbox, tmp_path: Path) -
     install(systemd_sandbox, first)
     assert _unit_files(systemd_sandbox) == {
         "lmproxy.target", "lmproxy.slice",
-        "lmproxy-keep.socket", "lmproxy-keep.service", "lmproxy-keep-backend.service",
-        "lmproxy-leave.socket", "lmproxy-leave.service", "lmproxy-leave-backend.service",
+        "lmproxy-keep.socket", "lmproxy-keep.service", "lmproxy-backend@keep.service",
+        "lmproxy-leave.socket", "lmproxy-leave.service", "lmproxy-backend@leave.service",
     }  # fmt: skip
     keep_pid = http_get(keep)["pid"]
     http_get(leave)
@@ -225,11 +225,11 @@ def test_install_reinstall_uninstall(systemd_sandbox: Sandbox, tmp_path: Path) -
 
     assert _unit_files(systemd_sandbox) == {
         "lmproxy.target", "lmproxy.slice",
-        "lmproxy-keep.socket", "lmproxy-keep.service", "lmproxy-keep-backend.service",
-        "lmproxy-new.socket", "lmproxy-new.service", "lmproxy-new-backend.service",
+        "lmproxy-keep.socket", "lmproxy-keep.service", "lmproxy-backend@keep.service",
+        "lmproxy-new.socket", "lmproxy-new.service", "lmproxy-backend@new.service",
     }  # fmt: skip
     assert http_get(keep)["pid"] == keep_pid  # untouched, still running
-    assert unit_state(systemd_sandbox, "lmproxy-leave-backend.service") == "inactive"
+    assert unit_state(systemd_sandbox, "lmproxy-backend@leave.service") == "inactive"
     assert unit_state(systemd_sandbox, "lmproxy-leave.socket") == "inactive"
     assert http_get(new)["model"] == "new"
 
@@ -299,6 +299,8 @@ def test_concurrent_installs_leave_one_whole_set(systemd_sandbox: Sandbox, tmp_p
     ]
     assert [run.wait(120) for run in runs] == [0, 0, 0, 0]
     names = _unit_files(systemd_sandbox) - {"lmproxy.target", "lmproxy.slice"}
-    stems = {name.split(".")[0].removesuffix("-backend").removeprefix("lmproxy-") for name in names}
+    stems = {
+        name.split(".")[0].removeprefix("lmproxy-").removeprefix("backend@") for name in names
+    }
     assert stems in ({"a0", "a1", "a2", "a3"}, {"b0", "b1", "b2"})
     assert len(names) == 3 * len(stems)

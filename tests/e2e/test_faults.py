@@ -42,7 +42,7 @@ def ledger_entries() -> dict[str, dict[str, object]]:
 def assert_no_reservation_without_running_backend(sandbox: Sandbox) -> None:
     for name, entry in ledger_entries().items():
         if entry["reserved"]:
-            assert unit_state(sandbox, f"lmproxy-{name}-backend.service") in (
+            assert unit_state(sandbox, f"lmproxy-backend@{name}.service") in (
                 "active",
                 "activating",
                 "deactivating",
@@ -76,7 +76,7 @@ def test_shim_killed_while_relaying(systemd_sandbox: Sandbox, tmp_path: Path) ->
         write_config(tmp_path / "c.json", [fake_model("m", port, needs={"VRAM": 1})]),
     )
     held = open_connection(port)
-    backend_pid = main_pid(systemd_sandbox, "lmproxy-m-backend.service")
+    backend_pid = main_pid(systemd_sandbox, "lmproxy-backend@m.service")
     os.kill(main_pid(systemd_sandbox, "lmproxy-m.service"), signal.SIGKILL)
     assert held.recv(100) == b""  # the relay died with its shim: EOF, no hang
     held.close()
@@ -157,7 +157,7 @@ def test_unreachable_dbus_is_a_clear_error_and_leaves_nothing(
     failure = journal(systemd_sandbox, "LMPROXY_EVENT=failed")
     assert "cannot serve m:" in failure and "/nonexistent/bus" in failure
     assert ledger_entries() == {}
-    assert unit_state(systemd_sandbox, "lmproxy-m-backend.service") == "inactive"
+    assert unit_state(systemd_sandbox, "lmproxy-backend@m.service") == "inactive"
 
 
 # --- Bugs large-model-proxy users reported ----------------------------------
@@ -183,13 +183,13 @@ def test_regression_no_endless_sigterm_loop(systemd_sandbox: Sandbox, tmp_path: 
     port = free_port()
     deaf = fake_model("deaf", port, needs={"VRAM": 1}, extra_args="--ignore-sigterm")
     install(systemd_sandbox, write_config(tmp_path / "c.json", [deaf]))
-    dropin = systemd_sandbox.config_home / "systemd/user/lmproxy-deaf-backend.service.d"
+    dropin = systemd_sandbox.config_home / "systemd/user/lmproxy-backend@deaf.service.d"
     dropin.mkdir(parents=True)
     (dropin / "quick.conf").write_text("[Service]\nTimeoutStopSec=1\n")
     systemd_sandbox.systemctl("daemon-reload")
     pid = http_get(port)["pid"]
     started = time.monotonic()
-    systemd_sandbox.systemctl("stop", "lmproxy-deaf-backend.service")
+    systemd_sandbox.systemctl("stop", "lmproxy-backend@deaf.service")
     assert time.monotonic() - started < 10
     assert not os.path.exists(f"/proc/{pid}")
     wait_for(lambda: ledger_entries() == {} or "deaf" not in ledger_entries(), 10, "release")

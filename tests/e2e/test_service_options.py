@@ -74,7 +74,7 @@ def test_backend_ignoring_sigterm_is_killed_by_systemd(
     install(systemd_sandbox, config)
     # A short stop timeout for the test; lmproxy's default is 30 s.
     unit_dir = systemd_sandbox.config_home / "systemd" / "user"
-    dropin = unit_dir / "lmproxy-deaf-backend.service.d"
+    dropin = unit_dir / "lmproxy-backend@deaf.service.d"
     dropin.mkdir()
     (dropin / "timeout.conf").write_text("[Service]\nTimeoutStopSec=1\n")
     systemd_sandbox.systemctl("daemon-reload")
@@ -107,7 +107,7 @@ def test_restart_on_connection_failure(systemd_sandbox: Sandbox, tmp_path: Path)
     )
 
     assert turned_away(stays)  # refused, and left alone
-    assert main_pid(systemd_sandbox, "lmproxy-stays-backend.service") == stays_pid
+    assert main_pid(systemd_sandbox, "lmproxy-backend@stays.service") == stays_pid
 
     # Refused: the backend is restarted, and the client that found it hung is served.
     assert http_get(restarts)["pid"] != restarted_pid
@@ -124,4 +124,4 @@ def test_process_that_hands_off_counts_as_running(systemd_sandbox: Sandbox, tmp_
     service["Args"] = f"-c '{inner}'"
     install(systemd_sandbox, write_config(tmp_path / "c.json", [service]))
     assert http_get(port)["model"] == "daemonized"
-    assert unit_state(systemd_sandbox, "lmproxy-daemonized-backend.service") == "active"
+    assert unit_state(systemd_sandbox, "lmproxy-backend@daemonized.service") == "active"

@@ -87,7 +87,7 @@ class Monitor:
             if total > available:
                 self.violations.append(f"{resource}: {total} reserved of {available}")
         for backend in self.backends:
-            name = backend.removeprefix(unitnames.PREFIX).removesuffix("-backend.service")
+            name = backend.removeprefix(unitnames.BACKEND_PREFIX).removesuffix(".service")
             # Active before and after the ledger was read: active while it was read.
             active = before[backend].active_state == after[backend].active_state == "active"
             if active and not reserved.get(name):

@@ -112,11 +112,11 @@ def test_system_units_load_and_are_listening(
         for unit in (
             f"lmproxy-{name}.socket",
             f"lmproxy-{name}.service",
-            f"lmproxy-{name}-backend.service",
+            f"lmproxy-backend@{name}.service",
         ):
             assert manager.show(unit, "LoadState") == "loaded", unit
         assert manager.show(f"lmproxy-{name}.socket", "ActiveState") == "active"
-        assert manager.show(f"lmproxy-{name}-backend.service", "ActiveState") == "inactive"
+        assert manager.show(f"lmproxy-backend@{name}.service", "ActiveState") == "inactive"
     assert manager.show("lmproxy.target", "ActiveState") == "active"
 
 
@@ -130,10 +130,10 @@ def test_shim_runs_unprivileged_and_starts_its_backend(
     shim_uids, shim_groups = ids(manager, "lmproxy-alpha.service")
     assert shim_uids == {uid(manager, "lmproxy")}
     assert shim_groups <= {gid(manager, "lmproxy")}  # no GPU, no other group
-    backend_uids, backend_groups = ids(manager, "lmproxy-alpha-backend.service")
+    backend_uids, backend_groups = ids(manager, "lmproxy-backend@alpha.service")
     assert backend_uids == {uid(manager, "lmproxy-model")}
     assert {gid(manager, "video"), gid(manager, "render")} <= backend_groups
-    assert int(manager.show("lmproxy-alpha-backend.service", "MainPID")) == answer["pid"]
+    assert int(manager.show("lmproxy-backend@alpha.service", "MainPID")) == answer["pid"]
 
     ledger = manager.run(["stat", "-c", "%U %a", "/run/lmproxy", "/run/lmproxy/ledger.json"])
     owners = ledger.stdout.split("\n")
@@ -145,11 +145,11 @@ def test_shim_stops_its_idle_backend(manager: SystemManager, installed: tuple[in
     alpha, _ = installed
     http_get(alpha)
     wait_for(
-        lambda: manager.show("lmproxy-alpha-backend.service", "ActiveState") == "inactive",
+        lambda: manager.show("lmproxy-backend@alpha.service", "ActiveState") == "inactive",
         15,
         "the idle backend to be stopped by its unprivileged shim",
     )
-    assert manager.show("lmproxy-alpha-backend.service", "Result") == "success"
+    assert manager.show("lmproxy-backend@alpha.service", "Result") == "success"
 
 
 def test_shim_stops_a_sibling_to_make_room(
@@ -158,8 +158,8 @@ def test_shim_stops_a_sibling_to_make_room(
     alpha, beta = installed
     assert http_get(alpha)["model"] == "alpha"
     assert http_get(beta)["model"] == "beta"  # 16000 + 16000 > 24000: alpha must go
-    assert manager.show("lmproxy-alpha-backend.service", "ActiveState") == "inactive"
-    assert manager.show("lmproxy-beta-backend.service", "ActiveState") == "active"
+    assert manager.show("lmproxy-backend@alpha.service", "ActiveState") == "inactive"
+    assert manager.show("lmproxy-backend@beta.service", "ActiveState") == "active"
 
 
 def test_shims_user_may_touch_no_other_unit(
@@ -177,7 +177,7 @@ def test_shims_user_may_touch_no_other_unit(
     assert refused.returncode != 0
     assert manager.show("lmproxy-beta.socket", "ActiveState") == "active"
     allowed = manager.run(
-        [*as_lmproxy, "systemctl", "--no-ask-password", "start", "lmproxy-beta-backend.service"]
+        [*as_lmproxy, "systemctl", "--no-ask-password", "start", "lmproxy-backend@beta.service"]
     )
     assert allowed.returncode == 0, allowed.stderr
 
@@ -187,7 +187,7 @@ def test_backend_runs_as_the_user_the_config_names(manager: SystemManager) -> No
     install(manager, [fake_model(manager, "delta", port, User="nobody")])
     try:
         assert http_get(port)["model"] == "delta"
-        backend_uids, backend_groups = ids(manager, "lmproxy-delta-backend.service")
+        backend_uids, backend_groups = ids(manager, "lmproxy-backend@delta.service")
         assert backend_uids == {uid(manager, "nobody")}
         assert gid(manager, "video") not in backend_groups  # only the default user has them
     finally:
@@ -231,7 +231,7 @@ def test_removing_the_package_removes_the_units_it_installed(
     assert result.returncode == 0, result.stdout + result.stderr
     assert list(manager.path("/etc/systemd/system").iterdir()) == []
     assert not manager.path("/etc/lmproxy/installed-units.json").exists()
-    for unit in ("lmproxy-gamma.socket", "lmproxy-gamma-backend.service"):
+    for unit in ("lmproxy-gamma.socket", "lmproxy-backend@gamma.service"):
         assert manager.show(unit, "ActiveState") == "inactive", unit
     with pytest.raises(ConnectionRefusedError):
         http_get(port, timeout=5)

@@ -199,7 +199,7 @@ def test_hostile_values_verify(scope: Scope, interpreter: Interpreter, tmp_path:
     )
     units = render(config, scope, interpreter, tmp_path)
     # The hostile command really is in the unit (in systemd's "@path argv0" form).
-    assert "$$1 %%n" in units["lmproxy-h.1-backend.service"]
+    assert "$$1 %%n" in units["lmproxy-backend@h.1.service"]
     verify(units, scope, tmp_path)
 
 
@@ -222,7 +222,7 @@ def test_verify_speaks_up_about_what_it_must_catch(tmp_path: Path) -> None:
     """systemd-analyze, as run here, reports each kind of problem these tests look for
     (else a pass above would prove nothing)."""
     units = render(make_config(plain_service("llm", 8081)), Scope.USER, INSTALLED, tmp_path)
-    backend = "lmproxy-llm-backend.service"
+    backend = "lmproxy-backend@llm.service"
     assert analyze(units, Scope.USER, tmp_path).stderr == ""
     broken = {
         "an unknown setting": {**units, backend: units[backend] + "Bogus=1\n"},
@@ -302,7 +302,7 @@ def _services(draw: st.DrawFn, index: int, name: str) -> dict[str, Any]:
 def _configs(draw: st.DrawFn) -> dict[str, Any]:
     names = draw(
         st.lists(
-            _names.filter(lambda n: not n.endswith("-backend")),
+            _names,
             min_size=1,
             max_size=8,
             unique_by=str.lower,
@@ -415,7 +415,7 @@ def test_any_config_is_refused_naming_a_path_or_verifies(document: dict[str, Any
         # Exactly the units asked for: three per service and the two static ones.
         assert len(units) == 3 * len(config.services) + 2
         for service in config.services:
-            backend = units[f"lmproxy-{service.name}-backend.service"]
+            backend = units[f"lmproxy-backend@{service.name}.service"]
             exec_start = [line for line in backend.splitlines() if line.startswith("ExecStart=")]
             assert len(exec_start) == 1
             if service.log_file_path is None:

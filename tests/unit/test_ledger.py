@@ -35,7 +35,7 @@ def test_reservation_survives_while_backend_runs(tmp_path: Path) -> None:
     ledger = make(tmp_path, systemd)
     with ledger.transaction() as txn:
         txn.entries["a"] = Entry(State.STARTING, {"VRAM": 10}, 0, 1.0)
-    systemd.running = {"lmproxy-a-backend.service"}
+    systemd.running = {"lmproxy-backend@a.service"}
     with ledger.transaction() as txn:
         assert txn.entries["a"].state is State.STARTING
         txn.set("a", state=State.RUNNING)
@@ -81,7 +81,7 @@ def test_stopped_backend_releases_even_with_live_shim(tmp_path: Path, state: Sta
 def test_running_backend_outside_the_ledger_is_adopted(tmp_path: Path) -> None:
     log: list[str] = []
     systemd = FakeSystemd()
-    systemd.running = {"lmproxy-b-backend.service"}
+    systemd.running = {"lmproxy-backend@b.service"}
     ledger = make(tmp_path, systemd, log)
     with ledger.transaction() as txn:
         assert txn.entries["b"] == Entry(State.RUNNING, {"VRAM": 14}, 0, 0.0)
@@ -94,7 +94,7 @@ def test_deleted_or_corrupt_ledger_is_rebuilt_from_systemd(tmp_path: Path) -> No
     ledger = make(tmp_path, systemd, log)
     with ledger.transaction() as txn:
         txn.entries["a"] = Entry(State.RUNNING, {"VRAM": 10}, 1, 5.0)
-    systemd.running = {"lmproxy-a-backend.service"}
+    systemd.running = {"lmproxy-backend@a.service"}
     ledger.path.write_text("{not json")
     with ledger.transaction() as txn:
         assert txn.entries["a"].reserved == {"VRAM": 10}
@@ -153,7 +153,7 @@ def test_files_have_narrow_permissions(tmp_path: Path) -> None:
 
 def test_an_exception_in_a_transaction_writes_nothing(tmp_path: Path) -> None:
     systemd = FakeSystemd()
-    systemd.running = {"lmproxy-a-backend.service"}
+    systemd.running = {"lmproxy-backend@a.service"}
     ledger = make(tmp_path, systemd)
     with ledger.transaction():
         pass

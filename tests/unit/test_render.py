@@ -275,7 +275,7 @@ def files_of(*names: str) -> set[str]:
     files = set(STATIC_UNITS)
     for name in names:
         files |= {f"lmproxy-{name}.socket", f"lmproxy-{name}.service"}
-        files.add(f"lmproxy-{name}-backend.service")
+        files.add(f"lmproxy-backend@{name}.service")
     return files
 
 
@@ -430,7 +430,7 @@ def test_shim_gets_the_pythonpath_of_a_checkout() -> None:
         assert environment(shim.values("Service", "Environment")) == {"PYTHONPATH": "/src"}
         assert exec_argv(shim.value("Service", "ExecStart"))[0] == "/x/python"
     # A backend that runs its command directly gets the config's environment only.
-    backend = units["lmproxy-llama-server-backend.service"]
+    backend = units["lmproxy-backend@llama-server.service"]
     assert environment(backend.values("Service", "Environment")) == {"CUDA_VISIBLE_DEVICES": "0"}
 
 
@@ -441,7 +441,7 @@ def test_example_backends() -> None:
     units = render_parsed(example_config())
     for entry in example_services():
         name = entry["Name"]
-        backend = units[f"lmproxy-{name}-backend.service"]
+        backend = units[f"lmproxy-backend@{name}.service"]
         argv = [entry["Command"], *shlex.split(entry["Args"])]
         exec_start = backend.value("Service", "ExecStart")
         if "LogFilePath" in entry:
@@ -464,7 +464,7 @@ def test_backend_argv_of_simple_args() -> None:
     config = make_config(
         service(Command="/opt/bin/server", Args="--model /m/a.gguf  -c 8192 --flag=x 'two words'")
     )
-    backend = render_parsed(config)["lmproxy-llm-backend.service"]
+    backend = render_parsed(config)["lmproxy-backend@llm.service"]
     expected = ["/opt/bin/server", "--model", "/m/a.gguf", "-c", "8192", "--flag=x", "two words"]
     assert shlex.split(backend.value("Service", "ExecStart")) == expected
     assert exec_argv(backend.value("Service", "ExecStart")) == expected
@@ -473,12 +473,12 @@ def test_backend_argv_of_simple_args() -> None:
 def test_backend_without_args_runs_the_bare_command() -> None:
     cases: list[dict[str, Any]] = [{}, {"Args": ""}, {"Args": "   "}]
     for args in cases:
-        backend = render_parsed(make_config(service(**args)))["lmproxy-llm-backend.service"]
+        backend = render_parsed(make_config(service(**args)))["lmproxy-backend@llm.service"]
         assert exec_argv(backend.value("Service", "ExecStart")) == ["/usr/bin/model-server"]
 
 
 def test_backend_minimal_has_no_optional_settings() -> None:
-    backend = render_parsed(make_config(service()))["lmproxy-llm-backend.service"]
+    backend = render_parsed(make_config(service()))["lmproxy-backend@llm.service"]
     for key in ("WorkingDirectory", "Environment", "User", "RemainAfterExit", "ExecStop"):
         assert not backend.has("Service", key), key
 
@@ -486,9 +486,9 @@ def test_backend_minimal_has_no_optional_settings() -> None:
 def test_backend_user_only_when_set() -> None:
     cases: list[dict[str, Any]] = [{}, {"User": None}]
     for fields in cases:
-        backend = render_parsed(make_config(service(**fields)))["lmproxy-llm-backend.service"]
+        backend = render_parsed(make_config(service(**fields)))["lmproxy-backend@llm.service"]
         assert not backend.has("Service", "User")
-    backend = render_parsed(make_config(service(User="models")))["lmproxy-llm-backend.service"]
+    backend = render_parsed(make_config(service(User="models")))["lmproxy-backend@llm.service"]
     assert backend.values("Service", "User") == ["models"]
 
 
@@ -499,26 +499,26 @@ def test_remain_after_exit_only_when_processes_outlive_the_command(
     fields: dict[str, Any] = (
         {} if consider_stopped is None else {"ConsiderStoppedOnProcessExit": consider_stopped}
     )
-    backend = render_parsed(make_config(service(**fields)))["lmproxy-llm-backend.service"]
+    backend = render_parsed(make_config(service(**fields)))["lmproxy-backend@llm.service"]
     assert backend.values("Service", "RemainAfterExit") == remain
 
 
 def test_kill_command_becomes_exec_stop_through_sh() -> None:
     kill = 'docker stop "llm-$MAINPID" && pkill -f "serve %n"; echo \\done'
-    backend = render_parsed(make_config(service(KillCommand=kill)))["lmproxy-llm-backend.service"]
+    backend = render_parsed(make_config(service(KillCommand=kill)))["lmproxy-backend@llm.service"]
     stops = backend.values("Service", "ExecStop")
     assert len(stops) == 1
     assert exec_argv(stops[0]) == ["/bin/sh", "-c", kill]
     for empty in ("", None):
         backend = render_parsed(make_config(service(KillCommand=empty)))[
-            "lmproxy-llm-backend.service"
+            "lmproxy-backend@llm.service"
         ]
         assert not backend.has("Service", "ExecStop")
 
 
 def test_relative_work_dir_and_command_are_resolved() -> None:
     config = make_config(service(WorkDir="models/llm", Command="./bin/serve", Args="-x"))
-    backend = render_parsed(config)["lmproxy-llm-backend.service"]
+    backend = render_parsed(config)["lmproxy-backend@llm.service"]
     assert backend.value("Service", "WorkingDirectory") == "/srv/lmproxy/models/llm"
     assert exec_argv(backend.value("Service", "ExecStart")) == [
         "/srv/lmproxy/models/llm/bin/serve",
@@ -528,13 +528,13 @@ def test_relative_work_dir_and_command_are_resolved() -> None:
 
 def test_bare_command_name_is_kept() -> None:
     config = make_config(service(Command="llama-server", Args="--port 1"))
-    backend = render_parsed(config)["lmproxy-llm-backend.service"]
+    backend = render_parsed(config)["lmproxy-backend@llm.service"]
     assert exec_argv(backend.value("Service", "ExecStart")) == ["llama-server", "--port", "1"]
 
 
 def test_environment_entries_in_order() -> None:
     env = {"B_SECOND": "2", "A_FIRST": "1", "_x9": "", "PATH": "/opt/bin:/usr/bin"}
-    backend = render_parsed(make_config(service(Environment=env)))["lmproxy-llm-backend.service"]
+    backend = render_parsed(make_config(service(Environment=env)))["lmproxy-backend@llm.service"]
     lines = backend.values("Service", "Environment")
     assert [next(iter(environment([line]))) for line in lines] == list(env)
     assert environment(lines) == env
@@ -550,7 +550,7 @@ def test_log_file_path_runs_the_command_through_logtee(interpreter: Interpreter)
             Environment={"CUDA_VISIBLE_DEVICES": "1"},
         )
     )
-    backend = render_parsed(config, interpreter=interpreter)["lmproxy-llm-backend.service"]
+    backend = render_parsed(config, interpreter=interpreter)["lmproxy-backend@llm.service"]
     assert exec_argv(backend.value("Service", "ExecStart")) == [
         interpreter.executable,
         "-m",
@@ -573,7 +573,7 @@ def test_log_file_path_runs_the_command_through_logtee(interpreter: Interpreter)
 def test_names_reach_the_units_unchanged() -> None:
     name = "Llama-3.1_8b"
     units = render_parsed(make_config(service(name)))
-    backend = units[f"lmproxy-{name}-backend.service"]
+    backend = units[f"lmproxy-backend@{name}.service"]
     assert backend.value("Service", "SyslogIdentifier") == f"lmproxy-{name}"
     shim = units[f"lmproxy-{name}.service"]
     assert exec_argv(shim.value("Service", "ExecStart"))[-1] == name
@@ -689,7 +689,7 @@ def test_hostile_values_add_no_line_and_no_directive(with_log: bool, scope: Scop
 
 def test_hostile_values_reach_the_program_unchanged() -> None:
     config = make_config(service(**{k: v for k, v in HOSTILE_FIELDS.items() if k != "LogFilePath"}))
-    backend = render_parsed(config)["lmproxy-llm-backend.service"]
+    backend = render_parsed(config)["lmproxy-backend@llm.service"]
     argv = exec_argv(backend.value("Service", "ExecStart"))
     assert argv == [HOSTILE_COMMAND, *shlex.split(HOSTILE_ARGS)]
     for word in ("%n", "%%", "$HOME", "${HOME}", "$$", "a b", "c  d", "back\\slash", 'dq"x', ""):
@@ -702,7 +702,7 @@ def test_hostile_values_reach_the_program_unchanged() -> None:
 
 def test_hostile_log_file_path_reaches_the_tee_unchanged() -> None:
     config = make_config(service(**HOSTILE_FIELDS))
-    backend = render_parsed(config)["lmproxy-llm-backend.service"]
+    backend = render_parsed(config)["lmproxy-backend@llm.service"]
     argv = exec_argv(backend.value("Service", "ExecStart"))
     assert argv[:5] == ["/usr/bin/python3", "-m", "lmproxy.logtee", HOSTILE_LOG, "--"]
     assert argv[5:] == [HOSTILE_COMMAND, *shlex.split(HOSTILE_ARGS)]
@@ -818,7 +818,7 @@ def test_any_valid_values_keep_the_shape_and_reach_the_program(
     plain_units = render_parsed(make_config(service(**plain)), scope=scope)
     same_shape(hostile_units, plain_units)
 
-    backend = hostile_units["lmproxy-llm-backend.service"]
+    backend = hostile_units["lmproxy-backend@llm.service"]
     argv = ["/opt/bin/serve", *shlex.split(args)]
     if log is not None:
         argv = ["/usr/bin/python3", "-m", "lmproxy.logtee", log, "--", *argv]
@@ -839,7 +839,7 @@ def test_user_needs_the_system_manager() -> None:
     assert refused.value.problems == [
         ("$.Services[0].User", "User needs the system manager (install with --system)")
     ]
-    assert "User=llm" in render_for(config, Scope.SYSTEM)["lmproxy-llm-backend.service"]
+    assert "User=llm" in render_for(config, Scope.SYSTEM)["lmproxy-backend@llm.service"]
 
 
 # --- System mode: unprivileged shims, model servers never root by default ------------------
@@ -869,7 +869,7 @@ def test_user_shim_has_no_system_settings() -> None:
 
 def test_system_backend_defaults_to_the_model_user_with_gpu_groups() -> None:
     backend = render_parsed(make_config(service()), scope=Scope.SYSTEM)[
-        "lmproxy-llm-backend.service"
+        "lmproxy-backend@llm.service"
     ]
     assert backend.values("Service", "User") == ["lmproxy-model"]
     assert backend.values("Service", "SupplementaryGroups") == ["video render"]
@@ -882,7 +882,7 @@ def test_system_backend_defaults_to_the_model_user_with_gpu_groups() -> None:
 def test_system_backend_runs_as_root_only_when_the_config_says_so() -> None:
     for user in ("root", "llm"):
         backend = render_parsed(make_config(service(User=user)), scope=Scope.SYSTEM)[
-            "lmproxy-llm-backend.service"
+            "lmproxy-backend@llm.service"
         ]
         assert backend.values("Service", "User") == [user]
         assert backend.values("Service", "SupplementaryGroups") == []
