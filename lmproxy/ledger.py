@@ -7,7 +7,12 @@ outside the ledger:
 
 - an entry whose backend is not running is dropped, unless its shim is alive
   and still on its way to start it (waiting or starting);
-- a running backend without an entry is adopted, with its configured needs.
+- a running backend without an entry is adopted, with its configured needs;
+- an entry left stopping while its backend runs on with no shim of its own (a
+  stop that failed, a shim that exited on a false alarm) is running again, idle:
+  nobody was left to finish the stop, and as stopping it would hold its
+  reservation with no end, turning away everyone who needs the same resources;
+  as running it can be evicted, or served by the next shim of its own.
 
 Transactions hold an exclusive flock on a separate lock file, and replace the
 data file by rename, so that readers without the lock (`lmproxy status`) and
@@ -32,6 +37,8 @@ from lmproxy.eviction import Entry, State
 from lmproxy.files import write_atomically
 
 FORMAT_VERSION = 1
+# A ledger of thousands of services is far smaller; a bigger file is not ours.
+MAX_LEDGER_BYTES = 4 * 1024 * 1024
 
 # Which of these units run now; one D-Bus call for all of them.
 Probe = Callable[[Sequence[str]], Mapping[str, bool]]
@@ -110,16 +117,18 @@ class Ledger:
         """quiet: a read-only look (status): another user's ledger may be read
         (root reads the system shims'), never written."""
         try:
-            if quiet:
-                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            else:
-                fd = _open_owned(self.path, os.O_RDONLY, 0)
+            # Read-only, it belongs to whoever owns the runtime directory (the
+            # shims' user, when root looks at the system manager's ledger).
+            owner = self.runtime_dir.stat().st_uid if quiet else os.geteuid()
+            fd = _open_owned(self.path, os.O_RDONLY, 0, owner=owner)
         except FileNotFoundError:
             return {}
-        with os.fdopen(fd, encoding="utf-8") as file:
-            text = file.read()
+        with os.fdopen(fd, "rb") as file:
+            if os.fstat(file.fileno()).st_size > MAX_LEDGER_BYTES:
+                raise LedgerError(f"{self.path} is larger than {MAX_LEDGER_BYTES} bytes")
+            data = file.read(MAX_LEDGER_BYTES + 1)
         try:
-            return _decode(json.loads(text))
+            return _decode(json.loads(data))
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             if not quiet:
                 self.log(
@@ -154,6 +163,12 @@ class Ledger:
                 if entry is None or entry.state is State.WAITING:
                     txn.entries[name] = Entry(State.RUNNING, self.needs[name], 0, 0.0)
                     self.log(f"adopted {name}: its backend runs outside the ledger")
+                elif entry.state is State.STOPPING and not shim_runs:
+                    txn.entries[name] = Entry(State.RUNNING, entry.reserved, 0, entry.last_used)
+                    self.log(
+                        f"{name} was left stopping while its backend runs with no shim: "
+                        "counted as running and idle again"
+                    )
             elif entry is not None and not (
                 entry.state in (State.WAITING, State.STARTING) and shim_runs
             ):
@@ -199,11 +214,20 @@ def _make_private_dir(path: Path) -> None:
         raise LedgerError(f"{path} is not a directory owned by uid {os.geteuid()}")
 
 
-def _open_owned(path: Path, flags: int, mode: int) -> int:
-    """Opens without following symlinks, and refuses a file someone else owns:
-    another user must not be able to swap the ledger for something else."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    if os.fstat(fd).st_uid != os.geteuid():
+def _open_owned(path: Path, flags: int, mode: int, *, owner: int | None = None) -> int:
+    """Opens without following symlinks or blocking, and refuses anything but a regular
+    file of owner's (ours by default): another user must not be able to swap the ledger
+    for something else, and a FIFO put in its place must not hang a reader (root's
+    `lmproxy status` included)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    info = os.fstat(fd)
+    expected = os.geteuid() if owner is None else owner
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif info.st_uid != expected:
+        problem = f"is owned by uid {info.st_uid}, not {expected}"
+    if problem:
         os.close(fd)
-        raise LedgerError(f"{path} is owned by another user; refusing to use it")
+        raise LedgerError(f"{path} {problem}; refusing to use it")
     return fd

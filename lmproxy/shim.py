@@ -49,6 +49,8 @@ HOLD_S = 0.5
 # While waiting for other services: first and longest pause between tries.
 WAIT_FIRST_S = 0.01
 WAIT_MAX_S = 0.25
+# After an unexpected error in the thread that watches the backend, before it looks again.
+WATCH_RETRY_S = 0.5
 
 
 # accept() errors that pass once connections close: wait, do not die (and drop them all).
@@ -112,9 +114,13 @@ class Shim:
         """A D-Bus connection for the calling thread (connections are not thread-safe)."""
         manager: Manager | None = getattr(self._managers, "manager", None)
         if manager is None:
-            manager = Manager.connect(self.scope)
+            manager = Manager.connect(self.scope, warn=self._ignored_signal)
             self._managers.manager = manager
         return manager
+
+    def _ignored_signal(self, message: str) -> None:
+        """A signal that claimed to come from systemd and did not (see lmproxy.systemd)."""
+        self.log.warning(message, event="signal-ignored")
 
     def _probe(self, units: Sequence[str]) -> Mapping[str, bool]:
         return self.manager().running(units)
@@ -297,11 +303,19 @@ class Shim:
         self.backend_gone.clear()
 
         def watch() -> None:
-            try:
-                with Manager.connect(self.scope) as manager:
-                    manager.wait_until_inactive(self.backend)
-            except SystemdError as error:
-                self.log.error(f"lost track of {self.backend}: {error}", event="watch-failed")
+            while True:
+                try:
+                    with Manager.connect(self.scope, warn=self._ignored_signal) as manager:
+                        manager.wait_until_inactive(self.backend)
+                except SystemdError as error:
+                    self.log.error(f"lost track of {self.backend}: {error}", event="watch-failed")
+                except Exception as error:
+                    # Nothing a signal says is acted on unchecked; whatever went wrong here,
+                    # ask systemd again rather than leave the shim blind to its backend.
+                    self.log.error(f"watching {self.backend}: {error!r}", event="watch-failed")
+                    time.sleep(WATCH_RETRY_S)
+                    continue
+                break
             self.backend_gone.set()
             self._wake()
 

@@ -8,6 +8,14 @@ Debian ships it, so this talks D-Bus directly, with jeepney 0.8's blocking API.
 Every failure comes out as a `SystemdError` that names the unit and what was
 being done with it, with systemd's own D-Bus error when there is one, so that
 callers can log it as it is.
+
+Signals are trusted only from systemd itself. The bus delivers a signal addressed
+to one connection (a unicast signal) whatever that connection's match rules say,
+so any local user could otherwise tell a shim that its backend stopped or that a
+job failed. A signal is therefore taken only from the unique name that owns
+org.freedesktop.systemd1 (asked of the bus, which no one can impersonate), its
+body is never trusted to be well formed, and a unit's state is read back from
+systemd rather than from the signal that announced a change.
 """
 
 from __future__ import annotations
@@ -15,9 +23,9 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -197,21 +205,28 @@ class Manager:
     thread; two threads on one connection would steal each other's messages.
     """
 
-    def __init__(self, connection: DBusConnection, scope: Scope) -> None:
+    def __init__(
+        self, connection: DBusConnection, scope: Scope, warn: Callable[[str], None] | None = None
+    ) -> None:
         self._conn = connection
         self._scope = scope
         self._closed = False
         self._subscribed = False
+        self._systemd: str | None = None  # the unique bus name systemd has now
+        self._warn = warn or (lambda _message: None)
 
     @classmethod
-    def connect(cls, scope: Scope, *, timeout: float = 5.0) -> Manager:
-        """Connects to scope's bus; BusUnavailable says what to check when that fails."""
+    def connect(
+        cls, scope: Scope, *, timeout: float = 5.0, warn: Callable[[str], None] | None = None
+    ) -> Manager:
+        """Connects to scope's bus; BusUnavailable says what to check when that fails.
+        warn hears of signals that were ignored (not from systemd, or malformed)."""
         address = bus_address(scope)
         try:
             connection = open_dbus_connection(bus=address, auth_timeout=timeout)
         except (OSError, ValueError, RuntimeError, AuthenticationError, DBusErrorResponse) as exc:
             raise _bus_unavailable(scope, address, f"{type(exc).__name__}: {exc}") from exc
-        manager = cls(connection, scope)
+        manager = cls(connection, scope, warn)
         try:
             manager._check_systemd_on_bus(address, timeout)
         except BaseException:
@@ -233,6 +248,11 @@ class Manager:
         except SystemdError as exc:
             why = f"systemd is not on it: {exc.detail}"
             raise _bus_unavailable(self._scope, address, why) from exc
+
+    @property
+    def unique_name(self) -> str:
+        """This connection's name on the bus (":1.42"), where signals for it are addressed."""
+        return str(self._conn.unique_name)
 
     def close(self) -> None:
         """Closes the connection; systemd drops its match rules and subscription with it."""
@@ -312,7 +332,11 @@ class Manager:
                     f" {timeout:g} s; it may still be running, see"
                     f" {self._status_command(name)}",
                 )
-            _id, removed_job, _unit, result = signal.body
+            body = signal.body
+            if not (isinstance(body, tuple) and len(body) == 4):
+                self._warn(f"ignored a JobRemoved signal with the body {body!r}")
+                continue
+            _id, removed_job, _unit, result = body
             if removed_job == job:
                 return str(result)
 
@@ -321,7 +345,9 @@ class Manager:
 
         Listens to the unit's PropertiesChanged rather than polling, so that it
         returns as soon as the process is gone; the state is read once after
-        the match is in place, so a change just before cannot be missed.
+        the match is in place, so a change just before cannot be missed. A signal
+        only says that something changed: the state is read back from systemd each
+        time, never taken from the signal's body.
         timeout bounds the wait for the change; timeout=0 only checks the state.
         """
         operation = "wait for the end of"
@@ -333,20 +359,10 @@ class Manager:
         with self._signals(changes, operation, name, CALL_TIMEOUT) as queue:
             state = self._unit_states([name], operation, CALL_TIMEOUT)[name]
             while state.active_state not in STOPPED_STATES:
-                signal = self._next_signal(queue, operation, name, deadline)
-                if signal is None:
+                if self._next_signal(queue, operation, name, deadline) is None:
                     return None
-                state = self._apply_changes(state, signal.body, operation)
+                state = self._unit_states([name], operation, CALL_TIMEOUT)[name]
             return state
-
-    def _apply_changes(self, state: UnitState, body: Sequence[Any], operation: str) -> UnitState:
-        """The state after a PropertiesChanged(interface, changed, invalidated) of the Unit."""
-        _interface, changed, invalidated = body
-        if {"ActiveState", "SubState", "LoadState"} & set(invalidated):
-            return self._unit_states([state.name], operation, CALL_TIMEOUT)[state.name]
-        fields = {"LoadState": "load_state", "ActiveState": "active_state", "SubState": "sub_state"}
-        updates = {field: str(changed[key][1]) for key, field in fields.items() if key in changed}
-        return replace(state, **updates)
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -473,15 +489,37 @@ class Manager:
     def _next_signal(
         self, queue: deque[Message], operation: str, unit: str, deadline: float | None
     ) -> Message | None:
-        """The next message filtered into queue; None when deadline passes first."""
-        self._check_open(operation, unit)
-        try:
-            message: Message = self._conn.recv_until_filtered(queue, timeout=_remaining(deadline))
-        except TimeoutError:
-            return None
-        except OSError as exc:
-            raise self._lost(operation, unit, exc) from exc
-        return message
+        """The next message filtered into queue that systemd sent; None when deadline
+        passes first. Signals from anyone else are dropped (and warned about)."""
+        while True:
+            self._check_open(operation, unit)
+            try:
+                message: Message = self._conn.recv_until_filtered(
+                    queue, timeout=_remaining(deadline)
+                )
+            except TimeoutError:
+                return None
+            except OSError as exc:
+                raise self._lost(operation, unit, exc) from exc
+            if self._from_systemd(message, operation, unit):
+                return message
+
+    def _from_systemd(self, message: Message, operation: str, unit: str) -> bool:
+        """Whether message was sent by systemd: by the unique name that owns
+        org.freedesktop.systemd1. The owner is asked again when a sender does not
+        match, since systemd gets a new name when it re-executes."""
+        sender = message.header.fields.get(HeaderFields.sender)
+        if sender is not None and sender == self._systemd:
+            return True
+        call = message_bus.GetNameOwner(SYSTEMD_BUS_NAME)
+        (self._systemd,) = self._call(call, operation, unit, CALL_TIMEOUT)
+        if sender == self._systemd:
+            return True
+        member = message.header.fields.get(HeaderFields.member)
+        self._warn(
+            f"ignored a {member} signal from {sender}, which is not systemd ({self._systemd})"
+        )
+        return False
 
     @contextmanager
     def _signals(

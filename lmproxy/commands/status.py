@@ -17,6 +17,7 @@ from lmproxy.paths import paths_for
 def status(scope: str | None, as_json: bool) -> None:
     """Show each service (cold/starting/running/stopping/failed) and each resource."""
     from lmproxy import status as core
+    from lmproxy.ledger import LedgerError
     from lmproxy.systemd import SystemdError
 
     resolved = resolve_scope(scope)
@@ -28,7 +29,7 @@ def status(scope: str | None, as_json: bool) -> None:
     except ConfigError as error:
         refuse_config(error, config_path)
         return
-    except SystemdError as error:
+    except (SystemdError, LedgerError) as error:
         fail(str(error))
         return
     if as_json:

@@ -12,10 +12,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jeepney import DBusAddress, HeaderFields, Message, new_signal
+from jeepney.io.blocking import open_dbus_connection
 
 from lmproxy.paths import Scope
 from lmproxy.sandbox import Sandbox
-from lmproxy.systemd import BusUnavailable, Manager, SystemdError
+from lmproxy.systemd import (
+    MANAGER_INTERFACE,
+    MANAGER_PATH,
+    PROPERTIES_INTERFACE,
+    UNIT_INTERFACE,
+    BusUnavailable,
+    Manager,
+    SystemdError,
+    bus_address,
+)
 
 TIMEOUT = 10.0
 
@@ -368,3 +379,91 @@ def test_connecting_falls_back_to_the_runtime_dir(
 
     with Manager.connect(Scope.USER) as manager:
         assert manager.unit_state("default.target").load_state == "loaded"
+
+
+def signal(path: str, interface: str, member: str, signature: str, *body: object) -> Message:
+    return new_signal(DBusAddress(path, interface=interface), member, signature, body)
+
+
+def forge(destination: str, message: Message) -> None:
+    """Sends a signal that claims to be systemd's, from another connection to the bus,
+    addressed to destination alone (a unicast signal: match rules do not stop it)."""
+    with open_dbus_connection(bus=bus_address(Scope.USER)) as forger:
+        message.header.fields[HeaderFields.destination] = destination
+        forger.send(message)
+
+
+def forge_inactive(destination: str, unit_path: str) -> None:
+    """What a local user sent to make a shim believe its backend had stopped, and a body
+    that no longer fits PropertiesChanged (it once killed the shim's watcher thread)."""
+    changed = {"ActiveState": ("s", "inactive"), "SubState": ("s", "dead")}
+    changes = (unit_path, PROPERTIES_INTERFACE, "PropertiesChanged")
+    forge(destination, signal(*changes, "sa{sv}as", UNIT_INTERFACE, changed, []))
+    forge(destination, signal(*changes, "ss", UNIT_INTERFACE, "x"))
+
+
+@pytest.mark.systemd
+def test_forged_signals_do_not_end_a_wait(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
+    install_unit(
+        systemd_sandbox, "forged.service", service(f"/bin/sh -c 'read x < {fifo}'", kind="exec")
+    )
+    warnings: list[str] = []
+    with Manager.connect(Scope.USER, warn=warnings.append) as manager:
+        manager.start_unit("forged.service", TIMEOUT)
+        ended: list[object] = []
+        waiter = threading.Thread(
+            target=lambda: ended.append(manager.wait_until_inactive("forged.service", TIMEOUT))
+        )
+        waiter.start()
+        time.sleep(0.2)  # the match is in place
+        forge_inactive(manager.unique_name, "/org/freedesktop/systemd1/unit/forged_2eservice")
+        time.sleep(0.5)
+        assert ended == [], "a forged signal ended the wait"
+        assert len(warnings) == 2, warnings
+        assert all("PropertiesChanged" in w and "not systemd" in w for w in warnings), warnings
+
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, b"go\n")
+        os.close(fd)
+        waiter.join(TIMEOUT)
+        [state] = ended
+        assert state is not None and state.active_state == "inactive"  # type: ignore[attr-defined]
+
+
+@pytest.mark.systemd
+def test_a_forged_job_removed_does_not_fail_a_start(systemd_sandbox: Sandbox) -> None:
+    """The forger guesses the job's path from the last job's number."""
+    install_unit(
+        systemd_sandbox,
+        "slowstart.service",
+        "[Service]\nType=exec\nExecStartPre=/bin/sleep 1\nExecStart=/bin/sleep 60\n",
+    )
+    install_unit(systemd_sandbox, "probe.service", service("/bin/true", kind="oneshot"))
+    warnings: list[str] = []
+    with Manager.connect(Scope.USER, warn=warnings.append) as manager:
+        call = manager._manager_call("StartUnit", "ss", ("probe.service", "replace"))
+        (job,) = manager._call(call, "start", "probe.service", TIMEOUT)
+        number = int(str(job).rsplit("/", 1)[1])
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                manager.start_unit("slowstart.service", TIMEOUT)
+            except BaseException as error:
+                errors.append(error)
+
+        starter = threading.Thread(target=start)
+        starter.start()
+        time.sleep(0.3)
+        job_removed = (MANAGER_PATH, MANAGER_INTERFACE, "JobRemoved")
+        for guess in range(number + 1, number + 20):
+            job_path = f"/org/freedesktop/systemd1/job/{guess}"
+            removed = (guess, job_path, "slowstart.service", "failed")
+            forge(manager.unique_name, signal(*job_removed, "uoss", *removed))
+        starter.join(TIMEOUT)
+        assert errors == []
+        assert manager.unit_state("slowstart.service").active_state == "active"
+        assert warnings and all("JobRemoved" in w for w in warnings), warnings
+        manager.stop_unit("slowstart.service", TIMEOUT)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lmproxy.eviction import Entry, Reserve, State, plan
-from lmproxy.ledger import Ledger, LedgerError
+from lmproxy.eviction import Entry, Evict, Reserve, State, plan
+from lmproxy.ledger import MAX_LEDGER_BYTES, Ledger, LedgerError
 
 NEEDS = {"a": {"VRAM": 10}, "b": {"VRAM": 14}, "c": {"VRAM": 20}}
 AVAILABLE = {"VRAM": 24}
@@ -78,6 +78,25 @@ def test_stopped_backend_releases_even_with_live_shim(tmp_path: Path, state: Sta
         assert txn.entries == {}
 
 
+def test_an_abandoned_stopping_entry_is_running_and_idle_again(tmp_path: Path) -> None:
+    """Its backend runs, no shim is left to stop it: as stopping it would hold its
+    reservation for ever and every newcomer would wait for it; as running and idle
+    it can be evicted (or served again)."""
+    log: list[str] = []
+    systemd = FakeSystemd()
+    systemd.running = {"lmproxy-backend@a.service", "lmproxy-a.service"}
+    ledger = make(tmp_path, systemd, log)
+    with ledger.transaction() as txn:
+        txn.entries["a"] = Entry(State.STOPPING, {"VRAM": 10}, 2, 5.0)
+    with ledger.transaction() as txn:
+        assert txn.entries["a"].state is State.STOPPING  # its shim is on it
+    systemd.running = {"lmproxy-backend@a.service"}
+    with ledger.transaction() as txn:
+        assert txn.entries["a"] == Entry(State.RUNNING, {"VRAM": 10}, 0, 5.0)
+        assert plan(txn.available, txn.entries, "c", NEEDS["c"]) == Evict(("a",))
+    assert any("a was left stopping" in line for line in log)
+
+
 def test_running_backend_outside_the_ledger_is_adopted(tmp_path: Path) -> None:
     log: list[str] = []
     systemd = FakeSystemd()
@@ -141,6 +160,46 @@ def test_foreign_owned_ledger_is_refused(tmp_path: Path) -> None:
     os.chown(ledger.lock_path, 65534, 65534)
     with pytest.raises(LedgerError), ledger.transaction():
         pass
+
+
+def test_a_fifo_in_place_of_the_ledger_is_refused_at_once(tmp_path: Path) -> None:
+    """Put there by a compromised shims' user, it hung root's `lmproxy status`."""
+    ledger = make(tmp_path, FakeSystemd())
+    ledger.runtime_dir.mkdir(parents=True)
+    os.mkfifo(ledger.path)
+    with pytest.raises(LedgerError, match="not a regular file"):
+        ledger.snapshot()
+    with pytest.raises(LedgerError, match="not a regular file"), ledger.transaction():
+        pass
+    ledger.path.unlink()
+    ledger.lock_path.unlink()
+    os.mkfifo(ledger.lock_path)
+    with pytest.raises(LedgerError, match="not a regular file"), ledger.transaction():
+        pass
+
+
+def test_a_huge_ledger_is_refused(tmp_path: Path) -> None:
+    ledger = make(tmp_path, FakeSystemd())
+    ledger.runtime_dir.mkdir(parents=True)
+    with ledger.path.open("wb") as file:
+        file.truncate(MAX_LEDGER_BYTES + 1)
+    with pytest.raises(LedgerError, match="larger than"):
+        ledger.snapshot()
+
+
+def test_a_read_only_look_wants_the_runtime_dirs_owner(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown a file to another user")
+    systemd = FakeSystemd()
+    systemd.running = {"lmproxy-a.service"}
+    ledger = make(tmp_path, systemd)
+    with ledger.transaction() as txn:
+        txn.entries["a"] = Entry(State.STARTING, {"VRAM": 10}, 0, 1.0)
+    os.chown(ledger.runtime_dir, 65534, 65534)  # the shims' user's, as /run/lmproxy is
+    with pytest.raises(LedgerError, match="owned by uid 0, not 65534"):
+        ledger.snapshot()
+    os.chown(ledger.path, 65534, 65534)
+    assert set(ledger.snapshot()) == {"a"}
 
 
 def test_files_have_narrow_permissions(tmp_path: Path) -> None:
