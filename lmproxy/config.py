@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmproxy import unitnames, unitsyntax
+from lmproxy import unitsyntax
 
 
 class ConfigError(ValueError):

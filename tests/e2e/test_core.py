@@ -299,8 +299,6 @@ def test_concurrent_installs_leave_one_whole_set(systemd_sandbox: Sandbox, tmp_p
     ]
     assert [run.wait(120) for run in runs] == [0, 0, 0, 0]
     names = _unit_files(systemd_sandbox) - {"lmproxy.target", "lmproxy.slice"}
-    stems = {
-        name.split(".")[0].removeprefix("lmproxy-").removeprefix("backend@") for name in names
-    }
+    stems = {name.split(".")[0].removeprefix("lmproxy-").removeprefix("backend@") for name in names}
     assert stems in ({"a0", "a1", "a2", "a3"}, {"b0", "b1", "b2"})
     assert len(names) == 3 * len(stems)
