@@ -57,8 +57,8 @@ def fake_model(m: SystemManager, name: str, port: int, **fields: Any) -> dict[st
     return helpers.fake_model(name, port, Environment=environment, **fields)
 
 
-def install(m: SystemManager, services: list[dict[str, Any]]) -> None:
-    document = {"ResourcesAvailable": {"VRAM": 24000}, "Services": services}
+def install(m: SystemManager, services: list[dict[str, Any]], **top: Any) -> None:
+    document = {"ResourcesAvailable": {"VRAM": 24000}, "Services": services, **top}
     m.path(CONFIG).write_text(json.dumps(document))
     result = lmproxy(m, "install", "--system", "--config", CONFIG, "--now")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -235,3 +235,117 @@ def test_removing_the_package_removes_the_units_it_installed(
         assert manager.show(unit, "ActiveState") == "inactive", unit
     with pytest.raises(ConnectionRefusedError):
         http_get(port, timeout=5)
+
+
+# Run as nobody inside the sandbox: finds the shims' connections on the system bus the
+# way any local user can, and sends each of them signals claiming to be systemd's.
+FORGER = """
+import sys
+from jeepney import DBusAddress, HeaderFields, new_signal
+from jeepney.bus_messages import message_bus
+from jeepney.io.blocking import open_dbus_connection
+
+unit_path, shims_uid = sys.argv[1], int(sys.argv[2])
+with open_dbus_connection(bus="SYSTEM") as bus:
+    (names,) = bus.send_and_get_reply(message_bus.ListNames()).body
+    targets = [
+        name for name in names if name.startswith(":")
+        and bus.send_and_get_reply(message_bus.GetConnectionUnixUser(name)).body[0] == shims_uid
+    ]
+    changes = DBusAddress(unit_path, interface="org.freedesktop.DBus.Properties")
+    unit = "org.freedesktop.systemd1.Unit"
+    inactive = {"ActiveState": ("s", "inactive"), "SubState": ("s", "dead")}
+    for target in targets:
+        for signature, body in [("sa{sv}as", (unit, inactive, []))] * 3 + [("ss", (unit, "x"))]:
+            signal = new_signal(changes, "PropertiesChanged", signature, body)
+            signal.header.fields[HeaderFields.destination] = target
+            bus.send(signal)
+    print(len(targets))
+"""
+
+
+def test_signals_forged_by_another_user_change_nothing(
+    manager: SystemManager, installed: tuple[int, int]
+) -> None:
+    """Once, three forged PropertiesChanged made alpha's shim close its clients and exit
+    while its backend ran on, and a malformed one killed the thread that watches it."""
+    alpha, _ = installed
+    backend = "lmproxy-backend@alpha.service"
+    client = helpers.open_connection(alpha)
+    try:
+        assert b'"alpha"' in helpers.request_on(client)
+        shim_pid = manager.show("lmproxy-alpha.service", "MainPID")
+        unit_path = "/org/freedesktop/systemd1/unit/lmproxy_2dbackend_40alpha_2eservice"
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+        forger = ["/usr/bin/python3", "-c", FORGER, unit_path, str(uid(manager, "lmproxy"))]
+        forged = manager.run([*as_nobody, *forger])
+        assert forged.returncode == 0, forged.stderr
+        assert int(forged.stdout) >= 2, forged.stdout  # the shim's connections
+        wait_for(
+            lambda: "not systemd" in journal_of(manager, "lmproxy-alpha.service"),
+            10,
+            "the shim to log the signals it ignored",
+        )
+        # The client that was open is still served, and so is a new one.
+        assert b'"alpha"' in helpers.request_on(client)
+        assert http_get(alpha)["model"] == "alpha"
+        assert manager.show("lmproxy-alpha.service", "MainPID") == shim_pid
+        assert manager.show(backend, "ActiveState") == "active"
+    finally:
+        client.close()
+    # The watcher still hears the real stop: the shim exits after it.
+    stopped = manager.run(["systemctl", "stop", backend])
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(
+        lambda: manager.show("lmproxy-alpha.service", "ActiveState") == "inactive",
+        15,
+        "the shim to notice its backend's real stop and exit",
+    )
+
+
+def journal_of(m: SystemManager, unit: str) -> str:
+    return m.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit]).stdout
+
+
+LEAVE_STOPPING = """
+import json, os, sys
+path, name, uid = "/run/lmproxy/ledger.json", sys.argv[1], int(sys.argv[2])
+ledger = json.load(open(path))
+ledger["services"][name]["state"] = "stopping"
+with open(path + ".new", "w") as new:
+    json.dump(ledger, new)
+os.chown(path + ".new", uid, uid)
+os.rename(path + ".new", path)
+"""
+
+
+def test_an_entry_left_stopping_with_a_live_backend_is_repaired(manager: SystemManager) -> None:
+    """alpha's shim is gone and its entry says stopping, while its backend runs: nobody
+    will finish that stop. beta needs alpha's room: it must not wait for ever."""
+    alpha, beta = free_port(), free_port()
+    install(
+        manager,
+        [
+            fake_model(manager, "alpha", alpha, ResourceRequirements={"VRAM": 16000}),
+            fake_model(manager, "beta", beta, ResourceRequirements={"VRAM": 16000}),
+        ],
+        MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds=8,
+    )
+    try:
+        assert http_get(alpha)["model"] == "alpha"
+        killed = manager.run(["systemctl", "kill", "-s", "KILL", "lmproxy-alpha.service"])
+        assert killed.returncode == 0, killed.stderr
+        wait_for(lambda: manager.show("lmproxy-alpha.service", "ActiveState") != "active", 10)
+        assert manager.show("lmproxy-backend@alpha.service", "ActiveState") == "active"
+        left = manager.run(
+            ["/usr/bin/python3", "-c", LEAVE_STOPPING, "alpha", str(uid(manager, "lmproxy"))]
+        )
+        assert left.returncode == 0, left.stderr
+
+        assert http_get(beta, timeout=30)["model"] == "beta"
+
+        assert manager.show("lmproxy-backend@alpha.service", "ActiveState") == "inactive"
+        assert "alpha was left stopping" in journal_of(manager, "lmproxy-beta.service")
+    finally:
+        result = lmproxy(manager, "uninstall", "--system")
+        assert result.returncode == 0, result.stdout + result.stderr
