@@ -23,7 +23,12 @@ from lmproxy import unitnames, unitsyntax
 from lmproxy.config import Config, ConfigError, load_config
 from lmproxy.files import write_atomically
 from lmproxy.paths import Paths, Scope, paths_for
-from lmproxy.render import current_interpreter, render_units
+from lmproxy.render import (
+    ENVIRONMENT_DIR,
+    current_interpreter,
+    render_environment_files,
+    render_units,
+)
 from lmproxy.systemd import Manager, SystemdError
 
 JOB_TIMEOUT_S = 120.0
@@ -79,6 +84,36 @@ def render_for(config: Config, scope: Scope) -> dict[str, str]:
     )
 
 
+def environment_files_for(config: Config) -> dict[str, str]:
+    """Each backend's environment file, by service name (see render.environment_file)."""
+    return render_environment_files(config, current_interpreter())
+
+
+def environment_dir(paths: Paths) -> Path:
+    return paths.config_dir / ENVIRONMENT_DIR
+
+
+def _environment_changes(
+    config: Config, paths: Paths
+) -> tuple[dict[Path, tuple[bytes, int]], list[Path]]:
+    """The environment files to write (0600: they may hold secrets) and the ones left
+    from services that have none now."""
+    folder = environment_dir(paths)
+    wanted = {
+        folder / f"{name}.env": (text.encode(), 0o600)
+        for name, text in environment_files_for(config).items()
+    }
+    stale = sorted(set(folder.glob("*.env")) - set(wanted)) if folder.is_dir() else []
+    if wanted:
+        _make_private_dir(folder)
+    return wanted, stale
+
+
+def _make_private_dir(folder: Path) -> None:
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+
+
 def plan_install(units: dict[str, str], paths: Paths) -> Plan:
     previous = read_manifest(paths)
     write, keep = {}, []
@@ -109,7 +144,9 @@ def install(config_path: Path, scope: Scope, *, now: bool, say: Say) -> None:
         files = {paths.unit_dir / name: (text.encode(), 0o644) for name, text in plan.write.items()}
         files[paths.installed_config] = (config_text, config_mode(scope))
         files[paths.manifest] = (json.dumps(sorted(units), indent=1).encode(), 0o644)
-        switch_files(paths, files, [paths.unit_dir / name for name in plan.remove])
+        environment, stale = _environment_changes(config, paths)
+        files.update(environment)
+        switch_files(paths, files, [paths.unit_dir / name for name in plan.remove] + stale)
         manager.reload()
         manager.enable_unit_files([n for n in sorted(units) if _enableable(n)])
         sockets = [unitnames.socket_unit(s.name) for s in config.services]
@@ -144,9 +181,13 @@ def uninstall(scope: Scope, *, say: Say) -> None:
         for name in installed:
             with contextlib.suppress(FileNotFoundError):
                 (paths.unit_dir / name).unlink()
-        for leftover in (paths.installed_config, paths.manifest, paths.ledger):
+        folder = environment_dir(paths)
+        environment = list(folder.glob("*.env")) if folder.is_dir() else []
+        for leftover in (paths.installed_config, paths.manifest, paths.ledger, *environment):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
         manager.reload()
     say(f"removed {len(installed)} unit(s) from the {scope.value} manager")
 
@@ -282,7 +323,7 @@ def recover(paths: Paths) -> None:
     """Completes a switch that was committed, or drops one that was not."""
     if paths.intent.exists():
         _finish_switch(paths)
-    for folder in (paths.unit_dir, paths.config_dir):
+    for folder in (paths.unit_dir, paths.config_dir, environment_dir(paths)):
         if folder.is_dir():
             for staged in folder.glob(f".*{STAGED_SUFFIX}"):
                 staged.unlink()

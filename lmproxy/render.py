@@ -21,6 +21,8 @@ from lmproxy.config import Config, Service
 from lmproxy.paths import Scope
 
 BACKEND_STOP_TIMEOUT_S = 30
+# Beside the installed config: the backends' environments, readable by their owner only.
+ENVIRONMENT_DIR = "environment"
 
 
 class Escaped(str):
@@ -69,6 +71,41 @@ def current_interpreter() -> Interpreter:
     return Interpreter(sys.executable, environment)
 
 
+def environment_file(config_path: Path, service: str) -> Path:
+    """Where the backend of service finds its environment: systemd reads the file (as
+    root, for the system manager) before it starts the model server as its user.
+
+    Not Environment= lines: unit files are readable by every local user, and systemd
+    publishes Environment= over D-Bus to anyone who asks (`systemctl show`), where
+    EnvironmentFile= shows only this path."""
+    return config_path.parent / ENVIRONMENT_DIR / f"{service}.env"
+
+
+def backend_environment(service: Service, interpreter: Interpreter) -> dict[str, str]:
+    """What the backend's process gets: the config's Environment and, when lmproxy's log
+    tee runs the command, what the tee needs to import lmproxy."""
+    environment = dict(service.environment)
+    if service.log_file_path:
+        for key, value in interpreter.environment.items():
+            # The tee must import lmproxy even when the service sets its own PYTHONPATH.
+            own = environment.get(key)
+            environment[key] = f"{value}:{own}" if own else value
+    return environment
+
+
+def render_environment_files(config: Config, interpreter: Interpreter) -> dict[str, str]:
+    """The contents of each backend's environment file, by service name; a service
+    whose backend needs no environment has none."""
+    files = {}
+    for service in config.services:
+        environment = backend_environment(service, interpreter)
+        if environment:
+            files[service.name] = "".join(
+                unitsyntax.environment_file_line(k, v) for k, v in environment.items()
+            )
+    return files
+
+
 def render_units(
     config: Config,
     *,
@@ -105,16 +142,12 @@ def _values(
         "lmproxy", "shim", scope.systemctl_flag, "--config", str(config_path), name
     )
     backend_argv: Sequence[str] = service.argv
-    backend_environment = dict(service.environment)
     if service.log_file_path:
         # LogFilePath gets the output as well as the journal: a small tee runs the command.
         backend_argv = interpreter.module(
             "lmproxy.logtee", service.log_file_path, "--", *service.argv
         )
-        for key, value in interpreter.environment.items():
-            # The tee must import lmproxy even when the service sets its own PYTHONPATH.
-            own = backend_environment.get(key)
-            backend_environment[key] = f"{value}:{own}" if own else value
+    environment_path = environment_file(config_path, name)
     return {
         "name": Escaped(unitsyntax.quote_value(name)),
         "config_path": Escaped(unitsyntax.quote_value(str(config_path))),
@@ -131,9 +164,9 @@ def _values(
         if service.kill_command
         else None,
         "work_dir": Escaped(unitsyntax.path_value(service.work_dir)) if service.work_dir else None,
-        "environment": [
-            Escaped(unitsyntax.environment_assignment(k, v)) for k, v in backend_environment.items()
-        ],
+        "environment_file": Escaped(unitsyntax.path_value(str(environment_path)))
+        if backend_environment(service, interpreter)
+        else None,
         "user": Escaped(unitsyntax.quote_value(service.user)) if service.user else None,
         # Under the system manager a model server never runs as root by default.
         "default_user": scope is Scope.SYSTEM and not service.user,

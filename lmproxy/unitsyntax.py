@@ -14,6 +14,9 @@ Which function for which setting (checked against systemd 252):
     ``ExecStopPost=``, ``ExecReload=``, ``ExecCondition=``: one command, no shell.
 ``environment_assignment(key, value)``
     ``Environment=`` (one assignment per call; several may share a line, space-separated).
+``environment_file_line(key, value)``
+    One line of a file read by ``EnvironmentFile=`` (not a unit file: there systemd's
+    own shell-like reader applies, and no specifier or variable is expanded).
 ``quote_value(s)``
     Settings that take their whole value verbatim and expand only specifiers:
     ``Description=``, ``SyslogIdentifier=``, ``User=``, ``Group=``, ``Documentation=``
@@ -72,6 +75,7 @@ __all__ = [
     "MAX_VALUE_BYTES",
     "PREFIX_CHARS",
     "environment_assignment",
+    "environment_file_line",
     "exec_line",
     "listen_stream",
     "path_value",
@@ -244,6 +248,27 @@ def environment_assignment(key: str, value: str) -> str:
         )
     _check_chars(value, f"the value of {key}")
     return _check_length(_quote_word(f"{key}={value}", dollar=False), f"the assignment of {key}")
+
+
+# What a backslash must protect inside double quotes in an environment file: systemd's
+# reader (parse_env_file_internal) unescapes exactly these and keeps any other "\".
+_ENV_FILE_ESCAPE = re.compile(r'(["\\`$])')
+
+
+def environment_file_line(key: str, value: str) -> str:
+    """``KEY="value"`` and a newline, for a file that ``EnvironmentFile=`` names.
+
+    The value is double-quoted, with ``"``, ``\\``, a backquote and ``$`` escaped by a
+    backslash; inside double quotes systemd's reader keeps everything else as it is,
+    line breaks included, and expands nothing. Raises ``ValueError`` as
+    ``environment_assignment`` does."""
+    if not _ENV_NAME.fullmatch(key):
+        raise ValueError(
+            f"invalid environment variable name {key!r} (must match [A-Za-z_][A-Za-z0-9_]*)"
+        )
+    _check_chars(value, f"the value of {key}")
+    escaped = _ENV_FILE_ESCAPE.sub(r"\\\1", value)
+    return f'{key}="{escaped}"\n'
 
 
 def _check_verbatim(s: str, what: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lmproxy.render import current_interpreter
 from lmproxy.sandbox import Sandbox
 from tests.e2e.helpers import (
     fake_model,
@@ -38,6 +39,47 @@ def test_log_file_path_gets_the_output_as_well_as_the_journal(
     # The tee forwards the stop to the model server itself.
     lmproxy(systemd_sandbox, "uninstall", "--user")
     assert not os.path.exists(f"/proc/{answer['pid']}")
+
+
+SECRET_ENVIRONMENT = {
+    "API_KEY": "s3cret-$HOME-${HOME}-%n-`id`-\\-\"-'",
+    "SPACES": "  two  spaces  ",
+    "EMPTY": "",
+    "UNICODE": "é ☃ \u2028 \u0085",
+}
+
+
+def process_environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode()
+    return dict(item.partition("=")[::2] for item in raw.split("\0") if item)
+
+
+def test_the_environment_reaches_the_model_from_a_private_file(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Environment may hold secrets: it goes to a file only its owner reads, which
+    systemd reads, and not into the unit (readable by all, and shown over D-Bus)."""
+    port = free_port()
+    environment = {**current_interpreter().environment, **SECRET_ENVIRONMENT}
+    install(
+        systemd_sandbox,
+        write_config(tmp_path / "c.json", [fake_model("keyed", port, Environment=environment)]),
+    )
+    pid = http_get(port)["pid"]
+
+    got = process_environment(pid)
+    assert {key: got.get(key) for key in environment} == environment
+    unit_dir = systemd_sandbox.config_home / "systemd" / "user"
+    for unit in unit_dir.glob("lmproxy-*"):
+        assert "s3cret" not in unit.read_text(), unit
+    shown = systemd_sandbox.systemctl("show", "-p", "Environment", "lmproxy-backend@keyed.service")
+    assert "s3cret" not in shown.stdout
+    env_file = systemd_sandbox.config_home / "lmproxy" / "environment" / "keyed.env"
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    assert env_file.parent.stat().st_mode & 0o777 == 0o700
+
+    lmproxy(systemd_sandbox, "uninstall", "--user")
+    assert not env_file.parent.exists()
 
 
 def test_kill_command_stops_the_backend(systemd_sandbox: Sandbox, tmp_path: Path) -> None:

@@ -195,6 +195,31 @@ def test_backend_runs_as_the_user_the_config_names(manager: SystemManager) -> No
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_no_other_user_reads_the_environment(manager: SystemManager) -> None:
+    port = free_port()
+    model = fake_model(manager, "keyed", port)
+    model["Environment"]["API_KEY"] = "s3cret"
+    install(manager, [model])
+    try:
+        pid = http_get(port)["pid"]
+        environ = manager.run(["cat", f"/proc/{pid}/environ"]).stdout
+        assert "API_KEY=s3cret" in environ.split("\0")
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+        grep = manager.run(
+            [*as_nobody, "grep", "-rs", "s3cret", "/etc/systemd/system", "/etc/lmproxy"]
+        )
+        assert grep.stdout == "", grep.stdout
+        shown = manager.run(
+            [*as_nobody, "systemctl", "show", "-p", "Environment", "lmproxy-backend@keyed.service"]
+        )
+        assert shown.returncode == 0 and "s3cret" not in shown.stdout, shown.stdout
+        owner = manager.run(["stat", "-c", "%U %a", "/etc/lmproxy/environment/keyed.env"])
+        assert owner.stdout.split() == ["root", "600"], owner.stdout
+    finally:
+        result = lmproxy(manager, "uninstall", "--system")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def remove_script(m: SystemManager, kind: str) -> list[str]:
     """The command that removing the package runs before its files go: Debian's prerm
     (the installed one where the installed package is under test), or pacman's

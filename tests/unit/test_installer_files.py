@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -102,3 +103,27 @@ def test_commands_that_cannot_run_here_are_refused(tmp_path: Path) -> None:
         "$.Services[2].Command",
         "$.Services[3].Command",
     ]
+
+
+def test_environment_files_are_private_and_stale_ones_go(tmp_path: Path) -> None:
+    from lmproxy.config import parse_config
+
+    paths = make_paths(tmp_path)
+    folder = installer.environment_dir(paths)
+    folder.mkdir(mode=0o755)
+    (folder / "gone.env").write_text('A="1"\n')
+    service = {"ListenPort": 1, "ProxyTargetPort": 2, "Command": "/bin/true"}
+    document = {
+        "Services": [
+            {**service, "Name": "keyed", "Environment": {"KEY": "s3cret"}},
+            {**service, "Name": "plain", "ListenPort": 3, "ProxyTargetPort": 4},
+        ]
+    }
+    config = parse_config(json.dumps(document), tmp_path)
+    write, stale = installer._environment_changes(config, paths)
+    assert write == {folder / "keyed.env": (b'KEY="s3cret"\n', 0o600)}
+    assert stale == [folder / "gone.env"]
+    assert folder.stat().st_mode & 0o777 == 0o700
+    installer.switch_files(paths, dict(write), stale)
+    assert [p.name for p in folder.iterdir()] == ["keyed.env"]
+    assert (folder / "keyed.env").stat().st_mode & 0o777 == 0o600

@@ -206,6 +206,38 @@ def environment(values: Sequence[str]) -> dict[str, str]:
     return result
 
 
+def environment_file_values(text: str) -> dict[str, str]:
+    """What systemd's reader of EnvironmentFile= (parse_env_file_internal) takes from
+    lines of the form lmproxy writes, KEY="value": inside the quotes a backslash
+    unescapes one of " \\ ` $ and is kept before anything else; line breaks are
+    part of the value. Strict: anything else in the file fails the test."""
+    result: dict[str, str] = {}
+    rest = text
+    while rest:
+        key, equals, rest = rest.partition('="')
+        assert equals and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key), rest
+        value, index = [], 0
+        while rest[index] != '"':
+            if rest[index] == "\\":
+                index += 1
+                if rest[index] not in '"\\`$':
+                    value.append("\\")
+            value.append(rest[index])
+            index += 1
+        assert rest[index + 1] == "\n", rest
+        result[key] = "".join(value)
+        rest = rest[index + 2 :]
+    return result
+
+
+def backend_environment(
+    config: Config, name: str = "llm", interpreter: Interpreter = PLAIN_PYTHON
+) -> dict[str, str]:
+    """The environment that name's backend gets from its environment file."""
+    text = render.render_environment_files(config, interpreter).get(name)
+    return {} if text is None else environment_file_values(text)
+
+
 def test_the_reader_is_strict() -> None:
     unit = parse_unit("# c \\\n[Unit]\nA=1\n; c\n[Service]\nB = x y \nB=\nC=a\\\\\n")
     assert unit.sections == {"Unit": {"A": ["1"]}, "Service": {"B": ["x y", ""], "C": ["a\\\\"]}}
@@ -430,11 +462,29 @@ def test_shim_gets_the_pythonpath_of_a_checkout() -> None:
         assert environment(shim.values("Service", "Environment")) == {"PYTHONPATH": "/src"}
         assert exec_argv(shim.value("Service", "ExecStart"))[0] == "/x/python"
     # A backend that runs its command directly gets the config's environment only.
-    backend = units["lmproxy-backend@llama-server.service"]
-    assert environment(backend.values("Service", "Environment")) == {"CUDA_VISIBLE_DEVICES": "0"}
+    backend_env = backend_environment(example_config(), "llama-server", CHECKOUT_PYTHON)
+    assert backend_env == {"CUDA_VISIBLE_DEVICES": "0"}
 
 
 # --- The backend -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope", list(Scope))
+def test_rendered_units_hold_no_secret(scope: Scope, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit files are readable by every local user and systemd shows Environment= to
+    anyone over D-Bus: the environment is in a file beside the installed config."""
+    from lmproxy.installer import render_for
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/home/u/.config")
+    secret = {"API_KEY": "s3cret", "HF_TOKEN": "hf_s3cret"}
+    config = make_config(service(Environment=secret, LogFilePath="/var/log/x.log"))
+    units = render_for(config, scope)
+    assert not [name for name, text in units.items() if "s3cret" in text]
+    backend = parse_unit(units["lmproxy-backend@llm.service"])
+    expected = paths_for(scope).config_dir / "environment" / "llm.env"
+    assert backend.value("Service", "EnvironmentFile") == str(expected)
+    assert not backend.has("Service", "Environment")
+    assert backend_environment(config) == secret
 
 
 def test_example_backends() -> None:
@@ -453,7 +503,7 @@ def test_example_backends() -> None:
         assert backend.value("Service", "SyslogIdentifier") == f"lmproxy-{name}"
         assert backend.value("Service", "Slice") == "lmproxy.slice"
         assert backend.value("Service", "WorkingDirectory") == entry["WorkDir"]
-        assert environment(backend.values("Service", "Environment")) == entry["Environment"]
+        assert backend_environment(example_config(), name) == entry["Environment"]
         assert not backend.has("Service", "User")
         assert not backend.has("Service", "RemainAfterExit")
         assert not backend.has("Service", "ExecStop")
@@ -479,7 +529,7 @@ def test_backend_without_args_runs_the_bare_command() -> None:
 
 def test_backend_minimal_has_no_optional_settings() -> None:
     backend = render_parsed(make_config(service()))["lmproxy-backend@llm.service"]
-    for key in ("WorkingDirectory", "Environment", "User", "RemainAfterExit", "ExecStop"):
+    for key in ("WorkingDirectory", "EnvironmentFile", "User", "RemainAfterExit", "ExecStop"):
         assert not backend.has("Service", key), key
 
 
@@ -534,10 +584,9 @@ def test_bare_command_name_is_kept() -> None:
 
 def test_environment_entries_in_order() -> None:
     env = {"B_SECOND": "2", "A_FIRST": "1", "_x9": "", "PATH": "/opt/bin:/usr/bin"}
-    backend = render_parsed(make_config(service(Environment=env)))["lmproxy-backend@llm.service"]
-    lines = backend.values("Service", "Environment")
-    assert [next(iter(environment([line]))) for line in lines] == list(env)
-    assert environment(lines) == env
+    text = render.render_environment_files(make_config(service(Environment=env)), PLAIN_PYTHON)
+    assert [line.split("=")[0] for line in text["llm"].splitlines()] == list(env)
+    assert environment_file_values(text["llm"]) == env
 
 
 @pytest.mark.parametrize("interpreter", [PLAIN_PYTHON, CHECKOUT_PYTHON])
@@ -563,7 +612,7 @@ def test_log_file_path_runs_the_command_through_logtee(interpreter: Interpreter)
         "-v",
     ]
     # The tee is lmproxy's own module: it needs the interpreter's environment too.
-    assert environment(backend.values("Service", "Environment")) == {
+    assert backend_environment(config, "llm", interpreter) == {
         **interpreter.environment,
         "CUDA_VISIBLE_DEVICES": "1",
     }
@@ -696,7 +745,7 @@ def test_hostile_values_reach_the_program_unchanged() -> None:
         assert word in argv, word
     assert backend.value("Service", "WorkingDirectory").replace("%%", "%") == HOSTILE_WORK_DIR
     assert unspecify(backend.value("Service", "WorkingDirectory")) == HOSTILE_WORK_DIR
-    assert environment(backend.values("Service", "Environment")) == HOSTILE_ENVIRONMENT
+    assert backend_environment(config) == HOSTILE_ENVIRONMENT
     assert exec_argv(backend.value("Service", "ExecStop")) == ["/bin/sh", "-c", HOSTILE_KILL]
 
 
@@ -823,7 +872,7 @@ def test_any_valid_values_keep_the_shape_and_reach_the_program(
     if log is not None:
         argv = ["/usr/bin/python3", "-m", "lmproxy.logtee", log, "--", *argv]
     assert exec_argv(backend.value("Service", "ExecStart")) == argv
-    assert environment(backend.values("Service", "Environment")) == env
+    assert backend_environment(make_config(service(**hostile))) == env
     if work_dir is not None:
         assert unspecify(backend.value("Service", "WorkingDirectory")) == work_dir
     if kill is not None:
@@ -874,9 +923,7 @@ def test_system_backend_defaults_to_the_model_user_with_gpu_groups() -> None:
     assert backend.values("Service", "User") == ["lmproxy-model"]
     assert backend.values("Service", "SupplementaryGroups") == ["video render"]
     assert backend.values("Service", "NoNewPrivileges") == ["yes"]
-    # Settings that would hide GPUs or break their JIT compilers stay off.
-    for setting in ("PrivateDevices", "DevicePolicy", "MemoryDenyWriteExecute", "ProtectHome"):
-        assert backend.values("Service", setting) == [], setting
+    assert backend.values("Service", "RemoveIPC") == ["yes"]  # nothing else runs as this user
 
 
 def test_system_backend_runs_as_root_only_when_the_config_says_so() -> None:
@@ -886,3 +933,90 @@ def test_system_backend_runs_as_root_only_when_the_config_says_so() -> None:
         ]
         assert backend.values("Service", "User") == [user]
         assert backend.values("Service", "SupplementaryGroups") == []
+
+
+# The system backend's hardening (templates/backend.service.j2), in every system backend
+# whoever it runs as: a model server needs no capability, namespace or exotic system call.
+BACKEND_HARDENING = [
+    ("CapabilityBoundingSet", ""),
+    ("AmbientCapabilities", ""),
+    ("NoNewPrivileges", "yes"),
+    ("RestrictSUIDSGID", "yes"),
+    ("PrivateTmp", "yes"),
+    ("PrivateMounts", "yes"),
+    ("ProtectSystem", "full"),
+    ("ProtectKernelTunables", "yes"),
+    ("ProtectKernelModules", "yes"),
+    ("ProtectKernelLogs", "yes"),
+    ("ProtectControlGroups", "yes"),
+    ("ProtectClock", "yes"),
+    ("ProtectHostname", "yes"),
+    ("ProtectProc", "invisible"),
+    ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6 AF_NETLINK"),
+    ("RestrictNamespaces", "yes"),
+    ("RestrictRealtime", "yes"),
+    ("LockPersonality", "yes"),
+    ("SystemCallArchitectures", "native"),
+    ("SystemCallFilter", "@system-service"),
+    ("SystemCallErrorNumber", "EPERM"),
+    ("UMask", "0027"),
+]
+# Settings that would hide GPUs (PrivateDevices, DevicePolicy, ProcSubset hides
+# /proc/driver/nvidia), break their JIT compilers (MemoryDenyWriteExecute), models in
+# homes (ProtectHome), the GPU groups (PrivateUsers) or the relay (PrivateNetwork).
+BACKEND_LEFT_OUT = (
+    "PrivateDevices",
+    "DevicePolicy",
+    "DeviceAllow",
+    "MemoryDenyWriteExecute",
+    "ProtectHome",
+    "ProcSubset",
+    "PrivateUsers",
+    "PrivateNetwork",
+    "IPAddressDeny",
+)
+
+
+@pytest.mark.parametrize("fields", [{}, {"User": "root"}, {"User": "llm"}], ids=str)
+def test_system_backend_is_hardened_for_any_user(fields: dict[str, Any]) -> None:
+    backend = render_parsed(make_config(service(**fields)), scope=Scope.SYSTEM)[
+        "lmproxy-backend@llm.service"
+    ]
+    for setting, value in BACKEND_HARDENING:
+        assert backend.values("Service", setting) == [value], setting
+    for setting in BACKEND_LEFT_OUT:
+        assert backend.values("Service", setting) == [], setting
+
+
+def test_system_backend_keeps_the_resource_system_calls() -> None:
+    """One allow list and no deny list: @resources (mbind, set_mempolicy,
+    sched_setaffinity, setrlimit) and @memlock stay allowed, as @system-service has them."""
+    backend = render_parsed(make_config(service()), scope=Scope.SYSTEM)[
+        "lmproxy-backend@llm.service"
+    ]
+    filters = backend.values("Service", "SystemCallFilter")
+    assert filters == ["@system-service"]
+    assert not any(f.startswith("~") for f in filters)
+
+
+@pytest.mark.parametrize("user", ["root", "llm"])
+def test_system_backend_removes_ipc_only_for_the_model_user(user: str) -> None:
+    """A User= of the config may share its shared memory with a login session."""
+    backend = render_parsed(make_config(service(User=user)), scope=Scope.SYSTEM)[
+        "lmproxy-backend@llm.service"
+    ]
+    assert backend.values("Service", "RemoveIPC") == []
+
+
+@pytest.mark.parametrize("with_log", [False, True])
+def test_user_backend_has_no_system_hardening(with_log: bool) -> None:
+    """A user manager cannot apply most of it (capabilities, mount namespaces, ProtectProc,
+    ProtectSystem need privileges there), and would fail or warn: none of it goes there."""
+    fields = {"LogFilePath": "/tmp/llm.log"} if with_log else {}
+    backend = render_parsed(make_config(service(**fields)), scope=Scope.USER)[
+        "lmproxy-backend@llm.service"
+    ]
+    for setting in [*(s for s, _ in BACKEND_HARDENING), *BACKEND_LEFT_OUT, "RemoveIPC"]:
+        assert backend.values("Service", setting) == [], setting
+    for setting in ("User", "Group", "SupplementaryGroups"):
+        assert backend.values("Service", setting) == [], setting
