@@ -30,6 +30,7 @@ from lmproxy.render import (
     render_units,
 )
 from lmproxy.systemd import Manager, SystemdError
+from lmproxy.trust import require_root_owned_code
 
 JOB_TIMEOUT_S = 120.0
 
@@ -131,6 +132,8 @@ def install(config_path: Path, scope: Scope, *, now: bool, say: Say) -> None:
     """Validates, renders, writes, reloads, enables (and with now, starts)."""
     config = load_config(config_path)
     refuse_missing_commands(config)
+    if scope is Scope.SYSTEM:
+        require_root_owned_code()
     config_text = config_path.read_bytes()
     paths = paths_for(scope)
     units = render_for(config, scope)

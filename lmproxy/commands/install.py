@@ -23,12 +23,13 @@ def install(config_path: Path, scope: str | None, now: bool) -> None:
     """
     from lmproxy import installer
     from lmproxy.systemd import SystemdError
+    from lmproxy.trust import UntrustedCode
 
     try:
         installer.install(config_path, resolve_scope(scope), now=now, say=click.echo)
     except ConfigError as error:
         refuse_config(error, config_path)
-    except SystemdError as error:
+    except (SystemdError, UntrustedCode) as error:
         fail(str(error))
 
 

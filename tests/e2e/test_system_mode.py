@@ -220,6 +220,29 @@ def test_no_other_user_reads_the_environment(manager: SystemManager) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_install_refuses_code_other_users_can_change(manager: SystemManager) -> None:
+    """Root installing from a copy that another user may write would let that user run
+    code as lmproxy (with its polkit rights) and as every backend's user."""
+    unsafe = "/run/lmproxy-sandbox/unsafe"
+    if manager.python_path:
+        copied = manager.run(["cp", "-r", manager.python_path, unsafe])
+    else:
+        copied = manager.run(["cp", "-r", "/usr/lib/python3/dist-packages/lmproxy", unsafe + "/"])
+    assert copied.returncode == 0, copied.stderr
+    manager.run(["chmod", "o+w", f"{unsafe}/lmproxy/shim.py"])
+    manager.path(CONFIG).write_text(
+        json.dumps({"Services": [fake_model(manager, "unsafe", free_port())]})
+    )
+    result = manager.run(
+        ["/usr/bin/python3", "-m", "lmproxy", "install", "--system", "--config", CONFIG],
+        env={"PYTHONPATH": unsafe},
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{unsafe}/lmproxy/shim.py: writable by others" in result.stderr
+    assert list(manager.path("/etc/systemd/system").iterdir()) == []
+    manager.run(["rm", "-rf", unsafe])
+
+
 def remove_script(m: SystemManager, kind: str) -> list[str]:
     """The command that removing the package runs before its files go: Debian's prerm
     (the installed one where the installed package is under test), or pacman's
