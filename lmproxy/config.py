@@ -132,6 +132,7 @@ SERVICE_FIELDS = (
     "ResourceRequirements",
     "Environment",  # lmproxy
     "User",  # lmproxy
+    "AllowRoot",  # lmproxy
 )
 API_FIELDS = ("ListenPort",)
 
@@ -140,6 +141,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _RESOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SHIM_USER = "lmproxy"  # system mode: the shims run as this user (system/lmproxy.sysusers)
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,30}")  # systemd warns past 31
 _DIGITS_RE = re.compile(r"[0-9]+")
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -722,13 +724,7 @@ class _Parser:
         service_url = self.optional_text(fields, "ServiceUrl")
         requirements = self.requirements(fields)
         environment = self.environment(fields)
-        user = self.text(fields, "User", null_ok=True)
-        if user is not None and not _USER_RE.fullmatch(user):
-            self.error(
-                fields.path_of("User"),
-                f"invalid User {_show(user)}: expected a user name (1 to 31 characters from "
-                "a-z 0-9 _ -, starting with a letter or '_')",
-            )
+        user = self.user(fields)
 
         if len(self.problems) == problems_before and command is not None:
             self.unit_safe(fields, "Command", lambda: unitsyntax.exec_line([command]))
@@ -795,6 +791,32 @@ class _Parser:
             target_port=target_port,
             service=service,
         )
+
+    def user(self, fields: _Fields) -> str | None:
+        user = self.text(fields, "User", null_ok=True)
+        allow_root = self.boolean(fields, "AllowRoot", False)
+        if user is None:
+            pass
+        elif not _USER_RE.fullmatch(user):
+            self.error(
+                fields.path_of("User"),
+                f"invalid User {_show(user)}: expected a user name (1 to 31 characters from "
+                "a-z 0-9 _ -, starting with a letter or '_')",
+            )
+        elif user == SHIM_USER:
+            self.error(
+                fields.path_of("User"),
+                f"User {_show(user)} is the shims' own user: a model server running as it "
+                "could start and stop every model (polkit) and rewrite the resource ledger; "
+                "leave User out (models then run as lmproxy-model) or name another user",
+            )
+        elif user == "root" and not allow_root:
+            self.error(
+                fields.path_of("User"),
+                'User "root" runs a network-facing model server with every privilege; '
+                'if that is really meant, say so with "AllowRoot": true in this service',
+            )
+        return user
 
     def unit_safe(
         self, fields: _Fields, name: str, check: Callable[[], object], key: str | None = None

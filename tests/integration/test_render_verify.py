@@ -269,7 +269,9 @@ _paths = st.lists(
     max_size=3,
 ).map(lambda parts: "/" + "/".join(parts))
 _names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", fullmatch=True)
-_users = st.from_regex(r"[a-z_][a-z0-9_-]{0,30}", fullmatch=True).filter(lambda u: u != "nobody")
+_users = st.from_regex(r"[a-z_][a-z0-9_-]{0,30}", fullmatch=True).filter(
+    lambda u: u not in ("nobody", "root", "lmproxy")  # refused unless asked for, or always
+)
 
 
 @st.composite

@@ -774,9 +774,25 @@ def test_environment() -> None:
     assert only_problem(text) == ("$.Services[0].Environment.A", "duplicate variable 'A'")
 
 
-@pytest.mark.parametrize("user", ["root", "_x", "llm-runner", "a" * 31, "u1_-"])
+@pytest.mark.parametrize("user", ["_x", "llm-runner", "lmproxy-model", "a" * 31, "u1_-"])
 def test_good_users(user: str) -> None:
     assert one_service(User=user).user == user
+
+
+def test_root_needs_to_be_asked_for() -> None:
+    path, message = service_problem(User="root")
+    assert path == "$.Services[0].User"
+    assert '"AllowRoot": true' in message
+    assert one_service(User="root", AllowRoot=True).user == "root"
+    assert service_problem(User="root", AllowRoot=False)[0] == "$.Services[0].User"
+
+
+def test_the_shims_user_is_refused() -> None:
+    """A model server running as lmproxy would hold the shims' polkit rights and could
+    rewrite the ledger."""
+    path, message = service_problem(User="lmproxy")
+    assert path == "$.Services[0].User"
+    assert "the shims' own user" in message
 
 
 def test_user_null_or_absent() -> None:

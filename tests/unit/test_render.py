@@ -928,7 +928,8 @@ def test_system_backend_defaults_to_the_model_user_with_gpu_groups() -> None:
 
 def test_system_backend_runs_as_root_only_when_the_config_says_so() -> None:
     for user in ("root", "llm"):
-        backend = render_parsed(make_config(service(User=user)), scope=Scope.SYSTEM)[
+        fields = {"User": user, "AllowRoot": user == "root"}
+        backend = render_parsed(make_config(service(**fields)), scope=Scope.SYSTEM)[
             "lmproxy-backend@llm.service"
         ]
         assert backend.values("Service", "User") == [user]
