@@ -978,7 +978,9 @@ BACKEND_LEFT_OUT = (
 )
 
 
-@pytest.mark.parametrize("fields", [{}, {"User": "root"}, {"User": "llm"}], ids=str)
+@pytest.mark.parametrize(
+    "fields", [{}, {"User": "root", "AllowRoot": True}, {"User": "llm"}], ids=str
+)
 def test_system_backend_is_hardened_for_any_user(fields: dict[str, Any]) -> None:
     backend = render_parsed(make_config(service(**fields)), scope=Scope.SYSTEM)[
         "lmproxy-backend@llm.service"
@@ -1003,7 +1005,7 @@ def test_system_backend_keeps_the_resource_system_calls() -> None:
 @pytest.mark.parametrize("user", ["root", "llm"])
 def test_system_backend_removes_ipc_only_for_the_model_user(user: str) -> None:
     """A User= of the config may share its shared memory with a login session."""
-    backend = render_parsed(make_config(service(User=user)), scope=Scope.SYSTEM)[
+    backend = render_parsed(make_config(service(User=user, AllowRoot=True)), scope=Scope.SYSTEM)[
         "lmproxy-backend@llm.service"
     ]
     assert backend.values("Service", "RemoveIPC") == []
