@@ -928,7 +928,7 @@ def test_system_backend_defaults_to_the_model_user_with_gpu_groups() -> None:
 
 def test_system_backend_runs_as_root_only_when_the_config_says_so() -> None:
     for user in ("root", "llm"):
-        fields = {"User": user, "AllowRoot": user == "root"}
+        fields: dict[str, Any] = {"User": user, "AllowRoot": user == "root"}
         backend = render_parsed(make_config(service(**fields)), scope=Scope.SYSTEM)[
             "lmproxy-backend@llm.service"
         ]
@@ -1015,7 +1015,7 @@ def test_system_backend_removes_ipc_only_for_the_model_user(user: str) -> None:
 def test_user_backend_has_no_system_hardening(with_log: bool) -> None:
     """A user manager cannot apply most of it (capabilities, mount namespaces, ProtectProc,
     ProtectSystem need privileges there), and would fail or warn: none of it goes there."""
-    fields = {"LogFilePath": "/tmp/llm.log"} if with_log else {}
+    fields: dict[str, Any] = {"LogFilePath": "/tmp/llm.log"} if with_log else {}
     backend = render_parsed(make_config(service(**fields)), scope=Scope.USER)[
         "lmproxy-backend@llm.service"
     ]
