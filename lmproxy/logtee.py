@@ -5,6 +5,10 @@ keeps the output (stdout goes there) and the file gets it too, as
 large-model-proxy users expect. Signals are passed on to the command, and its
 exit status becomes ours, so systemd sees the model server's own fate.
 
+The file is opened as the backend's user, root included, so it is opened with
+care: a symbolic link or a hard link planted where the log goes would otherwise make
+that user append model output to any file (see `open_log`).
+
 Usage: python3 -m lmproxy.logtee LOGFILE -- COMMAND [ARG...]
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 from types import FrameType
@@ -22,7 +27,11 @@ def main(argv: list[str]) -> int:
         print("usage: python3 -m lmproxy.logtee LOGFILE -- COMMAND [ARG...]", file=sys.stderr)
         return 2
     logfile, command = argv[0], argv[2:]
-    log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    try:
+        log_fd = open_log(logfile)
+    except (OSError, UnsafeLog) as error:
+        print(f"lmproxy.logtee: cannot use {logfile} as LogFilePath: {error}", file=sys.stderr)
+        return 1
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -37,6 +46,40 @@ def main(argv: list[str]) -> int:
         _write_all(log_fd, chunk)
     status = child.wait()
     return 128 - status if status < 0 else status  # killed by a signal: like a shell
+
+
+class UnsafeLog(Exception):  # noqa: N818 (it is what the caller reports)
+    """The log file or its folder could be someone else's trap."""
+
+
+def open_log(path: str) -> int:
+    """Opens path to append, refusing what another user could have planted: the
+    folder must be ours or root's and writable by nobody else (unless sticky), the
+    file a regular file of ours with no other name (a hard link to a file of root's
+    in a shared folder), and a symbolic link is never followed."""
+    folder = os.stat(os.path.dirname(path) or ".")
+    me = os.geteuid()
+    if folder.st_uid not in (0, me):
+        raise UnsafeLog(f"its folder belongs to uid {folder.st_uid}, not to uid {me} or root")
+    if folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not folder.st_mode & stat.S_ISVTX:
+        raise UnsafeLog(
+            f"its folder is writable by others (mode {stat.S_IMODE(folder.st_mode):04o})"
+        )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd = os.open(path, flags, 0o640)
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "it is not a regular file"
+    elif info.st_uid != me:
+        problem = f"it belongs to uid {info.st_uid}, not to uid {me}"
+    elif info.st_nlink != 1:
+        problem = f"it has {info.st_nlink} names (hard links)"
+    if problem:
+        os.close(fd)
+        raise UnsafeLog(problem)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _write_all(fd: int, data: bytes) -> None:
