@@ -3,6 +3,9 @@ then run its health check, within the startup deadline."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -103,6 +106,42 @@ def _wait_for_port(host: str, port: int, deadline: float, gone: Callable[[], boo
         delay = min(delay * 2, MAX_DELAY_S)
 
 
+# What a health check inherits from the shim: nothing of the shim's own (its socket,
+# its notify socket, its D-Bus address), only what a shell command needs.
+HEALTHCHECK_ENVIRONMENT = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ")
+
+
+def run_healthcheck(command: str, timeout: float) -> tuple[int | None, str]:
+    """Runs HealthcheckCommand with /bin/sh; its exit status (None if it ran past
+    timeout) and the end of what it printed.
+
+    It runs inside the shim's sandbox, as the shim's user: with a small environment,
+    no descriptor of the shim's, and in a session of its own, so that a command that
+    hangs is killed with everything it started."""
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key in HEALTHCHECK_ENVIRONMENT or key.startswith("LC_")
+    }
+    with subprocess.Popen(
+        ["/bin/sh", "-c", command],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=environment,
+        start_new_session=True,
+        close_fds=True,
+    ) as check:
+        try:
+            output, _ = check.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(check.pid, signal.SIGKILL)
+            check.communicate()
+            return None, ""
+        return check.returncode, output.decode(errors="replace").strip()[-200:]
+
+
 def _wait_for_healthcheck(
     command: str, interval_s: float, deadline: float, gone: Callable[[], bool]
 ) -> None:
@@ -113,20 +152,12 @@ def _wait_for_healthcheck(
             raise ReadinessError(
                 f"the health check did not pass before the startup timeout ({last})"
             )
-        try:
-            result = subprocess.run(
-                ["/bin/sh", "-c", command],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=remaining,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
+        returncode, output = run_healthcheck(command, remaining)
+        if returncode is None:
             continue
-        if result.returncode == 0:
+        if returncode == 0:
             return
-        output = (result.stdout + result.stderr).decode(errors="replace").strip()[-200:]
-        last = f"last exit status {result.returncode}" + (f": {output}" if output else "")
+        last = f"last exit status {returncode}" + (f": {output}" if output else "")
         if gone():
             raise ReadinessError("the backend stopped while its health check was failing")
         time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
