@@ -62,6 +62,8 @@ class Service:
     openai_api: bool
     openai_api_models: tuple[str, ...]
     service_url: str | None
+    max_connections: int = 0  # 0: no limit
+    idle_connection_timeout_s: int = 0  # 0: never
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ MAX_PORT = 65535
 MAX_RESOURCE_AMOUNT = 2**53
 MAX_MILLISECONDS = 2**31 - 1
 MAX_SECONDS = 2**31 - 1
+MAX_CONNECTIONS = 1_000_000
 
 # Field names as documented; keys in a file match them case-insensitively.
 TOP_LEVEL_FIELDS = (
@@ -133,6 +136,8 @@ SERVICE_FIELDS = (
     "Environment",  # lmproxy
     "User",  # lmproxy
     "AllowRoot",  # lmproxy
+    "MaxConnections",  # lmproxy
+    "IdleConnectionTimeoutSeconds",  # lmproxy
 )
 API_FIELDS = ("ListenPort",)
 
@@ -725,6 +730,8 @@ class _Parser:
         requirements = self.requirements(fields)
         environment = self.environment(fields)
         user = self.user(fields)
+        max_connections = self.integer(fields, "MaxConnections", 0, MAX_CONNECTIONS, 0)
+        idle_timeout = self.integer(fields, "IdleConnectionTimeoutSeconds", 0, MAX_SECONDS, 0)
 
         if len(self.problems) == problems_before and command is not None:
             self.unit_safe(fields, "Command", lambda: unitsyntax.exec_line([command]))
@@ -780,6 +787,8 @@ class _Parser:
                 openai_api=openai_api,
                 openai_api_models=models,
                 service_url=service_url,
+                max_connections=max_connections,
+                idle_connection_timeout_s=idle_timeout,
             )
         return _Entry(
             index=index,

@@ -77,6 +77,7 @@ import math
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -258,6 +259,9 @@ class _Loop:
         self.connecting: dict[int, _Pair] = {}
         self.changed = False  # pairs added or closed since the last on_change call
         self.last_activity = time.monotonic()
+        # With an idle timeout, how often pairs are looked at, and when next.
+        self.sweep_every = relay._sweep_every
+        self.next_sweep = 0.0
 
     # --- called by other threads, with the relay's lock held --------------------------------
 
@@ -326,6 +330,9 @@ class _Loop:
                 else:
                     again = ()
                     timeout = self._poll_timeout() if self.connecting else -1
+                    if self.sweep_every and self.pairs:
+                        until = max(0.0, self.next_sweep - time.monotonic())
+                        timeout = until if timeout < 0 else min(timeout, until)
                 if copier is None:
                     events = epoll.poll(timeout, _MAX_EVENTS)
                     busy = False
@@ -361,6 +368,8 @@ class _Loop:
                         self._allow(pair)
                 if self.connecting:
                     self._expire_connects()
+                if self.sweep_every and time.monotonic() >= self.next_sweep:
+                    self._close_idle_pairs()
                 if wake:
                     stop = self._handle_inbox()
                     busy = True
@@ -410,9 +419,33 @@ class _Loop:
         self._allow(pair)
         self.changed = True
 
+    def _close_idle_pairs(self) -> None:
+        """Closes the pairs that moved no byte either way for the relay's idle timeout
+        (the kernel keeps the time of each TCP socket's last data: nothing is counted
+        per byte here), and looks again after sweep_every."""
+        limit_ms = self.relay._idle_timeout * 1000
+        idle = [pair for pair in self.pairs if _idle_ms(pair) >= limit_ms]
+        for pair in idle:
+            self._close(pair)
+        self.next_sweep = time.monotonic() + self.sweep_every
+        if idle and self.relay._on_idle_closed is not None:
+            self.relay._on_idle_closed(len(idle))
+
     def _accept(self) -> None:
         """Accept waiting clients (the relay counts each at once) and start their backends'
-        connects. The listener is level-triggered: what is left of a batch comes back."""
+        connects. The listener is level-triggered: what is left of a batch comes back.
+        A client beyond max_connections is closed at once (systemd-socket-proxyd's
+        --connections-max does the same)."""
+        refused: list[socket.socket] = []
+        try:
+            self._accept_batch(refused)
+        finally:
+            for client in refused:
+                client.close()
+            if refused and self.relay._on_refused is not None:
+                self.relay._on_refused(len(refused))
+
+    def _accept_batch(self, refused: list[socket.socket]) -> None:
         relay = self.relay
         for _ in range(_ACCEPT_BATCH):
             stopped: OSError | None = None
@@ -432,6 +465,9 @@ class _Loop:
                     relay._stop_accepting_locked()
                     stopped = error
                 else:
+                    if relay._full_locked():
+                        refused.append(client)
+                        continue
                     owner = self._least_loaded_locked()
                     owner.count += 1
                     relay._active += 1
@@ -861,6 +897,29 @@ class _Loop:
             self.wake_fd = -1
 
 
+# struct tcp_info (linux/tcp.h): eight one-byte fields, nine u32, then tcpi_last_data_sent,
+# tcpi_last_ack_sent, tcpi_last_data_recv, in milliseconds ago.
+_TCP_INFO = struct.Struct("=8B12I")
+_NEVER_MS = 2**32
+
+
+def _idle_ms(pair: _Pair) -> int:
+    """How long ago the pair's sockets last sent or received data, in milliseconds:
+    the freshest of the kernel's times for its TCP sockets (a unix socket has none)."""
+    freshest = _NEVER_MS
+    for sock in (pair.client, pair.backend):
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        try:
+            info = _TCP_INFO.unpack(
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
+            )
+        except OSError:
+            continue
+        freshest = min(freshest, info[17], info[19])
+    return 0 if freshest == _NEVER_MS else freshest
+
+
 def default_loops() -> int:
     """One relay loop below 4 CPUs, two from 4 on (see the module's docstring)."""
     return 1 if len(os.sched_getaffinity(0)) < 4 else 2
@@ -888,6 +947,11 @@ class Relay:
     still connecting when ``close_all`` is called; without the callback they are closed. An
     accept() error other than a client that gave up stops the accepting and is passed to
     ``on_accept_stopped`` (from a loop thread).
+
+    With ``max_connections``, a client the loops accept while that many pairs are open is
+    closed at once, and ``on_refused`` hears how many were (from a loop thread). With
+    ``idle_timeout`` (seconds), a pair whose sockets sent and received no data for that
+    long is closed, and ``on_idle_closed`` hears how many were.
     """
 
     def __init__(
@@ -899,6 +963,10 @@ class Relay:
         on_give_back: Callable[[socket.socket], None] | None = None,
         on_accept_stopped: Callable[[OSError], None] | None = None,
         connect_timeout: float = 0.02,
+        max_connections: int = 0,
+        on_refused: Callable[[int], None] | None = None,
+        idle_timeout: float = 0,
+        on_idle_closed: Callable[[int], None] | None = None,
     ) -> None:
         if loops is None:
             loops = default_loops()
@@ -911,6 +979,11 @@ class Relay:
         self._on_give_back = on_give_back
         self._on_accept_stopped = on_accept_stopped
         self._connect_timeout = connect_timeout
+        self._max_connections = max_connections
+        self._on_refused = on_refused
+        self._idle_timeout = idle_timeout
+        self._on_idle_closed = on_idle_closed
+        self._sweep_every = max(0.05, min(1.0, idle_timeout / 4)) if idle_timeout > 0 else 0.0
         # Set by accept_from(), cleared by the stop_accepting*() methods, under the lock.
         self._listener: socket.socket | None = None
         self._listen_fd = -1
@@ -1031,6 +1104,15 @@ class Relay:
         self._listener = None
         self._listen_fd = -1
         self._backend = None
+
+    @property
+    def full(self) -> bool:
+        """Whether max_connections pairs are open (never, without a limit)."""
+        with self._lock:
+            return self._full_locked()
+
+    def _full_locked(self) -> bool:
+        return 0 < self._max_connections <= self._active
 
     @property
     def active(self) -> int:

@@ -57,6 +57,7 @@ WATCH_RETRY_S = 0.5
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 OUT_OF_RESOURCES_PAUSE_S = 0.05
 OUT_OF_RESOURCES_LOG_EVERY_S = 10.0
+REFUSED_LOG_EVERY_S = 10.0
 
 
 class Outcome(enum.Enum):
@@ -96,7 +97,13 @@ class Shim:
             on_change=self._connections_changed,
             on_give_back=self._given_back,
             on_accept_stopped=lambda _: self._wake(),
+            max_connections=service.max_connections,
+            on_refused=self._refused,
+            idle_timeout=service.idle_connection_timeout_s,
+            on_idle_closed=self._idle_closed,
         )
+        self._refused_since_log = 0
+        self._refused_logged = -REFUSED_LOG_EVERY_S
         self.target: Target | None = None
         self.backend_gone = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -429,8 +436,13 @@ class Shim:
             self._claimed = False
 
     def _relay(self, client: socket.socket) -> Relayed:
-        """Connects client to the backend and hands both to the relay."""
+        """Connects client to the backend and hands both to the relay (closes it at once
+        when MaxConnections are open)."""
         assert self.target is not None
+        if self.relay.full:
+            client.close()
+            self._refused(1)
+            return Relayed.OK
         try:
             backend = self.target.connect_patiently(total=5.0)
         except OSError as error:
@@ -485,6 +497,27 @@ class Shim:
             self._held = True
             self._claimed = self._claimed or pinned
         return True
+
+    def _refused(self, count: int) -> None:
+        """Clients closed at once because MaxConnections were open: logged at most once
+        per REFUSED_LOG_EVERY_S, with how many, so a flood cannot flood the journal."""
+        self._refused_since_log += count
+        now = time.monotonic()
+        if now - self._refused_logged >= REFUSED_LOG_EVERY_S:
+            self._refused_logged = now
+            self.log.warning(
+                f"closed {self._refused_since_log} client(s) at once: "
+                f"MaxConnections ({self.service.max_connections}) are open",
+                event="refused",
+            )
+            self._refused_since_log = 0
+
+    def _idle_closed(self, count: int) -> None:
+        self.log.info(
+            f"closed {count} connection(s) idle for "
+            f"{self.service.idle_connection_timeout_s} s (IdleConnectionTimeoutSeconds)",
+            event="idle-closed",
+        )
 
     def _out_of_resources(self, error: OSError) -> None:
         """Out of descriptors or memory: clients stay in the backlog a moment (the

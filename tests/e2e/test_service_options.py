@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import time
 from pathlib import Path
 
 from lmproxy.render import current_interpreter
@@ -15,6 +18,9 @@ from tests.e2e.helpers import (
     journal,
     lmproxy,
     main_pid,
+    open_connection,
+    request_on,
+    status_json,
     turned_away,
     unit_state,
     wait_for,
@@ -167,3 +173,67 @@ def test_process_that_hands_off_counts_as_running(systemd_sandbox: Sandbox, tmp_
     install(systemd_sandbox, write_config(tmp_path / "c.json", [service]))
     assert http_get(port)["model"] == "daemonized"
     assert unit_state(systemd_sandbox, "lmproxy-backend@daemonized.service") == "active"
+
+
+def test_max_connections_closes_clients_beyond_the_limit(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    port = free_port()
+    install(
+        systemd_sandbox,
+        write_config(tmp_path / "c.json", [fake_model("capped", port, MaxConnections=2)]),
+    )
+    first, second = open_connection(port), open_connection(port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as third:
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                third.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert sees_closed(third)  # closed unanswered
+        assert b'"capped"' in request_on(first)
+        wait_for(
+            lambda: (
+                "MaxConnections (2) are open" in journal(systemd_sandbox, "LMPROXY_EVENT=refused")
+            ),
+            10,
+            "the refusal in the journal",
+        )
+    finally:
+        first.close()
+        second.close()
+    wait_for(lambda: status_json(systemd_sandbox)["services"][0]["connections"] == 0, 10)
+    assert http_get(port)["model"] == "capped"
+
+
+def test_an_idle_connection_is_closed_and_no_longer_blocks_eviction(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Any local user can open a connection and leave it: with IdleConnectionTimeoutSeconds
+    it no longer keeps the model loaded (and every newcomer waiting) for ever."""
+    busy, newcomer = free_port(), free_port()
+    config = write_config(
+        tmp_path / "c.json",
+        [
+            fake_model("busy", busy, needs={"VRAM": 16000}, IdleConnectionTimeoutSeconds=2),
+            fake_model("newcomer", newcomer, needs={"VRAM": 20000}),
+        ],
+        MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds=30,
+    )
+    install(systemd_sandbox, config)
+    idle = open_connection(busy)
+    try:
+        started = time.monotonic()
+        assert http_get(newcomer)["model"] == "newcomer"
+        waited = time.monotonic() - started
+        assert 1.5 <= waited < 10, waited
+        assert sees_closed(idle)
+    finally:
+        idle.close()
+    assert "idle for 2 s" in journal(systemd_sandbox, "LMPROXY_EVENT=idle-closed")
+
+
+def sees_closed(conn: socket.socket) -> bool:
+    conn.settimeout(5)
+    try:
+        return conn.recv(65536) == b""
+    except ConnectionResetError:
+        return True

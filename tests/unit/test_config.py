@@ -1384,3 +1384,12 @@ def test_fuzz_config_shaped_values(value: dict[str, object]) -> None:
 def test_fuzz_services_with_repeated_keys(pairs: list[tuple[str, object]]) -> None:
     body = ", ".join(f"{json.dumps(key)}: {json.dumps(value)}" for key, value in pairs)
     parses_or_refuses('{"Services": [{' + body + "}]}")
+
+
+def test_connection_limits_default_to_none_and_take_counts() -> None:
+    service = one_service()
+    assert (service.max_connections, service.idle_connection_timeout_s) == (0, 0)
+    service = one_service(MaxConnections=64, IdleConnectionTimeoutSeconds=300)
+    assert (service.max_connections, service.idle_connection_timeout_s) == (64, 300)
+    for field, value in (("MaxConnections", -1), ("IdleConnectionTimeoutSeconds", "x")):
+        assert service_problem(**{field: value})[0] == f"$.Services[0].{field}"

@@ -627,11 +627,11 @@ class GivenBack:
 
 @contextlib.contextmanager
 def accepting_relay(
-    backend: tuple[str, int], connect_timeout: float = 0.02
+    backend: tuple[str, int], connect_timeout: float = 0.02, **options: Any
 ) -> Iterator[tuple[Relay, socket.socket, GivenBack]]:
     """A relay whose loops accept from a listener of their own and connect to ``backend``."""
     given_back = GivenBack()
-    relay = Relay(on_give_back=given_back, connect_timeout=connect_timeout)
+    relay = Relay(on_give_back=given_back, connect_timeout=connect_timeout, **options)
     relay.start()
     listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
     listener.setblocking(False)
@@ -688,6 +688,60 @@ def test_loops_accept_and_connect_clients_themselves(echo: EchoServer) -> None:
         assert relay.active == 0
         assert given_back.clients == []
         late.close()
+
+
+def test_clients_beyond_max_connections_are_closed_at_once(echo: EchoServer) -> None:
+    refused: list[int] = []
+    with accepting_relay(echo.address, max_connections=3, on_refused=refused.append) as (
+        relay,
+        listener,
+        _,
+    ):
+        clients = [socket.create_connection(listener.getsockname(), timeout=TIMEOUT)]
+        for client in clients:
+            client.sendall(b"ping")
+            assert client.recv(16) == b"ping"
+        clients += [socket.create_connection(listener.getsockname(), timeout=TIMEOUT)]
+        clients += [socket.create_connection(listener.getsockname(), timeout=TIMEOUT)]
+        for client in clients[1:]:
+            client.sendall(b"ping")
+            assert client.recv(16) == b"ping"
+        assert relay.full
+        extra = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        assert sees_close(extra)
+        wait_until(lambda: sum(refused) == 1)
+        clients[0].close()  # one leaves: the next one is served
+        wait_until(lambda: not relay.full)
+        late = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        late.sendall(b"pong")
+        assert late.recv(16) == b"pong"
+        for client in [*clients[1:], late, extra]:
+            client.close()
+
+
+def test_a_pair_idle_past_the_idle_timeout_is_closed_and_a_busy_one_is_not(
+    echo: EchoServer,
+) -> None:
+    closed: list[int] = []
+    with accepting_relay(echo.address, idle_timeout=0.6, on_idle_closed=closed.append) as (
+        relay,
+        listener,
+        _,
+    ):
+        idle = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        busy = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:  # a byte every 0.1 s: never idle for long
+            busy.sendall(b"x")
+            assert busy.recv(16) == b"x"
+            time.sleep(0.1)
+        assert sees_close(idle)
+        assert time.monotonic() - started >= 0.6
+        assert sum(closed) == 1 and relay.active == 1
+        busy.sendall(b"still")
+        assert busy.recv(16) == b"still"
+        busy.close()
+        idle.close()
 
 
 def test_accepted_clients_are_spread_over_the_loops(echo: EchoServer) -> None:
