@@ -359,9 +359,9 @@ def test_every_unit_is_well_formed() -> None:
 
 def test_example_sockets() -> None:
     units = render_parsed(example_config())
+    # The example exposes nothing beyond loopback: a model server has no authentication.
     llama = units["lmproxy-llama-server.socket"]
-    assert llama.value("Socket", "ListenStream") == "0.0.0.0:8081"
-    # No ListenAddress of its own: the top level's.
+    assert llama.value("Socket", "ListenStream") == "127.0.0.1:8081"
     assert units["lmproxy-automatic1111.socket"].value("Socket", "ListenStream") == "127.0.0.1:7860"
     for name in ("llama-server", "automatic1111"):
         socket = units[f"lmproxy-{name}.socket"]
