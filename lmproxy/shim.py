@@ -508,7 +508,7 @@ class Shim:
             self.log.warning(
                 f"closed {self._refused_since_log} client(s) at once: "
                 f"MaxConnections ({self.service.max_connections}) are open",
-                event="refused",
+                event="over-limit",
             )
             self._refused_since_log = 0
 

@@ -192,7 +192,7 @@ def test_max_connections_closes_clients_beyond_the_limit(
         assert b'"capped"' in request_on(first)
         wait_for(
             lambda: (
-                "MaxConnections (2) are open" in journal(systemd_sandbox, "LMPROXY_EVENT=refused")
+                "MaxConnections (2) are open" in journal(systemd_sandbox, "LMPROXY_EVENT=over-limit")
             ),
             10,
             "the refusal in the journal",
