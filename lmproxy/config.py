@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Service:
     name: str
-    listen_port: int
+    listen_port: int | None  # None: it listens on listen_path
     listen_address: str
     proxy_target_host: str
     proxy_target_port: int
@@ -64,6 +64,19 @@ class Service:
     service_url: str | None
     max_connections: int = 0  # 0: no limit
     idle_connection_timeout_s: int = 0  # 0: never
+    listen_path: str | None = None  # a unix socket instead of ListenAddress:ListenPort
+    socket_user: str | None = None
+    socket_group: str | None = None
+    socket_mode: str | None = None  # octal digits, as SocketMode= takes them
+
+    @property
+    def listen_stream(self) -> str:
+        """Its socket unit's ListenStream= value, escaped: the unix socket's path, or
+        address and port. Validated when the config was read: this cannot fail."""
+        if self.listen_path is not None:
+            return unitsyntax.listen_stream_path(self.listen_path)
+        assert self.listen_port is not None
+        return unitsyntax.listen_stream(self.listen_address, self.listen_port)
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,10 @@ SERVICE_FIELDS = (
     "AllowRoot",  # lmproxy
     "MaxConnections",  # lmproxy
     "IdleConnectionTimeoutSeconds",  # lmproxy
+    "ListenPath",  # lmproxy
+    "SocketUser",  # lmproxy
+    "SocketGroup",  # lmproxy
+    "SocketMode",  # lmproxy
 )
 API_FIELDS = ("ListenPort",)
 
@@ -149,6 +166,7 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SHIM_USER = "lmproxy"  # system mode: the shims run as this user (system/lmproxy.sysusers)
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,30}")  # systemd warns past 31
 _DIGITS_RE = re.compile(r"[0-9]+")
+_SOCKET_MODE_RE = re.compile(r"0?[0-7]{3}")
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -673,14 +691,22 @@ class _Parser:
             self.error(fields.path_of("Name"), f"invalid Name {_show(name)}: {_NAME_RULE}")
             name = None
 
+        listen_path, socket_user, socket_group, socket_mode = self.unix_socket(fields)
         listen_port = self.port(
             fields,
             "ListenPort",
-            required=(
-                "ListenPort is required: lmproxy has no OpenAI API router yet, "
-                "so a service without a ListenPort would be unreachable"
+            required=None
+            if listen_path is not None
+            else (
+                "ListenPort is required (or ListenPath, for a unix socket): lmproxy has no "
+                "OpenAI API router yet, so a service without either would be unreachable"
             ),
         )
+        if listen_port is not None and listen_path is not None:
+            self.error(
+                fields.path_of("ListenPath"),
+                "a service listens on a ListenPort or on a ListenPath, not both",
+            )
         listen_address = self.address(fields, "ListenAddress", default_listen_address)
         target_host = self.proxy_target_host(fields)
         target_port = self.port(fields, "ProxyTargetPort", required="ProxyTargetPort is required")
@@ -758,7 +784,7 @@ class _Parser:
         if (
             len(self.problems) == problems_before
             and name is not None
-            and listen_port is not None
+            and (listen_port is not None or listen_path is not None)
             and target_host is not None
             and target_port is not None
             and command is not None
@@ -789,6 +815,10 @@ class _Parser:
                 service_url=service_url,
                 max_connections=max_connections,
                 idle_connection_timeout_s=idle_timeout,
+                listen_path=listen_path,
+                socket_user=socket_user,
+                socket_group=socket_group,
+                socket_mode=socket_mode,
             )
         return _Entry(
             index=index,
@@ -800,6 +830,38 @@ class _Parser:
             target_port=target_port,
             service=service,
         )
+
+    def unix_socket(self, fields: _Fields) -> tuple[str | None, str | None, str | None, str | None]:
+        """ListenPath and who may connect to it: SocketUser, SocketGroup, SocketMode."""
+        path = self.optional_text(fields, "ListenPath")
+        if path is not None:
+            self.unit_safe(fields, "ListenPath", lambda: unitsyntax.listen_stream_path(path))
+        owners = []
+        for field in ("SocketUser", "SocketGroup"):
+            owner = self.optional_text(fields, field)
+            if owner is not None and not _USER_RE.fullmatch(owner):
+                self.error(
+                    fields.path_of(field),
+                    f"invalid {field} {_show(owner)}: expected a user or group name "
+                    "(1 to 31 characters from a-z 0-9 _ -, starting with a letter or '_')",
+                )
+                owner = None
+            owners.append(owner)
+        mode = self.optional_text(fields, "SocketMode")
+        if mode is not None and not _SOCKET_MODE_RE.fullmatch(mode):
+            self.error(
+                fields.path_of("SocketMode"),
+                f'invalid SocketMode {_show(mode)}: expected an octal mode such as "0660"',
+            )
+            mode = None
+        for field, value in (
+            ("SocketUser", owners[0]),
+            ("SocketGroup", owners[1]),
+            ("SocketMode", mode),
+        ):
+            if value is not None and path is None:
+                self.error(fields.path_of(field), f"{field} needs a ListenPath")
+        return path, owners[0], owners[1], mode
 
     def user(self, fields: _Fields) -> str | None:
         user = self.text(fields, "User", null_ok=True)
@@ -952,6 +1014,18 @@ class _Parser:
             first_with_name[entry.name] = entry
 
     def check_ports(self, entries: list[_Entry]) -> None:
+        paths: dict[str, _Entry] = {}
+        for entry in entries:
+            path = entry.service.listen_path if entry.service else None
+            if path is None:
+                continue
+            if path in paths:
+                self.error(
+                    entry.fields.path_of("ListenPath"),
+                    f"ListenPath {path!r} is already used by "
+                    f"{_describe(paths[path], entry)} ($.Services[{paths[path].index}])",
+                )
+            paths.setdefault(path, entry)
         listeners: dict[int, _Entry] = {}
         for entry in entries:
             if entry.listen_port is None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmproxy import unitnames, unitsyntax
+from lmproxy import unitnames
 from lmproxy.config import Config, ConfigError, load_config
 from lmproxy.files import write_atomically
 from lmproxy.paths import Paths, Scope, paths_for
@@ -73,9 +73,14 @@ def render_for(config: Config, scope: Scope) -> dict[str, str]:
     if scope is Scope.USER:
         # A user manager cannot run a unit as someone else.
         users = [
-            (f"$.Services[{index}].User", "User needs the system manager (install with --system)")
+            (f"$.Services[{index}].{field}", f"{field} needs the system manager (--system)")
             for index, service in enumerate(config.services)
-            if service.user
+            for field, value in (
+                ("User", service.user),
+                ("SocketUser", service.socket_user),
+                ("SocketGroup", service.socket_group),
+            )
+            if value
         ]
         if users:
             raise ConfigError(users)
@@ -216,8 +221,10 @@ def _refuse_ports_in_use(config: Config, paths: Paths, manager: Manager) -> None
     A port held by systemd for this same installed socket is of course fine."""
     problems = []
     for index, service in enumerate(config.services):
+        if service.listen_port is None:
+            continue  # a unix socket: systemd replaces a stale one, and nothing else binds it
         socket_unit = unitnames.socket_unit(service.name)
-        listen = unitsyntax.listen_stream(service.listen_address, service.listen_port)
+        listen = service.listen_stream
         installed = paths.unit_dir / socket_unit
         if (
             installed.is_file()

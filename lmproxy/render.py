@@ -106,6 +106,10 @@ def render_environment_files(config: Config, interpreter: Interpreter) -> dict[s
     return files
 
 
+def _quoted(value: str | None) -> Escaped | None:
+    return None if value is None else Escaped(unitsyntax.quote_value(value))
+
+
 def render_units(
     config: Config,
     *,
@@ -153,7 +157,11 @@ def _values(
         "config_path": Escaped(unitsyntax.quote_value(str(config_path))),
         "socket": Escaped(unitnames.socket_unit(name)),
         "backend": Escaped(unitnames.backend_unit(name)),
-        "listen": Escaped(unitsyntax.listen_stream(service.listen_address, service.listen_port)),
+        "listen": Escaped(service.listen_stream),
+        "socket_user": _quoted(service.socket_user),
+        "socket_group": _quoted(service.socket_group),
+        "socket_mode": _quoted(service.socket_mode),
+        "unix_socket": service.listen_path is not None,
         "shim_exec": Escaped(unitsyntax.exec_line(shim_argv)),
         "shim_environment": [
             Escaped(unitsyntax.environment_assignment(k, v))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lmproxy import unitnames, unitsyntax
+from lmproxy import unitnames
 from lmproxy.config import Config
 from lmproxy.eviction import Entry, State
 from lmproxy.ledger import Ledger
@@ -72,7 +72,7 @@ def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[Res
             units[unitnames.shim_unit(service.name)],
         )
         held = dict(entry.reserved) if entry and state != "cold" else {}
-        listen = unitsyntax.listen_stream(service.listen_address, service.listen_port)
+        listen = service.listen_stream
         services.append(
             ServiceStatus(
                 name=service.name,

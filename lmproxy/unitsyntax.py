@@ -78,6 +78,7 @@ __all__ = [
     "environment_file_line",
     "exec_line",
     "listen_stream",
+    "listen_stream_path",
     "path_value",
     "quote_value",
 ]
@@ -330,6 +331,21 @@ def path_value(path: str) -> str:
         if len(part.encode("utf-8")) > _NAME_MAX:
             raise ValueError(f"the path component {part[:20]!r}... is too long")
     return path.replace("%", "%%")
+
+
+# sockaddr_un's sun_path holds 108 bytes, the terminating NUL included.
+_SOCKET_PATH_MAX = 107
+
+
+def listen_stream_path(path: str) -> str:
+    """``ListenStream=`` (and ``SocketUser=`` & co. need nothing more) for a unix
+    socket's path: absolute, normalised, at most 107 bytes, without blanks (systemd
+    would read a socket path with them as something else); ``%`` is written ``%%``."""
+    if len(path.encode("utf-8")) > _SOCKET_PATH_MAX:
+        raise ValueError(f"a unix socket's path is at most {_SOCKET_PATH_MAX} bytes")
+    if any(ch.isspace() for ch in path):
+        raise ValueError("a unix socket's path must not contain blanks")
+    return path_value(path)
 
 
 def listen_stream(address: str, port: int) -> str:

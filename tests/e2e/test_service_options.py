@@ -192,7 +192,8 @@ def test_max_connections_closes_clients_beyond_the_limit(
         assert b'"capped"' in request_on(first)
         wait_for(
             lambda: (
-                "MaxConnections (2) are open" in journal(systemd_sandbox, "LMPROXY_EVENT=over-limit")
+                "MaxConnections (2) are open"
+                in journal(systemd_sandbox, "LMPROXY_EVENT=over-limit")
             ),
             10,
             "the refusal in the journal",
@@ -237,3 +238,27 @@ def sees_closed(conn: socket.socket) -> bool:
         return conn.recv(65536) == b""
     except ConnectionResetError:
         return True
+
+
+def test_a_model_on_a_unix_socket_only_those_allowed_reach(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """For machines with untrusted local users: no port, a socket file whose mode says who
+    may connect."""
+    port = free_port()
+    folder = tmp_path / "sockets"
+    folder.mkdir(mode=0o755)
+    path = folder / "private.sock"
+    model = fake_model("private", port, ListenPath=str(path), SocketMode="0600")
+    del model["ListenPort"]
+    install(systemd_sandbox, write_config(tmp_path / "c.json", [model]))
+    assert path.is_socket()
+    assert path.stat().st_mode & 0o777 == 0o600
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(60)
+        client.connect(str(path))
+        assert b'"private"' in request_on(client)
+    [entry] = status_json(systemd_sandbox)["services"]
+    assert entry["listen"] == str(path)
+    lmproxy(systemd_sandbox, "uninstall", "--user")
+    assert not path.exists()

@@ -1393,3 +1393,50 @@ def test_connection_limits_default_to_none_and_take_counts() -> None:
     assert (service.max_connections, service.idle_connection_timeout_s) == (64, 300)
     for field, value in (("MaxConnections", -1), ("IdleConnectionTimeoutSeconds", "x")):
         assert service_problem(**{field: value})[0] == f"$.Services[0].{field}"
+
+
+def unix_service(**overrides: Any) -> dict[str, Any]:
+    service = minimal_service(**overrides)
+    del service["ListenPort"]
+    return service
+
+
+def test_a_unix_socket_instead_of_a_port() -> None:
+    fields = {"ListenPath": "/run/models/llm.sock", "SocketGroup": "models", "SocketMode": "0660"}
+    service = parse(document(unix_service(**fields))).services[0]
+    assert (service.listen_port, service.listen_path) == (None, "/run/models/llm.sock")
+    assert (service.socket_user, service.socket_group, service.socket_mode) == (
+        None,
+        "models",
+        "0660",
+    )
+    assert service.listen_stream == "/run/models/llm.sock"
+
+
+@pytest.mark.parametrize(
+    ("fields", "path", "problem"),
+    [
+        ({"ListenPath": "/run/x.sock"}, "ListenPath", "not both"),
+        ({"Unix": True, "ListenPath": "run/x.sock"}, "ListenPath", "not absolute"),
+        ({"Unix": True, "ListenPath": "/run/a b.sock"}, "ListenPath", "blanks"),
+        ({"Unix": True, "ListenPath": "/" + "s" * 107}, "ListenPath", "at most 107"),
+        ({"Unix": True, "ListenPath": "/x", "SocketMode": "rw"}, "SocketMode", "octal"),
+        ({"Unix": True, "ListenPath": "/x", "SocketUser": "A B"}, "SocketUser", "invalid"),
+        ({"SocketGroup": "models"}, "SocketGroup", "needs a ListenPath"),
+    ],
+)
+def test_bad_unix_sockets(fields: dict[str, Any], path: str, problem: str) -> None:
+    unix = fields.pop("Unix", False)
+    where, message = only_problem(
+        document(unix_service(**fields) if unix else minimal_service(**fields))
+    )
+    assert where == f"$.Services[0].{path}"
+    assert problem in message
+
+
+def test_two_services_on_one_unix_socket() -> None:
+    first = unix_service(Name="a", ListenPath="/run/x.sock")
+    second = unix_service(Name="b", ListenPath="/run/x.sock")
+    path, message = only_problem(document(first, second))
+    assert path == "$.Services[1].ListenPath"
+    assert "already used by service 'a'" in message

@@ -886,7 +886,7 @@ def test_user_needs_the_system_manager() -> None:
     with pytest.raises(ConfigError) as refused:
         render_for(config, Scope.USER)
     assert refused.value.problems == [
-        ("$.Services[0].User", "User needs the system manager (install with --system)")
+        ("$.Services[0].User", "User needs the system manager (--system)")
     ]
     assert "User=llm" in render_for(config, Scope.SYSTEM)["lmproxy-backend@llm.service"]
 
@@ -1023,3 +1023,30 @@ def test_user_backend_has_no_system_hardening(with_log: bool) -> None:
         assert backend.values("Service", setting) == [], setting
     for setting in ("User", "Group", "SupplementaryGroups"):
         assert backend.values("Service", setting) == [], setting
+
+
+def test_a_unix_socket_unit_says_who_may_connect() -> None:
+    entry = service(ListenPath="/run/models/llm.sock", SocketUser="root", SocketGroup="models")
+    del entry["ListenPort"]
+    entry["SocketMode"] = "0660"
+    socket_unit = render_parsed(make_config(entry), scope=Scope.SYSTEM)["lmproxy-llm.socket"]
+    assert socket_unit.values("Socket", "ListenStream") == ["/run/models/llm.sock"]
+    assert socket_unit.values("Socket", "SocketUser") == ["root"]
+    assert socket_unit.values("Socket", "SocketGroup") == ["models"]
+    assert socket_unit.values("Socket", "SocketMode") == ["0660"]
+    assert socket_unit.values("Socket", "RemoveOnStop") == ["yes"]
+    tcp = render_parsed(make_config(service()), scope=Scope.SYSTEM)["lmproxy-llm.socket"]
+    for setting in ("SocketUser", "SocketGroup", "SocketMode", "RemoveOnStop"):
+        assert tcp.values("Socket", setting) == [], setting
+
+
+def test_socket_owners_need_the_system_manager() -> None:
+    from lmproxy.installer import render_for
+
+    entry = service(ListenPath="/run/models/llm.sock", SocketGroup="models")
+    del entry["ListenPort"]
+    with pytest.raises(ConfigError) as refused:
+        render_for(make_config(entry), Scope.USER)
+    assert refused.value.problems == [
+        ("$.Services[0].SocketGroup", "SocketGroup needs the system manager (--system)")
+    ]
