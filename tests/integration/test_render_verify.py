@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -213,6 +214,50 @@ def test_a_config_path_with_odd_characters_verifies(scope: Scope, tmp_path: Path
         interpreter=CHECKOUT,
     )
     verify(units, scope, tmp_path)
+
+
+# --- How exposed a system-mode model server is -------------------------------------------------
+
+# The security issue's target for `systemd-analyze security` (0 is best, 10 worst); the
+# end-to-end test (tests/e2e/test_system_hardening.py) checks the installed unit too.
+MAX_BACKEND_EXPOSURE = 5.0
+
+
+def exposure(unit_text: str, where: Path) -> float:
+    """systemd-analyze security's overall exposure level of a backend unit, offline."""
+    assert SYSTEMD_ANALYZE is not None
+    unit = Path(tempfile.mkdtemp(prefix="security-", dir=where)) / "lmproxy-backend@llm.service"
+    unit.write_text(unit_text, encoding="utf-8")
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(unit)],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"User": "models"}, {"User": "root", "AllowRoot": True}],
+    ids=["lmproxy-model", "named-user", "root"],
+)
+def test_system_backend_is_rated_5_or_below(fields: dict[str, Any], tmp_path: Path) -> None:
+    config = make_config(plain_service("llm", 8081, **fields))
+    units = render(config, Scope.SYSTEM, INSTALLED, tmp_path)
+    rated = exposure(units["lmproxy-backend@llm.service"], tmp_path)
+    assert rated <= MAX_BACKEND_EXPOSURE, units["lmproxy-backend@llm.service"]
+
+
+def test_exposure_tells_an_unhardened_unit(tmp_path: Path) -> None:
+    """The user manager's backend carries none of the hardening: rated far worse (else a
+    pass above would prove nothing)."""
+    units = render(make_config(plain_service("llm", 8081)), Scope.USER, INSTALLED, tmp_path)
+    assert exposure(units["lmproxy-backend@llm.service"], tmp_path) > MAX_BACKEND_EXPOSURE
 
 
 # --- The check itself --------------------------------------------------------------------------
