@@ -11,7 +11,6 @@ through lmproxy's port.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import helpers, system_manager
+from tests.e2e import helpers
 from tests.e2e.helpers import free_port
 from tests.e2e.real_backends import LlamaServer, llama_server
 from tests.e2e.system_manager import SystemManager
@@ -34,24 +33,6 @@ LLAMA_DIR = "/run/lmproxy-sandbox/llama"
 NAME = "tiny"
 BACKEND = f"lmproxy-backend@{NAME}.service"
 MAX_EXPOSURE = 5.0
-
-
-@pytest.fixture(scope="module")
-def manager(request: pytest.FixtureRequest) -> Iterator[SystemManager]:
-    """One system manager for this module's tests. It runs the checkout's lmproxy, or the
-    installed one where LMPROXY_COMMAND is set."""
-    reason = system_manager.unavailable_reason()
-    if reason:
-        if os.environ.get("LMPROXY_REQUIRE_SANDBOX") == "1":
-            pytest.fail(f"system manager sandbox required but unavailable: {reason}")
-        pytest.skip(reason)
-    installed = bool(os.environ.get("LMPROXY_COMMAND"))
-    with system_manager.running(source=None if installed else system_manager.CHECKOUT) as m:
-        failed_before = request.session.testsfailed
-        yield m
-        if request.session.testsfailed > failed_before:
-            journal = m.run(["journalctl", "--no-pager", "-o", "short-precise", "-n", "150"])
-            print("--- the system sandbox's journal ---\n" + journal.stdout + m.log())
 
 
 def lmproxy(m: SystemManager, *args: str) -> subprocess.CompletedProcess[str]:
