@@ -103,14 +103,14 @@ class Shim:
             on_idle_closed=self._idle_closed,
         )
         self._refused_since_log = 0
-        self._refused_logged = -REFUSED_LOG_EVERY_S
+        self._over_limit_warning = Every(REFUSED_LOG_EVERY_S)
         self.target: Target | None = None
         self.backend_gone = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._published = threading.Event()
         # Accepted, not relayed yet (a relay loop's connect failed, or the backend went away).
         self._pending: deque[socket.socket] = deque()
-        self._resources_logged = -OUT_OF_RESOURCES_LOG_EVERY_S
+        self._resources_warning = Every(OUT_OF_RESOURCES_LOG_EVERY_S)
         self._claimed = False
         self._held = False
         self._claim_lock = threading.Lock()
@@ -502,9 +502,7 @@ class Shim:
         """Clients closed at once because MaxConnections were open: logged at most once
         per REFUSED_LOG_EVERY_S, with how many, so a flood cannot flood the journal."""
         self._refused_since_log += count
-        now = time.monotonic()
-        if now - self._refused_logged >= REFUSED_LOG_EVERY_S:
-            self._refused_logged = now
+        if self._over_limit_warning.due():
             self.log.warning(
                 f"closed {self._refused_since_log} client(s) at once: "
                 f"MaxConnections ({self.service.max_connections}) are open",
@@ -522,9 +520,7 @@ class Shim:
     def _out_of_resources(self, error: OSError) -> None:
         """Out of descriptors or memory: clients stay in the backlog a moment (the
         listener stays readable, so a pause keeps this from spinning)."""
-        now = time.monotonic()
-        if now - self._resources_logged >= OUT_OF_RESOURCES_LOG_EVERY_S:
-            self._resources_logged = now
+        if self._resources_warning.due():
             self.log.warning(
                 f"cannot accept more clients for now ({error.strerror}); "
                 f"{self.relay.active} connection(s) open",
@@ -612,6 +608,21 @@ class Shim:
                 return closed
             client.close()
             closed += 1
+
+
+class Every:
+    """Says yes at most once per period: for a warning that a flood would repeat."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last = -seconds
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
 
 
 def notify(*lines: str) -> None:
