@@ -209,9 +209,11 @@ def test_install_refuses_code_other_users_can_change(manager: SystemManager) -> 
     if manager.python_path:
         copied = manager.run(["cp", "-r", manager.python_path, unsafe])
     else:
-        copied = manager.run(["cp", "-r", "/usr/lib/python3/dist-packages/lmproxy", unsafe + "/"])
+        manager.run(["mkdir", unsafe])
+        copied = manager.run(["cp", "-r", "/usr/lib/python3/dist-packages/lmproxy", unsafe])
     assert copied.returncode == 0, copied.stderr
-    manager.run(["chmod", "o+w", f"{unsafe}/lmproxy/shim.py"])
+    made_writable = manager.run(["chmod", "o+w", f"{unsafe}/lmproxy/shim.py"])
+    assert made_writable.returncode == 0, made_writable.stderr
     manager.path(CONFIG).write_text(
         json.dumps({"Services": [fake_model(manager, "unsafe", free_port())]})
     )
