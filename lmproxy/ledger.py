@@ -34,7 +34,7 @@ from typing import Any
 
 from lmproxy import unitnames
 from lmproxy.eviction import Entry, State
-from lmproxy.files import write_atomically
+from lmproxy.files import UnsafeFile, open_own_regular, write_atomically
 
 FORMAT_VERSION = 1
 # A ledger of thousands of services is far smaller; a bigger file is not ours.
@@ -215,19 +215,11 @@ def _make_private_dir(path: Path) -> None:
 
 
 def _open_owned(path: Path, flags: int, mode: int, *, owner: int | None = None) -> int:
-    """Opens without following symlinks or blocking, and refuses anything but a regular
-    file of owner's (ours by default): another user must not be able to swap the ledger
-    for something else, and a FIFO put in its place must not hang a reader (root's
-    `lmproxy status` included)."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
-    info = os.fstat(fd)
+    """Opens a regular file of owner's (ours by default), never through a symlink:
+    another user must not be able to swap the ledger for something else, and a FIFO
+    put in its place must not hang a reader (root's `lmproxy status` included)."""
     expected = os.geteuid() if owner is None else owner
-    problem = None
-    if not stat.S_ISREG(info.st_mode):
-        problem = "is not a regular file"
-    elif info.st_uid != expected:
-        problem = f"is owned by uid {info.st_uid}, not {expected}"
-    if problem:
-        os.close(fd)
-        raise LedgerError(f"{path} {problem}; refusing to use it")
-    return fd
+    try:
+        return open_own_regular(path, flags, mode, owner=expected)
+    except UnsafeFile as problem:
+        raise LedgerError(f"{path} {problem}; refusing to use it") from None

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from types import FrameType
 
+from lmproxy.files import UnsafeFile, open_own_regular, writable_by_others
+
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
@@ -61,25 +63,15 @@ def open_log(path: str) -> int:
     me = os.geteuid()
     if folder.st_uid not in (0, me):
         raise UnsafeLog(f"its folder belongs to uid {folder.st_uid}, not to uid {me} or root")
-    if folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not folder.st_mode & stat.S_ISVTX:
+    if writable_by_others(folder):
         raise UnsafeLog(
             f"its folder is writable by others (mode {stat.S_IMODE(folder.st_mode):04o})"
         )
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-    fd = os.open(path, flags, 0o640)
-    info = os.fstat(fd)
-    problem = None
-    if not stat.S_ISREG(info.st_mode):
-        problem = "it is not a regular file"
-    elif info.st_uid != me:
-        problem = f"it belongs to uid {info.st_uid}, not to uid {me}"
-    elif info.st_nlink != 1:
-        problem = f"it has {info.st_nlink} names (hard links)"
-    if problem:
-        os.close(fd)
-        raise UnsafeLog(problem)
-    os.set_blocking(fd, True)
-    return fd
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    try:
+        return open_own_regular(path, flags, 0o640, owner=me, single_name=True)
+    except UnsafeFile as problem:
+        raise UnsafeLog(f"it {problem}") from None
 
 
 def _write_all(fd: int, data: bytes) -> None:

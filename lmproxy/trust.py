@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import lmproxy
+from lmproxy.files import writable_by_others
 
 
 class UntrustedCode(Exception):  # noqa: N818 (it is what callers check for)
@@ -94,8 +95,8 @@ def _problem(path: Path) -> str:
         return ""  # a link's own mode means nothing; its folder and target are checked
     if info.st_uid != 0:
         return f"owned by uid {info.st_uid}, not root"
-    writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    if writable and not (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX):
+    if writable_by_others(info):
+        writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         who = "its group" if writable == stat.S_IWGRP else "others"
         return f"writable by {who} (mode {stat.S_IMODE(info.st_mode):04o})"
     return ""

@@ -60,7 +60,7 @@ def test_someone_elses_folder_or_file_is_refused(folder: Path) -> None:
     log = folder / "model.log"
     log.write_text("")
     os.chown(log, NOBODY, NOBODY)
-    with pytest.raises(logtee.UnsafeLog, match=f"belongs to uid {NOBODY}"):
+    with pytest.raises(logtee.UnsafeLog, match=f"it is owned by uid {NOBODY}"):
         logtee.open_log(str(log))
     os.chown(folder, NOBODY, NOBODY)
     with pytest.raises(logtee.UnsafeLog, match=f"folder belongs to uid {NOBODY}"):
