@@ -836,17 +836,10 @@ class _Parser:
         path = self.optional_text(fields, "ListenPath")
         if path is not None:
             self.unit_safe(fields, "ListenPath", lambda: unitsyntax.listen_stream_path(path))
-        owners = []
-        for field in ("SocketUser", "SocketGroup"):
-            owner = self.optional_text(fields, field)
-            if owner is not None and not _USER_RE.fullmatch(owner):
-                self.error(
-                    fields.path_of(field),
-                    f"invalid {field} {_show(owner)}: expected a user or group name "
-                    "(1 to 31 characters from a-z 0-9 _ -, starting with a letter or '_')",
-                )
-                owner = None
-            owners.append(owner)
+        owners = [
+            self.account(fields, "SocketUser", "a user name"),
+            self.account(fields, "SocketGroup", "a group name"),
+        ]
         mode = self.optional_text(fields, "SocketMode")
         if mode is not None and not _SOCKET_MODE_RE.fullmatch(mode):
             self.error(
@@ -863,17 +856,23 @@ class _Parser:
                 self.error(fields.path_of(field), f"{field} needs a ListenPath")
         return path, owners[0], owners[1], mode
 
+    def account(self, fields: _Fields, name: str, what: str) -> str | None:
+        """A user or group name field (null: absent); what: "a user name"."""
+        value = self.text(fields, name, null_ok=True)
+        if value is not None and not _USER_RE.fullmatch(value):
+            self.error(
+                fields.path_of(name),
+                f"invalid {name} {_show(value)}: expected {what} (1 to 31 characters from "
+                "a-z 0-9 _ -, starting with a letter or '_')",
+            )
+            return None
+        return value
+
     def user(self, fields: _Fields) -> str | None:
-        user = self.text(fields, "User", null_ok=True)
+        user = self.account(fields, "User", "a user name")
         allow_root = self.boolean(fields, "AllowRoot", False)
         if user is None:
             pass
-        elif not _USER_RE.fullmatch(user):
-            self.error(
-                fields.path_of("User"),
-                f"invalid User {_show(user)}: expected a user name (1 to 31 characters from "
-                "a-z 0-9 _ -, starting with a letter or '_')",
-            )
         elif user == SHIM_USER:
             self.error(
                 fields.path_of("User"),

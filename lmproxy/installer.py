@@ -19,16 +19,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmproxy import unitnames
-from lmproxy.config import Config, ConfigError, load_config
+from lmproxy import render, unitnames
+from lmproxy.config import SHIM_USER, Config, ConfigError, load_config
 from lmproxy.files import write_atomically
 from lmproxy.paths import Paths, Scope, paths_for
-from lmproxy.render import (
-    ENVIRONMENT_DIR,
-    current_interpreter,
-    render_environment_files,
-    render_units,
-)
+from lmproxy.render import current_interpreter, render_environment_files, render_units
 from lmproxy.systemd import Manager, SystemdError
 from lmproxy.trust import require_root_owned_code
 
@@ -96,7 +91,7 @@ def environment_files_for(config: Config) -> dict[str, str]:
 
 
 def environment_dir(paths: Paths) -> Path:
-    return paths.config_dir / ENVIRONMENT_DIR
+    return render.environment_dir(paths.installed_config)
 
 
 def _environment_changes(
@@ -106,7 +101,7 @@ def _environment_changes(
     from services that have none now."""
     folder = environment_dir(paths)
     wanted = {
-        folder / f"{name}.env": (text.encode(), 0o600)
+        render.environment_file(paths.installed_config, name): (text.encode(), 0o600)
         for name, text in environment_files_for(config).items()
     }
     stale = sorted(set(folder.glob("*.env")) - set(wanted)) if folder.is_dir() else []
@@ -293,7 +288,7 @@ def _start_sockets(manager: Manager, sockets: Sequence[str], plan: Plan, say: Sa
 STAGED_SUFFIX = ".lmproxy-new"  # not a unit type: systemd ignores staged files
 
 
-SHIM_GROUP = "lmproxy"  # system mode: the shims' group (system/lmproxy.sysusers)
+SHIM_GROUP = SHIM_USER  # sysusers gives the shims' user a group of its name
 
 
 def config_mode(scope: Scope) -> int:

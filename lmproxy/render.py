@@ -71,6 +71,11 @@ def current_interpreter() -> Interpreter:
     return Interpreter(sys.executable, environment)
 
 
+def environment_dir(config_path: Path) -> Path:
+    """The folder of the backends' environment files, beside the installed config."""
+    return config_path.parent / ENVIRONMENT_DIR
+
+
 def environment_file(config_path: Path, service: str) -> Path:
     """Where the backend of service finds its environment: systemd reads the file (as
     root, for the system manager) before it starts the model server as its user.
@@ -78,7 +83,7 @@ def environment_file(config_path: Path, service: str) -> Path:
     Not Environment= lines: unit files are readable by every local user, and systemd
     publishes Environment= over D-Bus to anyone who asks (`systemctl show`), where
     EnvironmentFile= shows only this path."""
-    return config_path.parent / ENVIRONMENT_DIR / f"{service}.env"
+    return environment_dir(config_path) / f"{service}.env"
 
 
 def backend_environment(service: Service, interpreter: Interpreter) -> dict[str, str]:

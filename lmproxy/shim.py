@@ -70,6 +70,7 @@ class Relayed(enum.Enum):
     OK = "relayed"
     GONE = "the backend is gone"
     REFUSED = "the backend refused"
+    OVER_LIMIT = "closed at once: MaxConnections are open"
 
 
 class StartError(Exception):
@@ -442,7 +443,7 @@ class Shim:
         if self.relay.full:
             client.close()
             self._refused(1)
-            return Relayed.OK
+            return Relayed.OVER_LIMIT
         try:
             backend = self.target.connect_patiently(total=5.0)
         except OSError as error:

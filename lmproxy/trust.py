@@ -77,8 +77,8 @@ def _closure(path: Path) -> Iterator[Path]:
     if absolute.is_symlink():
         yield from _closure(absolute.resolve())
     elif absolute.is_dir():
+        # __pycache__ included: Python loads a .pyc whose header matches its source.
         for folder, dirs, files in os.walk(absolute):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
             for name in [*dirs, *files]:
                 entry = Path(folder) / name
                 yield entry

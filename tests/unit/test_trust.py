@@ -50,6 +50,18 @@ def test_a_folder_another_user_owns_is_named_at_any_depth(tmp_path: Path) -> Non
     ]
 
 
+def test_compiled_files_count_too(tmp_path: Path) -> None:
+    """Python loads a .pyc from __pycache__ when its header matches the source: whoever
+    may write there may run code."""
+    root = package(tmp_path)
+    cache = root / "__pycache__"
+    cache.mkdir(mode=0o755)
+    compiled = cache / "shim.cpython-311.pyc"
+    compiled.write_bytes(b"")
+    compiled.chmod(0o666)
+    assert trust.problems([root]) == [f"{compiled}: writable by others (mode 0666)"]
+
+
 def test_a_sticky_folder_on_the_way_passes_and_a_plain_writable_one_does_not(
     tmp_path: Path,
 ) -> None:
