@@ -64,6 +64,8 @@ class Service:
     service_url: str | None
     max_connections: int = 0  # 0: no limit
     idle_connection_timeout_s: int = 0  # 0: never
+    swap_after_waiting_s: int = 5  # see Config
+    min_loaded_s: int = 0
     listen_path: str | None = None  # a unix socket instead of ListenAddress:ListenPort
     socket_user: str | None = None
     socket_group: str | None = None
@@ -85,6 +87,11 @@ class Config:
     services: tuple[Service, ...]
     max_wait_for_connection_close_s: int
     shutdown_after_inactivity_s: int
+    # A model's clients wait at most this long while another model holds its room in
+    # use; then that one drains and is swapped out (each service may say its own).
+    swap_after_waiting_s: int
+    # A model stays loaded at least this long before it is drained for another.
+    min_loaded_s: int
     output_service_logs: bool
     listen_address: str
     openai_api_listen_port: int | None
@@ -104,6 +111,8 @@ DEFAULT_LISTEN_ADDRESS = "127.0.0.1"
 DEFAULT_PROXY_TARGET_HOST = "localhost"
 DEFAULT_MAX_WAIT_FOR_CONNECTION_CLOSE_S = 1200
 DEFAULT_SHUTDOWN_AFTER_INACTIVITY_S = 0  # never
+DEFAULT_SWAP_AFTER_WAITING_S = 5
+DEFAULT_MIN_LOADED_S = 0
 DEFAULT_HEALTHCHECK_INTERVAL_MS = 200
 DEFAULT_STARTUP_TIMEOUT_MS = 600_000
 
@@ -124,6 +133,8 @@ TOP_LEVEL_FIELDS = (
     "OpenAiApi",
     "ManagementApi",
     "ListenAddress",  # lmproxy
+    "SwapAfterWaitingSeconds",  # lmproxy
+    "MinLoadedSeconds",  # lmproxy
 )
 SERVICE_FIELDS = (
     "Name",
@@ -151,6 +162,8 @@ SERVICE_FIELDS = (
     "AllowRoot",  # lmproxy
     "MaxConnections",  # lmproxy
     "IdleConnectionTimeoutSeconds",  # lmproxy
+    "SwapAfterWaitingSeconds",  # lmproxy
+    "MinLoadedSeconds",  # lmproxy
     "ListenPath",  # lmproxy
     "SocketUser",  # lmproxy
     "SocketGroup",  # lmproxy
@@ -436,6 +449,16 @@ def _unknown_field(key: str, names: tuple[str, ...]) -> str:
     return message
 
 
+@dataclass(frozen=True)
+class _Defaults:
+    """What a service takes from the top level unless it says otherwise."""
+
+    listen_address: str
+    shutdown_s: int
+    swap_after_waiting_s: int
+    min_loaded_s: int
+
+
 @dataclass
 class _Entry:
     """What the checks across services need to know about one service."""
@@ -596,6 +619,10 @@ class _Parser:
             MAX_SECONDS,
             DEFAULT_MAX_WAIT_FOR_CONNECTION_CLOSE_S,
         )
+        swap_after = self.integer(
+            fields, "SwapAfterWaitingSeconds", 0, MAX_SECONDS, DEFAULT_SWAP_AFTER_WAITING_S
+        )
+        min_loaded = self.integer(fields, "MinLoadedSeconds", 0, MAX_SECONDS, DEFAULT_MIN_LOADED_S)
         output_service_logs = self.boolean(fields, "OutputServiceLogs", True)
         default_service_url = self.optional_text(fields, "DefaultServiceUrl")
         listen_address = self.address(fields, "ListenAddress", DEFAULT_LISTEN_ADDRESS)
@@ -609,7 +636,8 @@ class _Parser:
             path, value = got
             if isinstance(value, list):
                 for index, item in enumerate(value):
-                    entry = self.service(index, f"{path}[{index}]", item, listen_address, shutdown)
+                    defaults = _Defaults(listen_address, shutdown, swap_after, min_loaded)
+                    entry = self.service(index, f"{path}[{index}]", item, defaults)
                     if entry is not None:
                         entries.append(entry)
             else:
@@ -622,6 +650,8 @@ class _Parser:
             services=tuple(entry.service for entry in entries if entry.service is not None),
             max_wait_for_connection_close_s=max_wait,
             shutdown_after_inactivity_s=shutdown,
+            swap_after_waiting_s=swap_after,
+            min_loaded_s=min_loaded,
             output_service_logs=output_service_logs,
             listen_address=listen_address,
             openai_api_listen_port=openai_port,
@@ -674,8 +704,7 @@ class _Parser:
         index: int,
         path: str,
         value: object,
-        default_listen_address: str,
-        default_shutdown: int,
+        defaults: _Defaults,
     ) -> _Entry | None:
         if not isinstance(value, _JsonObject):
             self.error(path, f"expected a service object, got {_show(value)}")
@@ -707,7 +736,7 @@ class _Parser:
                 fields.path_of("ListenPath"),
                 "a service listens on a ListenPort or on a ListenPath, not both",
             )
-        listen_address = self.address(fields, "ListenAddress", default_listen_address)
+        listen_address = self.address(fields, "ListenAddress", defaults.listen_address)
         target_host = self.proxy_target_host(fields)
         target_port = self.port(fields, "ProxyTargetPort", required="ProxyTargetPort is required")
 
@@ -758,6 +787,10 @@ class _Parser:
         user = self.user(fields)
         max_connections = self.integer(fields, "MaxConnections", 0, MAX_CONNECTIONS, 0)
         idle_timeout = self.integer(fields, "IdleConnectionTimeoutSeconds", 0, MAX_SECONDS, 0)
+        swap_after = self.integer(
+            fields, "SwapAfterWaitingSeconds", 0, MAX_SECONDS, defaults.swap_after_waiting_s
+        )
+        min_loaded = self.integer(fields, "MinLoadedSeconds", 0, MAX_SECONDS, defaults.min_loaded_s)
 
         if len(self.problems) == problems_before and command is not None:
             self.unit_safe(fields, "Command", lambda: unitsyntax.exec_line([command]))
@@ -805,7 +838,7 @@ class _Parser:
                 healthcheck_command=healthcheck_command,
                 healthcheck_interval_ms=healthcheck_interval,
                 startup_timeout_ms=startup_timeout,
-                shutdown_after_inactivity_s=shutdown if shutdown > 0 else default_shutdown,
+                shutdown_after_inactivity_s=shutdown if shutdown > 0 else defaults.shutdown_s,
                 kill_command=kill_command,
                 consider_stopped_on_process_exit=consider_stopped,
                 environment=environment,
@@ -815,6 +848,8 @@ class _Parser:
                 service_url=service_url,
                 max_connections=max_connections,
                 idle_connection_timeout_s=idle_timeout,
+                swap_after_waiting_s=swap_after,
+                min_loaded_s=min_loaded,
                 listen_path=listen_path,
                 socket_user=socket_user,
                 socket_group=socket_group,

@@ -1,48 +1,42 @@
 """The resource ledger: one JSON file shared by every shim, changed under flock.
 
-The ledger is the single truth about reservations; systemd is the single truth
-about what runs. Every transaction first reconciles the two, so that a shim
-killed at any point never leaks a reservation and a backend that runs is never
-outside the ledger:
-
-- an entry whose backend is not running is dropped, unless its shim is alive
-  and still on its way to start it (waiting or starting);
-- a running backend without an entry is adopted, with its configured needs;
-- an entry left stopping while its backend runs on with no shim of its own (a
-  stop that failed, a shim that exited on a false alarm) is running again, idle:
-  nobody was left to finish the stop, and as stopping it would hold its
-  reservation with no end, turning away everyone who needs the same resources;
-  as running it can be evicted, or served by the next shim of its own.
+The ledger stores the lifecycle's world (lmproxy.lifecycle) and locks it; it
+decides nothing. Every transaction first tells the lifecycle what systemd says
+of each service's units (an `Observed` event each), so that a shim killed at any
+point never leaks a reservation and a backend that runs is never outside the
+ledger; the rules for that are the lifecycle's.
 
 Transactions hold an exclusive flock on a separate lock file, and replace the
 data file by rename, so that readers without the lock (`lmproxy status`) and
-a crash half-way through a write never see a torn file.
+a crash half-way through a write never see a torn file; waiters watch for that
+rename (lmproxy.watch).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
 import stat
+import time as _time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmproxy import unitnames
-from lmproxy.eviction import Entry, State
+from lmproxy import lifecycle, unitnames
+from lmproxy.config import Config
 from lmproxy.files import UnsafeFile, open_own_regular, write_atomically
+from lmproxy.lifecycle import Effect, Entry, Event, Log, Phase, Profile, World
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # A ledger of thousands of services is far smaller; a bigger file is not ours.
 MAX_LEDGER_BYTES = 4 * 1024 * 1024
 
 # Which of these units run now; one D-Bus call for all of them.
 Probe = Callable[[Sequence[str]], Mapping[str, bool]]
-Log = Callable[[str], None]
+Logger = Callable[[Log], None]
 
 
 class LedgerError(RuntimeError):
@@ -51,20 +45,24 @@ class LedgerError(RuntimeError):
 
 @dataclass
 class Transaction:
-    """What a transaction sees and may change; written back when it ends."""
+    """The world a transaction sees; `tell` moves it on. Written back when it ends."""
 
-    available: Mapping[str, int]
-    entries: dict[str, Entry]
+    world: World
+    time: Callable[[], float]
 
-    def set(self, name: str, **changes: Any) -> Entry:
-        """Replaces fields of name's entry (which must exist)."""
-        entry = dataclasses.replace(self.entries[name], **changes)
-        self.entries[name] = entry
-        return entry
+    @property
+    def entries(self) -> Mapping[str, Entry]:
+        return self.world.entries
+
+    def tell(self, event: Event) -> tuple[Effect, ...]:
+        """Steps the lifecycle; returns the effects for the caller to carry out."""
+        result = lifecycle.step(self.world, event)
+        self.world = result.world
+        return result.effects
 
     def reserved(self) -> dict[str, int]:
-        total = dict.fromkeys(self.available, 0)
-        for entry in self.entries.values():
+        total = dict.fromkeys(self.world.available, 0)
+        for entry in self.world.entries.values():
             for resource, amount in entry.reserved.items():
                 total[resource] = total.get(resource, 0) + amount
         return total
@@ -75,18 +73,22 @@ class Ledger:
         self,
         runtime_dir: Path,
         available: Mapping[str, int],
-        needs: Mapping[str, Mapping[str, int]],
+        profiles: Mapping[str, Profile],
         probe: Probe,
-        log: Log,
+        log: Logger,
+        *,
+        time: Callable[[], float] = _time.time,
     ) -> None:
-        """needs: every configured service's ResourceRequirements, by service name."""
+        """profiles: what the lifecycle knows of every configured service, by name;
+        log: told each line reconciliation has for the journal."""
         self.runtime_dir = runtime_dir
         self.path = runtime_dir / "ledger.json"
         self.lock_path = runtime_dir / "ledger.lock"
         self.available = dict(available)
-        self.needs = {name: dict(amounts) for name, amounts in needs.items()}
+        self.profiles = dict(profiles)
         self.probe = probe
         self.log = log
+        self.time = time
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -97,10 +99,9 @@ class Ledger:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             present = self.path.exists()
             if not present and os.fstat(lock_fd).st_size > 0:
-                self.log(f"ledger {self.path} was missing; rebuilt it from systemd's unit states")
+                self._note(f"ledger {self.path} was missing; rebuilt it from systemd's unit states")
             stored = self._load()
-            txn = Transaction(self.available, dict(stored))
-            self._reconcile(txn)
+            txn = Transaction(self._reconciled(stored), self.time)
             yield txn
             if txn.entries != stored or not present:
                 self._store(txn.entries)
@@ -131,7 +132,7 @@ class Ledger:
             return _decode(json.loads(data))
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             if not quiet:
-                self.log(
+                self._note(
                     f"ledger {self.path} was unreadable ({error}); "
                     "rebuilt it from systemd's unit states"
                 )
@@ -142,42 +143,30 @@ class Ledger:
         # Status is readable by all; only the owner writes. The runtime dir is a tmpfs.
         write_atomically(self.path, data, 0o644, durable=False)
 
-    def _reconcile(self, txn: Transaction) -> None:
-        names = sorted(set(self.needs) | set(txn.entries))
+    def _note(self, message: str) -> None:
+        self.log(Log("reconcile", message, ""))
+
+    def _reconciled(self, stored: Mapping[str, Entry]) -> World:
+        """The stored world, told what systemd says of every service's units."""
+        names = sorted(set(self.profiles) | set(stored))
         units = [
             unit
             for name in names
             for unit in (unitnames.backend_unit(name), unitnames.shim_unit(name))
         ]
         running = self.probe(units)
+        shims = frozenset(n for n in names if running.get(unitnames.shim_unit(n), False))
+        world = World(self.available, self.profiles, dict(stored), shims)
+        now = self.time()
         for name in names:
             backend_runs = running.get(unitnames.backend_unit(name), False)
-            shim_runs = running.get(unitnames.shim_unit(name), False)
-            entry = txn.entries.get(name)
-            if name not in self.needs:
-                if entry is not None:
-                    del txn.entries[name]
-                    self.log(f"dropped ledger entry of {name}: no longer configured")
-                continue
-            if backend_runs:
-                if entry is None or entry.state is State.WAITING:
-                    txn.entries[name] = Entry(State.RUNNING, self.needs[name], 0, 0.0)
-                    self.log(f"adopted {name}: its backend runs outside the ledger")
-                elif entry.state is State.STOPPING and not shim_runs:
-                    txn.entries[name] = Entry(State.RUNNING, entry.reserved, 0, entry.last_used)
-                    self.log(
-                        f"{name} was left stopping while its backend runs with no shim: "
-                        "counted as running and idle again"
-                    )
-            elif entry is not None and not (
-                entry.state in (State.WAITING, State.STARTING) and shim_runs
-            ):
-                del txn.entries[name]
-                if entry.reserved:
-                    self.log(
-                        f"released the reservation of {name} ({entry.state.value}): "
-                        "its backend is not running"
-                    )
+            observed = lifecycle.Observed(name, now, backend_runs, name in shims)
+            result = lifecycle.step(world, observed)
+            world = result.world
+            for effect in result.effects:
+                if isinstance(effect, Log):
+                    self.log(effect)
+        return world
 
 
 def _encode(entries: Mapping[str, Entry]) -> dict[str, Any]:
@@ -185,10 +174,12 @@ def _encode(entries: Mapping[str, Entry]) -> dict[str, Any]:
         "version": FORMAT_VERSION,
         "services": {
             name: {
-                "state": entry.state.value,
+                "state": entry.phase.value,
                 "reserved": dict(entry.reserved),
-                "connections": entry.connections,
+                "in_use": entry.in_use,
                 "last_used": entry.last_used,
+                "loaded_at": entry.loaded_at,
+                "waiting_since": entry.waiting_since,
             }
             for name, entry in entries.items()
         },
@@ -201,8 +192,14 @@ def _decode(data: Any) -> dict[str, Entry]:
     entries = {}
     for name, raw in data["services"].items():
         reserved = {str(k): int(v) for k, v in raw["reserved"].items()}
+        since = raw["waiting_since"]
         entries[str(name)] = Entry(
-            State(raw["state"]), reserved, int(raw["connections"]), float(raw["last_used"])
+            Phase(raw["state"]),
+            reserved,
+            int(raw["in_use"]),
+            float(raw["last_used"]),
+            float(raw["loaded_at"]),
+            None if since is None else float(since),
         )
     return entries
 
@@ -223,3 +220,16 @@ def _open_owned(path: Path, flags: int, mode: int, *, owner: int | None = None) 
         return open_own_regular(path, flags, mode, owner=expected)
     except UnsafeFile as problem:
         raise LedgerError(f"{path} {problem}; refusing to use it") from None
+
+
+def profiles(config: Config) -> dict[str, Profile]:
+    """What the lifecycle knows of each configured service."""
+    return {
+        s.name: Profile(
+            needs=dict(s.resource_requirements),
+            starvation_bound_s=s.swap_after_waiting_s,
+            min_loaded_s=s.min_loaded_s,
+            give_up_s=config.max_wait_for_connection_close_s,
+        )
+        for s in config.services
+    }

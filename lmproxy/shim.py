@@ -1,15 +1,17 @@
 """The shim: `lmproxy shim NAME`, started by systemd when a client connects.
 
-It receives the listening socket (socket activation, Accept=no), makes room
-in the ledger (stopping least recently used services if it must), starts its
-backend unit, waits until it answers, then accepts and relays every client
-until the backend stops (evicted, idle, crashed, stopped by hand); then it
-exits and leaves the socket to systemd, which starts it again on the next
-connection.
+It receives the listening socket (socket activation, Accept=no) and asks the
+lifecycle (lmproxy.lifecycle, through a ledger transaction) what to do for its
+client: relay it, start its backend, stop least recently used services first,
+or wait. It carries out those effects, tells the lifecycle what came of them,
+then accepts and relays every client until the backend stops (evicted, idle,
+crashed, stopped by hand); then it exits and leaves the socket to systemd, which
+starts it again on the next connection. While another model's client has waited
+past the starvation bound for this one's room, it admits no new client (they
+wait in the socket's backlog) and, once its clients are done, is swapped out.
 
 Only this module's edges do I/O: the ledger file, D-Bus (lmproxy.systemd),
-the sockets (lmproxy.relay) and the journal. The decisions are
-lmproxy.eviction's.
+the sockets (lmproxy.relay) and the journal. Every decision is the lifecycle's.
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lmproxy import eviction, unitnames
+from lmproxy import lifecycle, unitnames
 from lmproxy.config import Config, Service, load_config
-from lmproxy.eviction import Entry, State
 from lmproxy.journal import Logger
-from lmproxy.ledger import Ledger, Transaction
+from lmproxy.ledger import Ledger, profiles
+from lmproxy.lifecycle import Effect, Event, Phase
 from lmproxy.paths import Scope, paths_for
 from lmproxy.readiness import ReadinessError, Target, wait_until_ready
 from lmproxy.relay import Relay
 from lmproxy.systemd import Manager, SystemdError
+from lmproxy.watch import DirectoryWatch
 
 # How long to wait for a D-Bus start or stop job beyond the unit's own timeouts.
 JOB_TIMEOUT_S = 120.0
@@ -46,9 +49,9 @@ PUBLISH_GAP_S = 0.2
 # How long a claim outlives the last connection: short connections one after
 # another need no transaction each, and eviction of an idle service waits this long.
 HOLD_S = 0.5
-# While waiting for other services: first and longest pause between tries.
-WAIT_FIRST_S = 0.01
-WAIT_MAX_S = 0.25
+# A waiter wakes when the ledger changes; it also asks again this often, for changes
+# that nobody writes down (a shim killed, a backend that died with it).
+WAIT_AT_MOST_S = 1.0
 # After an unexpected error in the thread that watches the backend, before it looks again.
 WATCH_RETRY_S = 0.5
 
@@ -64,6 +67,7 @@ class Outcome(enum.Enum):
     BACKEND_GONE = "backend stopped"
     IDLE = "idle"
     RESTART = "backend refused a connection"
+    NOT_ADMITTING = "it admits no new client for now"
 
 
 class Relayed(enum.Enum):
@@ -90,10 +94,13 @@ class Shim:
         self.ledger = Ledger(
             paths_for(scope).runtime_dir,
             config.resources_available,
-            {s.name: s.resource_requirements for s in config.services},
+            profiles(config),
             self._probe,
-            lambda message: self.log.info(message, event="reconcile"),
+            self._note,
         )
+        # When the oldest client not relayed yet came: the shim starts for a client.
+        self.arrived = time.time()
+        self.watch: DirectoryWatch | None = None
         self.relay = Relay(
             on_change=self._connections_changed,
             on_give_back=self._given_back,
@@ -107,6 +114,7 @@ class Shim:
         self._over_limit_warning = Every(REFUSED_LOG_EVERY_S)
         self.target: Target | None = None
         self.backend_gone = threading.Event()
+        self._watcher: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._published = threading.Event()
         # Accepted, not relayed yet (a relay loop's connect failed, or the backend went away).
@@ -136,17 +144,32 @@ class Shim:
     def _backend_runs(self) -> bool:
         return self._probe([self.backend]).get(self.backend, False)
 
-    def _stop_backend(self) -> None:
-        """Stops the backend unit; a failure is logged, and the ledger keeps the
-        reservation for as long as systemd says the unit still runs."""
-        try:
-            self.manager().stop_unit(self.backend, JOB_TIMEOUT_S)
-        except SystemdError as error:
-            self.log.error(f"could not stop {self.backend}: {error}", event="stop-failed")
-
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
+
+    def _note(self, line: lifecycle.Log) -> None:
+        """A line of the lifecycle's for the journal."""
+        fields = {} if line.victim is None else {"victim": line.victim}
+        self.log.info(line.message, event=line.event, **fields)
+
+    def _tell(self, event: Event) -> tuple[Effect, ...]:
+        """One transaction: tells the lifecycle, logs its lines, returns the rest."""
+        with self.ledger.transaction() as txn:
+            effects = txn.tell(event)
+        for effect in effects:
+            if isinstance(effect, lifecycle.Log):
+                self._note(effect)
+        return tuple(e for e in effects if not isinstance(e, lifecycle.Log))
+
+    def _phase(self) -> Phase | None:
+        """Its phase as the ledger last said, without a transaction (a hint to act on
+        through one)."""
+        try:
+            entry = self.ledger.snapshot().get(self.name)
+        except (OSError, ValueError):
+            return None
+        return entry.phase if entry is not None else None
 
     # --- the life of a shim ------------------------------------------------
 
@@ -157,14 +180,24 @@ class Shim:
         notify("READY=1", f"STATUS=starting {self.backend}")
         while True:
             try:
-                self.target, ready_ms = self._ensure_backend()
+                ready_ms = self._acquire()
             except StartError as failure:
                 self.log.error(f"cannot serve {self.name}: {failure}", event="failed")
                 turned_away = self._close_pending() + self._turn_away_waiting_clients()
                 self.log.info(f"closed {turned_away} waiting client(s)", event="turned-away")
+                with contextlib.suppress(SystemdError, OSError):
+                    self._release()
                 return 1
-            outcome = self._open(ready_ms) or self._serve()
+            outcome = (self._open(ready_ms) if ready_ms is not None else None) or self._serve()
             self.relay.stop_accepting()
+            if outcome is Outcome.NOT_ADMITTING:
+                # Draining (or being put to sleep): the clients in use go on, new ones
+                # wait in the backlog from now, and the lifecycle says what comes next.
+                with self._claim_lock:
+                    self._held = False
+                self._published.set()
+                self.arrived = time.time()
+                continue
             cut = self.relay.active
             self.relay.close_all()
             if cut:
@@ -173,139 +206,138 @@ class Shim:
                 self.log.warning(
                     f"restarting {self.backend}: it refused a connection", event="restart"
                 )
-                self._stop_own_backend()
+                self.arrived = time.time()
+                self._carry_out(self._tell(lifecycle.Restart(self.name, time.time(), self.arrived)))
                 continue
             self._release()
-            if self._pending:
-                # Clients accepted just as the backend went away: start it again for them.
+            if self._pending or self._backlog():
+                # Clients came as the backend went away: start it again for them.
                 self.log.info(
-                    f"{self.backend} stopped ({outcome.value}) with {len(self._pending)} "
-                    "client(s) waiting; starting it again",
+                    f"{self.backend} stopped ({outcome.value}) with client(s) waiting; "
+                    "starting it again",
                     event="again",
                 )
+                self.arrived = time.time()
                 continue
             self.log.info(
                 f"{self.backend} is no longer running ({outcome.value}); exiting", event="exit"
             )
             return 0
 
-    def _ensure_backend(self) -> tuple[Target, float]:
-        """Reserves, evicts, starts and waits; returns the address that answers and the
-        milliseconds the backend took to answer. Its entry stays STARTING: see _open."""
-        with self._claim_lock:
-            self._held = False  # a new or adopted entry: nothing is claimed in it yet
+    def _acquire(self) -> float | None:
+        """Asks the lifecycle until its clients can be served, carrying out what it says
+        (stopping victims, starting the backend, waiting for the ledger to change);
+        returns the milliseconds a start took, or None when the backend ran already."""
+        while True:
+            try:
+                effects = self._tell(lifecycle.Want(self.name, time.time(), self.arrived))
+            except SystemdError as error:
+                # Without systemd's word on what runs, nothing can be reserved safely;
+                # the transaction that failed wrote nothing.
+                raise StartError(str(error)) from error
+            wait = self._carry_out(effects)
+            if any(isinstance(e, lifecycle.Serve) for e in effects):
+                self._ready_already()
+                return None
+            if any(isinstance(e, lifecycle.Start) for e in effects):
+                return self._start()
+            if wait is not None:
+                notify(f"STATUS={wait.reason}")
+                self._wait_for_change(wait.until)
+
+    def _carry_out(self, effects: Sequence[Effect]) -> lifecycle.Wait | None:
+        """Stops what is to be stopped; turning away raises StartError. Returns the
+        Wait among the effects, if any (Serve and Start are the caller's)."""
+        wait = None
+        for effect in effects:
+            match effect:
+                case lifecycle.Stop(name=victim):
+                    self._stop(victim)
+                case lifecycle.Wait():
+                    wait = effect
+                case lifecycle.TurnAway(reason=reason):
+                    raise StartError(reason)
+        return wait
+
+    def _wait_for_change(self, until: float | None) -> None:
+        if self.watch is None:
+            self.watch = DirectoryWatch(self.ledger.runtime_dir)
+            return  # a change before the watch began would be missed: ask again now
+        left = WAIT_AT_MOST_S if until is None else until - time.time()
+        self.watch.wait(max(0.0, min(WAIT_AT_MOST_S, left)))
+
+    def _start(self) -> float:
+        """Starts the backend (unless it runs) and waits until it answers; returns how
+        long that took, in milliseconds."""
+        started = time.monotonic()
         try:
-            self._reserve()
-        except SystemdError as error:
-            # Without systemd's word on what runs, nothing can be reserved safely;
-            # the transaction that failed wrote nothing.
-            raise StartError(str(error)) from error
-        try:
-            started = time.monotonic()
             if not self._backend_runs():
                 self.manager().start_unit(self.backend, JOB_TIMEOUT_S)
                 self.log.info(f"started {self.backend}", event="started")
             self._watch_backend()
-            deadline = started + self.service.startup_timeout_ms / 1000
-            target = wait_until_ready(
-                self.service.proxy_target_host,
-                self.service.proxy_target_port,
-                deadline=deadline,
-                healthcheck=self.service.healthcheck_command,
-                healthcheck_interval_s=self.service.healthcheck_interval_ms / 1000,
-                gone=self.backend_gone.is_set,
-            )
+            self.target = self._wait_until_ready(started)
         except (SystemdError, ReadinessError) as error:
-            self._roll_back()
+            # Stopped, whatever may have started; its clients are turned away with the
+            # reason itself rather than the lifecycle's summary of it.
+            effects = self._tell(lifecycle.StartFailed(self.name, time.time()))
+            self._carry_out([e for e in effects if not isinstance(e, lifecycle.TurnAway)])
             raise StartError(str(error)) from error
-        return target, (time.monotonic() - started) * 1000
+        return (time.monotonic() - started) * 1000
+
+    def _ready_already(self) -> None:
+        """Served by a backend that runs already (adopted, or this shim's own): makes sure
+        that it answers, and that the shim watches it."""
+        with self._claim_lock:
+            self._held = True
+        if self.target is None or self._watcher is None or not self._watcher.is_alive():
+            self._watch_backend()
+            try:
+                self.target = self._wait_until_ready(time.monotonic())
+            except ReadinessError as error:
+                raise StartError(str(error)) from error
+
+    def _wait_until_ready(self, started: float) -> Target:
+        return wait_until_ready(
+            self.service.proxy_target_host,
+            self.service.proxy_target_port,
+            deadline=started + self.service.startup_timeout_ms / 1000,
+            healthcheck=self.service.healthcheck_command,
+            healthcheck_interval_s=self.service.healthcheck_interval_ms / 1000,
+            gone=self.backend_gone.is_set,
+        )
 
     def _open(self, ready_ms: float) -> Outcome | None:
-        """Relays the clients that wait for the backend that just became ready, then marks
-        it RUNNING with a connection claimed, in one transaction; an Outcome if serving
-        ends before that.
+        """Relays the clients that wait for the backend that just became ready, then tells
+        the lifecycle it is ready, with a connection claimed, in one transaction; an
+        Outcome if serving ends before that.
 
         The clients go first: a STARTING entry is never evicted, so they need no claim
         yet, and their first bytes then wait for no transaction (a flock, a D-Bus call
         and a write: 1 to 2 ms of a cold start), journal line or status update."""
-        if not self._accept_clients(starting=True):
-            return Outcome.RESTART
+        if outcome := self._accept_clients(starting=True):
+            return outcome
         if self.backend_gone.is_set():
             return Outcome.BACKEND_GONE
-        with self.ledger.transaction() as txn:
-            if self.name in txn.entries:
-                txn.set(self.name, state=State.RUNNING, last_used=time.time())
-                self._claim(txn)
+        effects = self._tell(lifecycle.Ready(self.name, time.time(), 1))
+        if any(isinstance(e, lifecycle.Serve) for e in effects):
+            with self._claim_lock:
+                self._held = True
         self.log.info(
             f"{self.name} ready after {ready_ms:.0f} ms", event="ready", ready_ms=ready_ms
         )
         notify(f"STATUS=relaying to {self.backend}")
         return None
 
-    def _reserve(self) -> None:
-        """Loops until this service holds its reservation, stopping victims and
-        waiting for busy services as the planner says."""
-        needs = self.service.resource_requirements
-        give_up = time.monotonic() + self.config.max_wait_for_connection_close_s
-        pause = WAIT_FIRST_S
-        while True:
-            victims: tuple[str, ...] = ()
-            with self.ledger.transaction() as txn:
-                entry = txn.entries.get(self.name)
-                if entry is not None and entry.state in (State.STARTING, State.RUNNING):
-                    return  # ours already (a shim before us reserved, or adoption)
-                if entry is not None and entry.state is State.STOPPING:
-                    decision: eviction.Decision = eviction.Wait(
-                        eviction.WaitReason.STOPPING, (self.name,)
-                    )
-                else:
-                    decision = eviction.plan(txn.available, txn.entries, self.name, needs)
-                now = time.time()
-                match decision:
-                    case eviction.Reserve():
-                        txn.entries[self.name] = Entry(State.STARTING, dict(needs), 0, now)
-                        self.log.info(f"reserved {_amounts(needs)}", event="reserved")
-                        return
-                    case eviction.Evict(victims=victims):
-                        for victim in victims:
-                            txn.set(victim, state=State.STOPPING)
-                        txn.entries[self.name] = Entry(State.WAITING, {}, 0, now)
-                    case eviction.Wait():
-                        if entry is None or entry.state is not State.STOPPING:
-                            txn.entries[self.name] = Entry(State.WAITING, {}, 0, now)
-                    case eviction.Impossible(shortfall=shortfall):
-                        txn.entries.pop(self.name, None)
-                        raise StartError(f"needs {_amounts(shortfall)} more than exists")
-            if victims:
-                self._evict(victims, needs)
-                pause = WAIT_FIRST_S
-                continue
-            assert isinstance(decision, eviction.Wait)
-            if time.monotonic() >= give_up:
-                with self.ledger.transaction() as txn:
-                    if (e := txn.entries.get(self.name)) is not None and e.state is State.WAITING:
-                        del txn.entries[self.name]
-                raise StartError(
-                    f"gave up after {self.config.max_wait_for_connection_close_s} s "
-                    f"{decision.reason.value}: {', '.join(decision.services)}"
-                )
-            notify(f"STATUS={decision.reason.value}: {', '.join(decision.services)}")
-            time.sleep(pause)
-            pause = min(pause * 2, WAIT_MAX_S)
-
-    def _evict(self, victims: tuple[str, ...], needs: Mapping[str, int]) -> None:
-        for victim in victims:
-            self.log.info(
-                f"evicting {victim} to free room for {_amounts(needs)}",
-                event="evict",
-                victim=victim,
-            )
-            try:
-                self.manager().stop_unit(unitnames.backend_unit(victim), JOB_TIMEOUT_S)
-            except SystemdError as error:
-                # Its entry stays STOPPING only while its backend runs: reconciliation
-                # drops it once the unit is gone, so the next round sees the truth.
-                self.log.error(f"could not stop {victim}: {error}", event="evict-failed")
+    def _stop(self, name: str) -> None:
+        """Stops a backend (a victim, or its own) and waits for the job; a failure is
+        logged, and the ledger keeps the reservation for as long as systemd says the
+        unit still runs."""
+        unit = unitnames.backend_unit(name)
+        try:
+            self.manager().stop_unit(unit, JOB_TIMEOUT_S)
+        except SystemdError as error:
+            event = "stop-failed" if name == self.name else "evict-failed"
+            self.log.error(f"could not stop {unit}: {error}", event=event)
 
     def _watch_backend(self) -> None:
         self.backend_gone.clear()
@@ -327,41 +359,33 @@ class Shim:
             self.backend_gone.set()
             self._wake()
 
-        threading.Thread(target=watch, name="watch-backend", daemon=True).start()
-
-    def _roll_back(self) -> None:
-        """A start that failed: stop what may have started, release the reservation."""
-        self._stop_backend()
-        self._release()
+        self._watcher = threading.Thread(target=watch, name="watch-backend", daemon=True)
+        self._watcher.start()
 
     def _release(self) -> None:
-        """Gives the reservation back, unless the backend still runs (a stop that
-        failed): then it stays, marked stopping, until systemd says it is gone."""
-        with self.ledger.transaction() as txn:
-            if self.name not in txn.entries:
-                return
-            if self._backend_runs():
-                txn.set(self.name, state=State.STOPPING)
-            else:
-                del txn.entries[self.name]
+        """A transaction with nothing to tell: reconciliation gives the reservation back,
+        unless the backend still runs (a stop that failed)."""
+        with self.ledger.transaction():
+            pass
 
-    def _stop_own_backend(self) -> None:
-        with self.ledger.transaction() as txn:
-            if self.name in txn.entries:
-                txn.set(self.name, state=State.STOPPING)
-        self._stop_backend()
-        self.backend_gone.wait(JOB_TIMEOUT_S)
-        self._release()
+    def _backlog(self) -> bool:
+        """Whether clients wait in the listening socket's backlog."""
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        return bool(poller.poll(0))
 
     # --- serving ----------------------------------------------------------
 
     def _serve(self) -> Outcome:
         idle_after = self.service.shutdown_after_inactivity_s
+        if self.watch is None:
+            self.watch = DirectoryWatch(self.ledger.runtime_dir)
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
+        poller.register(self.watch, select.POLLIN)
         polled = False  # whether this thread watches the listener (the relay loops do not)
-        if self._pending and not self._accept_clients():
-            return Outcome.RESTART
+        if self._pending and (outcome := self._accept_clients()):
+            return outcome
         while True:
             if self.backend_gone.is_set():
                 return Outcome.BACKEND_GONE
@@ -386,53 +410,62 @@ class Shim:
                 # one connection per request would cost one each).
                 timeout_ms = max(1, int(idle_after * 1000))
             for fd, _ in poller.poll(timeout_ms):
+                outcome = None
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
-                    if self._pending and not self._accept_clients():
-                        return Outcome.RESTART
-                elif not self._accept_clients():
-                    return Outcome.RESTART
+                    if self._pending:
+                        outcome = self._accept_clients()
+                elif fd == self.watch.fileno():
+                    self.watch.consume()
+                    if self._phase() in (Phase.DRAINING, Phase.FALLING_ASLEEP):
+                        return Outcome.NOT_ADMITTING
+                else:
+                    outcome = self._accept_clients()
+                if outcome is not None:
+                    return outcome
 
-    def _accept_clients(self, *, starting: bool = False) -> bool:
+    def _accept_clients(self, *, starting: bool = False) -> Outcome | None:
         """Relays the clients left from a backend that went away or given back by the
         relay, then every waiting client, then lets the relay loops accept the next
-        ones themselves; False if the backend refused one and is to be restarted.
+        ones themselves. An Outcome ends serving: RESTART when the backend refused one
+        and is to be restarted, NOT_ADMITTING when the lifecycle counts no new client.
         starting: the entry is still STARTING (see _open): no claim, and the loops are
         not let accept."""
         with self._claim_lock:
             held = self._held or starting
             self._claimed = held and not starting  # pinned: the publisher cannot write 0
         if not held and not self._claim_first_connection():
-            # Being stopped (evicted): leave clients in the backlog; this shim starts
-            # the backend again if it accepted any, systemd starts a new one otherwise.
-            self.backend_gone.wait(JOB_TIMEOUT_S)
-            return True
+            # Draining, asleep or being stopped: the clients stay in the backlog, and
+            # the lifecycle says what comes next.
+            return Outcome.NOT_ADMITTING
         try:
             while True:
                 if self._pending:
                     client = self._pending.popleft()
                 elif self.relay.accepting:
-                    return True
+                    return None
                 else:
                     try:
                         client, _ = self.listener.accept()
                     except BlockingIOError:
                         if not starting:
                             self._delegate_accepting()
-                        return True
+                        return None
                     except OSError as error:
                         if error.errno in (errno.ECONNABORTED, errno.EPROTO):
                             continue
                         if error.errno in OUT_OF_RESOURCES:
                             self._out_of_resources(error)
-                            return True
+                            return None
                         raise
                 match self._relay(client):
                     case Relayed.GONE:
-                        return True  # _serve sees backend_gone
+                        return None  # _serve sees backend_gone
                     case Relayed.REFUSED:
-                        return not self.service.restart_on_connection_failure
+                        if self.service.restart_on_connection_failure:
+                            return Outcome.RESTART
+                        return None
         finally:
             self._claimed = False
 
@@ -479,24 +512,17 @@ class Shim:
 
     def _claim_first_connection(self) -> bool:
         """Before a connection is relayed, the ledger must count one: a service with
-        open connections is never evicted, and this is the moment another shim could
+        clients in use is never evicted, and this is the moment another shim could
         be choosing victims. The claim is `_held` until the publisher writes 0 (after
         HOLD_S without connections), so a stream of short connections costs one
         transaction, not one each; `_claimed` keeps the publisher from writing 0
         until the relay counts the connection."""
-        with self.ledger.transaction() as txn:
-            return self._claim(txn, pinned=True)
-
-    def _claim(self, txn: Transaction, *, pinned: bool = False) -> bool:
-        """Counts a connection in txn (False if the entry is not RUNNING) and holds the
-        claim; pinned: also `_claimed`, for a caller that relays a client next."""
-        entry = txn.entries.get(self.name)
-        if entry is None or entry.state is not State.RUNNING:
+        effects = self._tell(lifecycle.Claim(self.name, time.time()))
+        if not any(isinstance(e, lifecycle.Serve) for e in effects):
             return False
-        txn.set(self.name, connections=max(1, entry.connections), last_used=time.time())
         with self._claim_lock:
             self._held = True
-            self._claimed = self._claimed or pinned
+            self._claimed = True
         return True
 
     def _refused(self, count: int) -> None:
@@ -537,22 +563,25 @@ class Shim:
         return closed
 
     def _stop_for_idleness(self) -> bool:
-        """Marks the backend stopping and stops it; False if a client came first.
-        The relay loops stop accepting in the same step as the check that no client
-        is open, and only this thread accepts otherwise, so none can come in after."""
+        """Tells the lifecycle the service is idle, and stops the backend if it agrees;
+        False if a client came first. The relay loops stop accepting in the same step
+        as the check that no client is open, and only this thread accepts otherwise,
+        so none can come in after."""
         with self.ledger.transaction() as txn:
-            if self.name not in txn.entries:
-                return True  # already gone
             if not self.relay.stop_accepting_if_idle():
                 return False
             with self._claim_lock:
                 self._held = False
-            txn.set(self.name, state=State.STOPPING, connections=0)
+            now = time.time()
+            txn.tell(lifecycle.InUse(self.name, now, 0, now))
+            effects = txn.tell(lifecycle.Idle(self.name, now))
+        if not any(isinstance(e, lifecycle.Stop) for e in effects):
+            return self.name not in self.ledger.snapshot()  # already gone
         self.log.info(
             f"stopping {self.backend}: idle for {self.service.shutdown_after_inactivity_s} s",
             event="idle-stop",
         )
-        self._stop_backend()
+        self._carry_out(effects)
         return True
 
     def _connections_changed(self, active: int) -> None:
@@ -578,10 +607,9 @@ class Shim:
                 with self.ledger.transaction() as txn:
                     count = self._count_to_publish()
                     activity = self.relay.last_activity
-                    used = time.time() - (time.monotonic() - activity)
-                    entry = txn.entries.get(self.name)
-                    if entry is not None and entry.state is State.RUNNING:
-                        txn.set(self.name, connections=count, last_used=max(entry.last_used, used))
+                    now = time.time()
+                    used = now - (time.monotonic() - activity)
+                    txn.tell(lifecycle.InUse(self.name, now, count, used))
             except (OSError, SystemdError) as error:
                 self.log.error(f"could not update the ledger: {error}", event="ledger-failed")
                 continue

@@ -9,12 +9,22 @@ from typing import Any
 
 from lmproxy import unitnames
 from lmproxy.config import Config
-from lmproxy.eviction import Entry, State
 from lmproxy.ledger import Ledger
+from lmproxy.lifecycle import Entry, Phase
 from lmproxy.paths import Scope, paths_for
 from lmproxy.systemd import Manager, UnitState
 
-STATES = ("cold", "starting", "running", "stopping", "failed")
+STATES = (
+    "cold",
+    "starting",
+    "running",
+    "draining",
+    "falling-asleep",
+    "sleeping",
+    "waking",
+    "stopping",
+    "failed",
+)
 
 
 @dataclass(frozen=True)
@@ -24,8 +34,9 @@ class ServiceStatus:
     listen: str
     backend_unit: str
     reserved: dict[str, int]
-    connections: int
+    connections: int  # clients in use
     last_used: float | None  # seconds since the epoch
+    waiting_since: float | None  # when its oldest waiting client came
 
 
 @dataclass(frozen=True)
@@ -43,10 +54,12 @@ def service_state(entry: Entry | None, backend: UnitState, shim: UnitState) -> s
     """One word for a service, from its ledger entry and its units' states."""
     if backend.active_state == "failed" or (shim.active_state == "failed" and not backend.running):
         return "failed"
-    if backend.active_state == "deactivating" or (entry and entry.state is State.STOPPING):
+    if backend.active_state == "deactivating" or (entry and entry.phase is Phase.STOPPING):
         return "stopping"
-    if entry and entry.state in (State.WAITING, State.STARTING):
+    if entry and entry.phase in (Phase.WAITING, Phase.STARTING):
         return "starting"
+    if entry and entry.phase is not Phase.RUNNING and backend.running:
+        return str(entry.phase.value)  # draining, falling-asleep, sleeping, waking
     if backend.running:
         return "running" if backend.active_state == "active" else "starting"
     return "cold"
@@ -54,7 +67,7 @@ def service_state(entry: Entry | None, backend: UnitState, shim: UnitState) -> s
 
 def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[ResourceStatus]]:
     paths = paths_for(scope)
-    entries = Ledger(paths.runtime_dir, config.resources_available, {}, lambda _: {}, print)
+    entries = Ledger(paths.runtime_dir, config.resources_available, {}, lambda _: {}, _ignore)
     snapshot = entries.snapshot()
     names = [
         u
@@ -80,8 +93,9 @@ def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[Res
                 listen=listen,
                 backend_unit=unitnames.backend_unit(service.name),
                 reserved=held,
-                connections=entry.connections if entry and state != "cold" else 0,
+                connections=entry.in_use if entry and state != "cold" else 0,
                 last_used=entry.last_used if entry and entry.last_used else None,
+                waiting_since=entry.waiting_since if entry else None,
             )
         )
     resources = [
@@ -93,6 +107,10 @@ def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[Res
         for resource, amount in sorted(config.resources_available.items())
     ]
     return services, resources
+
+
+def _ignore(_: object) -> None:
+    """status only reads the ledger: reconciliation never runs, so nothing is logged."""
 
 
 def as_json(
@@ -111,6 +129,7 @@ def as_json(
                 "reserved": s.reserved,
                 "connections": s.connections,
                 "last_used": _iso(s.last_used),
+                "waiting_since": _iso(s.waiting_since),
             }
             for s in services
         ],

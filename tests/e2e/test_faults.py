@@ -121,7 +121,7 @@ def test_ledger_deleted_or_corrupted_is_rebuilt(systemd_sandbox: Sandbox, tmp_pa
     # client was relayed) and published that the client left.
     def settled() -> bool:
         entry = ledger_entries()["one"]
-        return (entry["state"], entry["connections"]) == ("running", 0)
+        return (entry["state"], entry["in_use"]) == ("running", 0)
 
     wait_for(settled, 10, "the count to settle")
     ledger = paths_for(Scope.USER).ledger

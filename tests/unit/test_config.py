@@ -104,6 +104,8 @@ def test_minimal_config_gets_every_default() -> None:
         ),
         max_wait_for_connection_close_s=1200,
         shutdown_after_inactivity_s=0,
+        swap_after_waiting_s=5,
+        min_loaded_s=0,
         output_service_logs=True,
         listen_address="127.0.0.1",
         openai_api_listen_port=None,
@@ -1440,3 +1442,21 @@ def test_two_services_on_one_unix_socket() -> None:
     path, message = only_problem(document(first, second))
     assert path == "$.Services[1].ListenPath"
     assert "already used by service 'a'" in message
+
+
+def test_swap_after_waiting_and_min_loaded_default_from_the_top_level() -> None:
+    first = minimal_service()
+    second = minimal_service(Name="other", ListenPort=8082, ProxyTargetPort=18082)
+    second.update(SwapAfterWaitingSeconds=1, MinLoadedSeconds=30)
+    config = parse(document(first, second, SwapAfterWaitingSeconds=12, MinLoadedSeconds=4))
+    assert (config.swap_after_waiting_s, config.min_loaded_s) == (12, 4)
+    assert [(s.swap_after_waiting_s, s.min_loaded_s) for s in config.services] == [
+        (12, 4),
+        (1, 30),
+    ]
+    assert parse(document(minimal_service())).services[0].swap_after_waiting_s == 5
+
+
+def test_swap_after_waiting_must_be_whole_seconds() -> None:
+    with pytest.raises(ConfigError, match=r"\$.SwapAfterWaitingSeconds"):
+        parse(document(minimal_service(), SwapAfterWaitingSeconds=-1))

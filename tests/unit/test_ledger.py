@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from lmproxy.eviction import Entry, Evict, Reserve, State, plan
-from lmproxy.ledger import MAX_LEDGER_BYTES, Ledger, LedgerError
+from lmproxy import lifecycle
+from lmproxy.ledger import MAX_LEDGER_BYTES, Ledger, LedgerError, Transaction
+from lmproxy.lifecycle import Entry, Phase, Profile
 
 NEEDS = {"a": {"VRAM": 10}, "b": {"VRAM": 14}, "c": {"VRAM": 20}}
+PROFILES = {name: Profile(needs) for name, needs in NEEDS.items()}
 AVAILABLE = {"VRAM": 24}
 
 
@@ -27,19 +30,46 @@ class FakeSystemd:
 
 def make(tmp_path: Path, systemd: FakeSystemd, log: list[str] | None = None) -> Ledger:
     messages = [] if log is None else log
-    return Ledger(tmp_path / "run", AVAILABLE, NEEDS, systemd.probe, messages.append)
+    return Ledger(
+        tmp_path / "run",
+        AVAILABLE,
+        PROFILES,
+        systemd.probe,
+        lambda line: messages.append(line.message),
+        time=lambda: 100.0,
+    )
+
+
+def put(txn: Transaction, name: str, entry: Entry | None = None, **changes: object) -> None:
+    """Sets up an entry as a test needs it (the shims change entries only by events)."""
+    entries = dict(txn.entries)
+    if entry is None:
+        entry = dataclasses.replace(entries[name], **changes)  # type: ignore[arg-type]
+    entries[name] = entry
+    txn.world = txn.world.with_entries(entries)
 
 
 def test_reservation_survives_while_backend_runs(tmp_path: Path) -> None:
     systemd = FakeSystemd()
+    systemd.running = {"lmproxy-a.service"}
     ledger = make(tmp_path, systemd)
     with ledger.transaction() as txn:
-        txn.entries["a"] = Entry(State.STARTING, {"VRAM": 10}, 0, 1.0)
+        assert lifecycle.Start() in txn.tell(lifecycle.Want("a", 1.0, 1.0))
+    systemd.running.add("lmproxy-backend@a.service")
+    with ledger.transaction() as txn:
+        assert txn.entries["a"].phase is Phase.STARTING
+        txn.tell(lifecycle.Ready("a", 2.0, 1))
+    assert ledger.snapshot()["a"] == Entry(Phase.RUNNING, {"VRAM": 10}, 1, 2.0, 2.0)
+
+
+def test_a_starting_entry_whose_shim_died_is_running_and_idle(tmp_path: Path) -> None:
+    systemd = FakeSystemd()
+    ledger = make(tmp_path, systemd)
+    with ledger.transaction() as txn:
+        put(txn, "a", Entry(Phase.STARTING, {"VRAM": 10}, 0, 1.0))
     systemd.running = {"lmproxy-backend@a.service"}
     with ledger.transaction() as txn:
-        assert txn.entries["a"].state is State.STARTING
-        txn.set("a", state=State.RUNNING)
-    assert ledger.snapshot()["a"] == Entry(State.RUNNING, {"VRAM": 10}, 0, 1.0)
+        assert txn.entries["a"] == Entry(Phase.RUNNING, {"VRAM": 10}, 0, 1.0)
 
 
 def test_starting_entry_kept_while_its_shim_lives(tmp_path: Path) -> None:
@@ -47,7 +77,7 @@ def test_starting_entry_kept_while_its_shim_lives(tmp_path: Path) -> None:
     systemd.running = {"lmproxy-a.service"}
     ledger = make(tmp_path, systemd)
     with ledger.transaction() as txn:
-        txn.entries["a"] = Entry(State.STARTING, {"VRAM": 10}, 0, 1.0)
+        put(txn, "a", Entry(Phase.STARTING, {"VRAM": 10}, 0, 1.0))
     with ledger.transaction() as txn:
         assert "a" in txn.entries
 
@@ -60,20 +90,20 @@ def test_dead_shim_leaks_nothing(tmp_path: Path) -> None:
     systemd.running = {"lmproxy-a.service"}
     ledger = make(tmp_path, systemd, log)
     with ledger.transaction() as txn:
-        txn.entries["a"] = Entry(State.STARTING, {"VRAM": 10}, 0, 1.0)
+        put(txn, "a", Entry(Phase.STARTING, {"VRAM": 10}, 0, 1.0))
     systemd.running = set()
     with ledger.transaction() as txn:
         assert txn.entries == {}
     assert any("released the reservation of a" in line for line in log)
 
 
-@pytest.mark.parametrize("state", [State.RUNNING, State.STOPPING])
-def test_stopped_backend_releases_even_with_live_shim(tmp_path: Path, state: State) -> None:
+@pytest.mark.parametrize("state", [Phase.RUNNING, Phase.STOPPING])
+def test_stopped_backend_releases_even_with_live_shim(tmp_path: Path, state: Phase) -> None:
     systemd = FakeSystemd()
     systemd.running = {"lmproxy-a.service"}
     ledger = make(tmp_path, systemd)
     with ledger.transaction() as txn:
-        txn.entries["a"] = Entry(state, {"VRAM": 10}, 2, 1.0)
+        put(txn, "a", Entry(state, {"VRAM": 10}, 2, 1.0))
     with ledger.transaction() as txn:
         assert txn.entries == {}
 
@@ -87,13 +117,13 @@ def test_an_abandoned_stopping_entry_is_running_and_idle_again(tmp_path: Path) -
     systemd.running = {"lmproxy-backend@a.service", "lmproxy-a.service"}
     ledger = make(tmp_path, systemd, log)
     with ledger.transaction() as txn:
-        txn.entries["a"] = Entry(State.STOPPING, {"VRAM": 10}, 2, 5.0)
+        put(txn, "a", Entry(Phase.STOPPING, {"VRAM": 10}, 2, 5.0))
     with ledger.transaction() as txn:
-        assert txn.entries["a"].state is State.STOPPING  # its shim is on it
+        assert txn.entries["a"].phase is Phase.STOPPING  # its shim is on it
     systemd.running = {"lmproxy-backend@a.service"}
     with ledger.transaction() as txn:
-        assert txn.entries["a"] == Entry(State.RUNNING, {"VRAM": 10}, 0, 5.0)
-        assert plan(txn.available, txn.entries, "c", NEEDS["c"]) == Evict(("a",))
+        assert txn.entries["a"] == Entry(Phase.RUNNING, {"VRAM": 10}, 0, 5.0)
+        assert lifecycle.Stop("a") in txn.tell(lifecycle.Want("c", 100.0, 100.0))
     assert any("a was left stopping" in line for line in log)
 
 
@@ -103,7 +133,7 @@ def test_running_backend_outside_the_ledger_is_adopted(tmp_path: Path) -> None:
     systemd.running = {"lmproxy-backend@b.service"}
     ledger = make(tmp_path, systemd, log)
     with ledger.transaction() as txn:
-        assert txn.entries["b"] == Entry(State.RUNNING, {"VRAM": 14}, 0, 0.0)
+        assert txn.entries["b"] == Entry(Phase.RUNNING, {"VRAM": 14}, 0, 0.0, 100.0)
     assert any("adopted b" in line for line in log)
 
 
@@ -112,7 +142,7 @@ def test_deleted_or_corrupt_ledger_is_rebuilt_from_systemd(tmp_path: Path) -> No
     systemd = FakeSystemd()
     ledger = make(tmp_path, systemd, log)
     with ledger.transaction() as txn:
-        txn.entries["a"] = Entry(State.RUNNING, {"VRAM": 10}, 1, 5.0)
+        put(txn, "a", Entry(Phase.RUNNING, {"VRAM": 10}, 1, 5.0))
     systemd.running = {"lmproxy-backend@a.service"}
     ledger.path.write_text("{not json")
     with ledger.transaction() as txn:
@@ -120,7 +150,7 @@ def test_deleted_or_corrupt_ledger_is_rebuilt_from_systemd(tmp_path: Path) -> No
     assert any("unreadable" in line for line in log)
     ledger.path.unlink()
     with ledger.transaction() as txn:
-        assert txn.entries["a"].state is State.RUNNING
+        assert txn.entries["a"].phase is Phase.RUNNING
 
 
 def test_unconfigured_entries_are_dropped(tmp_path: Path) -> None:
@@ -130,9 +160,16 @@ def test_unconfigured_entries_are_dropped(tmp_path: Path) -> None:
     ledger.path.write_text(
         json.dumps(
             {
-                "version": 1,
+                "version": 2,
                 "services": {
-                    "gone": {"state": "running", "reserved": {}, "connections": 0, "last_used": 0}
+                    "gone": {
+                        "state": "running",
+                        "reserved": {},
+                        "in_use": 0,
+                        "last_used": 0,
+                        "loaded_at": 0,
+                        "waiting_since": None,
+                    }
                 },
             }
         )
@@ -194,7 +231,7 @@ def test_a_read_only_look_wants_the_runtime_dirs_owner(tmp_path: Path) -> None:
     systemd.running = {"lmproxy-a.service"}
     ledger = make(tmp_path, systemd)
     with ledger.transaction() as txn:
-        txn.entries["a"] = Entry(State.STARTING, {"VRAM": 10}, 0, 1.0)
+        put(txn, "a", Entry(Phase.STARTING, {"VRAM": 10}, 0, 1.0))
     os.chown(ledger.runtime_dir, 65534, 65534)  # the shims' user's, as /run/lmproxy is
     with pytest.raises(LedgerError, match="owned by uid 0, not 65534"):
         ledger.snapshot()
@@ -205,7 +242,7 @@ def test_a_read_only_look_wants_the_runtime_dirs_owner(tmp_path: Path) -> None:
 def test_files_have_narrow_permissions(tmp_path: Path) -> None:
     ledger = make(tmp_path, FakeSystemd())
     with ledger.transaction() as txn:
-        txn.entries["a"] = Entry(State.WAITING, {}, 0, 0.0)
+        put(txn, "a", Entry(Phase.WAITING, {}, 0, 0.0))
     assert ledger.lock_path.stat().st_mode & 0o777 == 0o600
     assert ledger.path.stat().st_mode & 0o777 == 0o644
 
@@ -218,7 +255,7 @@ def test_an_exception_in_a_transaction_writes_nothing(tmp_path: Path) -> None:
         pass
     before = ledger.path.read_text()
     with pytest.raises(RuntimeError), ledger.transaction() as txn:
-        txn.set("a", connections=9)
+        put(txn, "a", in_use=9)
         raise RuntimeError("boom")
     assert ledger.path.read_text() == before
 
@@ -229,7 +266,7 @@ def _race(runtime: str, name: str, rounds: int, results: multiprocessing.Queue[i
     systemd = FakeSystemd()
     # Pretend every shim is alive so that STARTING entries are kept.
     systemd.running = {f"lmproxy-{n}.service" for n in NEEDS}
-    ledger = Ledger(Path(runtime), AVAILABLE, NEEDS, systemd.probe, lambda _: None)
+    ledger = Ledger(Path(runtime), AVAILABLE, PROFILES, systemd.probe, lambda _: None)
     peak, mine = 0, False
     for _ in range(rounds):
         with ledger.transaction() as txn:
@@ -237,11 +274,16 @@ def _race(runtime: str, name: str, rounds: int, results: multiprocessing.Queue[i
                 results.put(-1)
                 return
             if mine:
-                del txn.entries[name]
+                txn.world = txn.world.with_entries(
+                    {n: e for n, e in txn.entries.items() if n != name}
+                )
                 mine = False
-            elif plan(AVAILABLE, txn.entries, name, NEEDS[name]) == Reserve():
-                txn.entries[name] = Entry(State.STARTING, NEEDS[name], 0, 0.0)
+            elif lifecycle.Start() in txn.tell(lifecycle.Want(name, 1.0, 1.0)):
                 mine = True
+            else:  # waiting: back off, so that the others go on
+                txn.world = txn.world.with_entries(
+                    {n: e for n, e in txn.entries.items() if n != name}
+                )
             peak = max(peak, txn.reserved()["VRAM"])
     results.put(peak)
 

@@ -1,0 +1,707 @@
+"""Every transition of every service, decided in one place: `step(world, event)`.
+
+A pure function: no clock (the time comes in each event), no I/O, no threads.
+The ledger stores the world and locks it; shims, reconciliation with systemd
+and the CLI turn what happened into events, and carry out the effects that
+`step` returns. LIFECYCLE.md beside this file states the invariants and who
+may change what; the README draws the phases.
+
+A service with no entry is cold. Its entry's phase:
+
+    WAITING         a client waits for it; it holds nothing yet
+    STARTING        it holds its needs; its shim starts the backend
+    RUNNING         it holds its needs; its shim relays clients
+    DRAINING        running, but admits no new client: a waiter for its room has
+                    waited past the starvation bound; when its clients in use are
+                    done it is swapped out
+    FALLING_ASLEEP  its shim puts the backend to sleep; it holds the larger of its
+                    awake and asleep needs until that is done
+    SLEEPING        the backend sleeps; it holds what it keeps asleep
+    WAKING          its shim wakes the backend; it holds the larger of both again
+    STOPPING        the backend is being stopped; it holds its reservation until
+                    systemd says it is gone
+
+An entry's `waiting_since` is when the oldest client still waiting for it came:
+waiters are served in that order, the starvation bound and the give-up time are
+counted from it.
+
+Who carries out what: the service's own shim starts, wakes and puts its backend
+to sleep, and admits clients by its entry's phase; anyone (a waiter's shim, the
+CLI) may stop a backend, through systemd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from lmproxy import eviction
+from lmproxy.eviction import Amounts, Holder, Kind, most
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    FALLING_ASLEEP = "falling-asleep"
+    SLEEPING = "sleeping"
+    WAKING = "waking"
+    STOPPING = "stopping"
+
+
+AWAKE = (Phase.RUNNING, Phase.DRAINING)
+# Entries whose clients have their reservation already: they wait for no one.
+BEING_SERVED = (Phase.STARTING, Phase.WAKING, Phase.RUNNING)
+
+
+@dataclass(frozen=True)
+class Entry:
+    phase: Phase
+    reserved: Amounts
+    in_use: int = 0  # clients in use (the shim's claim counts as one)
+    last_used: float = 0.0
+    loaded_at: float = 0.0  # when it last became RUNNING
+    waiting_since: float | None = None  # when its oldest waiting client came
+
+
+@dataclass(frozen=True)
+class SleepProfile:
+    level: int
+    holds: Amounts  # what it keeps while asleep
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the lifecycle knows of a service's configuration."""
+
+    needs: Amounts
+    sleep: SleepProfile | None = None
+    starvation_bound_s: float = 5.0  # how long its clients wait before others drain
+    min_loaded_s: float = 0.0  # how long it stays loaded before it can be drained
+    give_up_s: float = 1200.0  # how long its clients wait in all before being turned away
+
+
+@dataclass(frozen=True)
+class World:
+    available: Amounts
+    profiles: Mapping[str, Profile]
+    entries: Mapping[str, Entry]
+    # Services whose shim runs now (from systemd; not stored): only a live shim
+    # can put its backend to sleep.
+    shims: frozenset[str] = frozenset()
+
+    def with_entries(self, entries: Mapping[str, Entry]) -> World:
+        return dataclasses.replace(self, entries=dict(entries))
+
+
+# --- events: what happened, told by whoever saw it ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Want:
+    """Its shim has a client (`arrived`: when the oldest waiting one came) and asks
+    what to do: relay it, start, wake, stop victims, or wait."""
+
+    name: str
+    now: float
+    arrived: float
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The backend answers, after a start or a wake; `in_use` clients are relayed."""
+
+    name: str
+    now: float
+    in_use: int
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    name: str
+    now: float
+
+
+@dataclass(frozen=True)
+class WakeFailed:
+    name: str
+    now: float
+
+
+@dataclass(frozen=True)
+class SleepDone:
+    name: str
+    now: float
+
+
+@dataclass(frozen=True)
+class SleepFailed:
+    name: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Its shim has a new client while it serves: counted if the service still runs
+    and admits clients (Serve); otherwise nothing changes and the shim asks with Want."""
+
+    name: str
+    now: float
+
+
+@dataclass(frozen=True)
+class InUse:
+    """How many clients its shim has in use now, and when one was last active."""
+
+    name: str
+    now: float
+    count: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Its backend refused a client (RestartOnConnectionFailure): stop it and start it
+    again for the clients that wait."""
+
+    name: str
+    now: float
+    arrived: float
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Its shim saw no client for ShutDownAfterInactivitySeconds (and admits none)."""
+
+    name: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What systemd says of a service's units, at the start of every transaction."""
+
+    name: str
+    now: float
+    backend_runs: bool
+    shim_runs: bool
+
+
+Event = (
+    Want
+    | Claim
+    | Ready
+    | StartFailed
+    | WakeFailed
+    | SleepDone
+    | SleepFailed
+    | InUse
+    | Idle
+    | Restart
+    | Observed
+)
+
+
+# --- effects: what to do now, for whoever told the event ------------------------------------
+
+
+@dataclass(frozen=True)
+class Serve:
+    """Relay clients: the backend is awake and the claim counted."""
+
+
+@dataclass(frozen=True)
+class Start:
+    """Start the backend (if it does not run) and wait until it answers."""
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Wake the sleeping backend and wait until it answers."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop this service's backend through systemd."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class FallAsleep:
+    """Put the backend to sleep (its own shim does, when it sees its phase)."""
+
+    level: int
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing to do until the ledger changes, or until `until` (seconds since the epoch)."""
+
+    reason: str
+    until: float | None = None
+
+
+@dataclass(frozen=True)
+class TurnAway:
+    """Close the waiting clients: they cannot be served."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Log:
+    """A transition worth a line in the journal."""
+
+    event: str
+    message: str
+    name: str  # the service whose shim (or command) tells it
+    victim: str | None = None  # the service evicted, for an eviction
+
+
+Effect = Serve | Start | Wake | Stop | FallAsleep | Wait | TurnAway | Log
+
+
+@dataclass(frozen=True)
+class Step:
+    world: World
+    effects: tuple[Effect, ...] = ()
+
+
+# --- the transitions --------------------------------------------------------------------------
+
+
+def step(world: World, event: Event) -> Step:
+    """The new world and the effects for whoever told the event."""
+    if event.name not in world.profiles:
+        entries = dict(world.entries)
+        dropped = entries.pop(event.name, None)
+        note = (Log("dropped", f"dropped {event.name}: no longer configured", event.name),)
+        return Step(world.with_entries(entries), note if dropped else ())
+    entries = dict(world.entries)
+    effects = _TRANSITIONS[type(event)](world, entries, event)
+    settled = _settle_drains(world.with_entries(entries), event.now)
+    return Step(settled, tuple(effects))
+
+
+Entries = dict[str, Entry]
+
+
+def _want(world: World, entries: Entries, event: Event) -> list[Effect]:
+    assert isinstance(event, Want)
+    name, now = event.name, event.now
+    entry = entries.get(name)
+    phase = entry.phase if entry else None
+    if entry is not None and phase is Phase.RUNNING:
+        entries[name] = _replace(
+            entry, in_use=max(1, entry.in_use), last_used=now, waiting_since=None
+        )
+        return [Serve()]
+    since = event.arrived if entry is None else _earliest(entry.waiting_since, event.arrived)
+    if entry is not None and phase is Phase.STARTING:
+        return [Start()]
+    if entry is not None and phase is Phase.WAKING:
+        return [Wake()]
+    if entry is not None and phase in (Phase.DRAINING, Phase.STOPPING, Phase.FALLING_ASLEEP):
+        entries[name] = _replace(entry, waiting_since=since)
+        return [Wait(f"{name} is {phase.value}", since + world.profiles[name].give_up_s)]
+    return _make_room(world, entries, name, since, now)
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """A waiter's request for room, as one transaction sees it."""
+
+    name: str
+    now: float
+    since: float
+    target: Amounts  # what it must hold to be served
+    held: Amounts  # what it holds already (asleep)
+
+    def give_up(self, world: World) -> float:
+        return self.since + world.profiles[self.name].give_up_s
+
+
+def _make_room(world: World, entries: Entries, name: str, since: float, now: float) -> list[Effect]:
+    """A waiter (cold, or asleep) asks for room: reserve, evict, drain or wait, in turn."""
+    profile = world.profiles[name]
+    entry = entries.get(name)
+    asleep = entry is not None and entry.phase is Phase.SLEEPING
+    entries[name] = _replace(entry or Entry(Phase.WAITING, {}), waiting_since=since)
+    target = most(profile.needs, profile.sleep.holds) if asleep and profile.sleep else profile.needs
+    ask = _Ask(name, now, since, target, entry.reserved if entry and asleep else {})
+
+    ahead = _waiters_ahead(world, entries, name)
+    if ahead:
+        return _wait_or_give_up(world, entries, ask, f"waiting behind {_list(ahead)}")
+
+    decision = eviction.plan(world.available, _holders(world, entries, name), target)
+    match decision:
+        case eviction.Reserve():
+            entries[name] = Entry(
+                Phase.WAKING if asleep else Phase.STARTING,
+                dict(target),
+                last_used=now,
+                waiting_since=since,
+            )
+            verb = "waking" if asleep else "reserved"
+            log = Log(verb, f"{'waking: ' if asleep else ''}reserved {amounts_text(target)}", name)
+            return [log, Wake() if asleep else Start()]
+        case eviction.Evict(victims=victims):
+            return _evict(world, entries, ask, victims)
+        case eviction.Wait(reason=reason, services=services):
+            until = _drain_deadline(world, entries, ask)
+            why = f"{reason.value}: {_list(services)}"
+            return _wait_or_give_up(world, entries, ask, why, until)
+        case eviction.Impossible(shortfall=short):
+            _forget_waiting(entries, name)
+            return [TurnAway(f"needs {amounts_text(short)} more than exists")]
+    raise AssertionError(decision)
+
+
+def _evict(
+    world: World, entries: Entries, ask: _Ask, victims: tuple[eviction.Victim, ...]
+) -> list[Effect]:
+    effects: list[Effect] = []
+    freed = amounts_text(eviction.minus(ask.target, ask.held))
+    for victim in victims:
+        old = entries[victim.name]
+        if victim.sleep:
+            sleep = world.profiles[victim.name].sleep
+            assert sleep is not None
+            entries[victim.name] = _replace(
+                old, phase=Phase.FALLING_ASLEEP, reserved=most(old.reserved, sleep.holds)
+            )
+            message = f"putting {victim.name} to sleep to free room for {freed}"
+            effects.append(Log("evict", message, ask.name, victim.name))
+        else:
+            entries[victim.name] = _replace(old, phase=Phase.STOPPING)
+            message = f"evicting {victim.name} to free room for {freed}"
+            effects += [Log("evict", message, ask.name, victim.name), Stop(victim.name)]
+    if not any(isinstance(e, Stop) for e in effects):
+        sleepers = _list(v.name for v in victims)
+        effects.append(Wait(f"waiting for {sleepers} to fall asleep", ask.give_up(world)))
+    return effects
+
+
+def _wait_or_give_up(
+    world: World, entries: Entries, ask: _Ask, why: str, until: float | None = None
+) -> list[Effect]:
+    give_up = ask.give_up(world)
+    if ask.now >= give_up:
+        _forget_waiting(entries, ask.name)
+        return [TurnAway(f"gave up after {world.profiles[ask.name].give_up_s:g} s {why}")]
+    return [Wait(why, give_up if until is None else min(until, give_up))]
+
+
+def _forget_waiting(entries: Entries, name: str) -> None:
+    entry = entries[name]
+    if entry.phase is Phase.WAITING:
+        del entries[name]
+    else:
+        entries[name] = _replace(entry, waiting_since=None)
+
+
+def _ready(world: World, entries: Entries, event: Event) -> list[Effect]:
+    assert isinstance(event, Ready)
+    entry = entries.get(event.name)
+    if entry is None or entry.phase not in (Phase.STARTING, Phase.WAKING):
+        return [Wait(f"{event.name} is no longer starting")]
+    entries[event.name] = _replace(
+        entry,
+        phase=Phase.RUNNING,
+        reserved=dict(world.profiles[event.name].needs),
+        in_use=event.in_use,
+        last_used=event.now,
+        loaded_at=event.now,
+        waiting_since=None,
+    )
+    return [Serve()]
+
+
+def _start_failed(world: World, entries: Entries, event: Event) -> list[Effect]:
+    """A failed start: stop what may run, and turn its clients away (it would fail again)."""
+    entry = entries.get(event.name)
+    if entry is not None:
+        entries[event.name] = _replace(entry, phase=Phase.STOPPING, waiting_since=None)
+    return [Stop(event.name), TurnAway("its backend did not start")]
+
+
+def _wake_failed(world: World, entries: Entries, event: Event) -> list[Effect]:
+    """A failed wake falls back to a restart: stop it, and its clients keep waiting."""
+    entry = entries.get(event.name)
+    if entry is None:
+        return [Stop(event.name)]
+    entries[event.name] = _replace(entry, phase=Phase.STOPPING)
+    message = f"could not wake {event.name}: restarting it"
+    return [Log("wake-failed", message, event.name), Stop(event.name)]
+
+
+def _sleep_done(world: World, entries: Entries, event: Event) -> list[Effect]:
+    entry = entries.get(event.name)
+    sleep = world.profiles[event.name].sleep
+    if entry is None or entry.phase is not Phase.FALLING_ASLEEP or sleep is None:
+        return []
+    entries[event.name] = _replace(entry, phase=Phase.SLEEPING, reserved=dict(sleep.holds))
+    return []
+
+
+def _sleep_failed(world: World, entries: Entries, event: Event) -> list[Effect]:
+    """A failed sleep falls back to a stop."""
+    entry = entries.get(event.name)
+    if entry is None or entry.phase is not Phase.FALLING_ASLEEP:
+        return []
+    entries[event.name] = _replace(entry, phase=Phase.STOPPING)
+    message = f"could not put {event.name} to sleep: stopping it"
+    return [Log("sleep-failed", message, event.name), Stop(event.name)]
+
+
+def _claim(world: World, entries: Entries, event: Event) -> list[Effect]:
+    entry = entries.get(event.name)
+    if entry is None or entry.phase is not Phase.RUNNING:
+        return []
+    entries[event.name] = _replace(entry, in_use=max(1, entry.in_use), last_used=event.now)
+    return [Serve()]
+
+
+def _in_use(world: World, entries: Entries, event: Event) -> list[Effect]:
+    assert isinstance(event, InUse)
+    entry = entries.get(event.name)
+    if entry is not None and entry.phase in AWAKE:
+        entries[event.name] = _replace(
+            entry, in_use=event.count, last_used=max(entry.last_used, event.last_used)
+        )
+    return []
+
+
+def _restart(world: World, entries: Entries, event: Event) -> list[Effect]:
+    assert isinstance(event, Restart)
+    entry = entries.get(event.name)
+    if entry is None:
+        return []
+    since = _earliest(entry.waiting_since, event.arrived)
+    entries[event.name] = _replace(entry, phase=Phase.STOPPING, in_use=0, waiting_since=since)
+    return [Stop(event.name)]
+
+
+def _idle(world: World, entries: Entries, event: Event) -> list[Effect]:
+    entry = entries.get(event.name)
+    if entry is None or entry.phase is not Phase.RUNNING or entry.in_use:
+        return []
+    entries[event.name] = _replace(entry, phase=Phase.STOPPING)
+    return [Stop(event.name)]
+
+
+def _observed(world: World, entries: Entries, event: Event) -> list[Effect]:
+    """Reconciliation: systemd is the truth about what runs; the entry follows it."""
+    assert isinstance(event, Observed)
+    name = event.name
+    entry = entries.get(name)
+    if not event.backend_runs:
+        return _backend_gone(entries, name, entry, event.shim_runs)
+    if entry is None or entry.phase is Phase.WAITING:
+        entries[name] = Entry(Phase.RUNNING, dict(world.profiles[name].needs), loaded_at=event.now)
+        return [Log("reconcile", f"adopted {name}: its backend runs outside the ledger", name)]
+    if event.shim_runs:
+        return []
+    return _without_shim(world, entries, name, entry)
+
+
+def _backend_gone(
+    entries: Entries, name: str, entry: Entry | None, shim_runs: bool
+) -> list[Effect]:
+    if entry is None:
+        return []
+    if shim_runs and entry.phase is Phase.STARTING:
+        return []  # its shim is on its way to start it
+    if shim_runs and entry.waiting_since is not None:
+        entries[name] = Entry(Phase.WAITING, {}, waiting_since=entry.waiting_since)
+        return []
+    del entries[name]
+    if not entry.reserved:
+        return []
+    message = (
+        f"released the reservation of {name} ({entry.phase.value}): its backend is not running"
+    )
+    return [Log("reconcile", message, name)]
+
+
+def _without_shim(world: World, entries: Entries, name: str, entry: Entry) -> list[Effect]:
+    """Its backend runs and its shim does not: nobody relays or changes it any more.
+    Whatever it was doing is over; counted as running and idle, it can be evicted
+    (or served by the next shim of its own) instead of holding its room for ever."""
+    if entry.phase is Phase.SLEEPING:
+        if entry.waiting_since is not None:
+            entries[name] = _replace(entry, waiting_since=None)
+        return []
+    if entry.phase is Phase.RUNNING and not entry.in_use and entry.waiting_since is None:
+        return []
+    reserved = most(entry.reserved, world.profiles[name].needs)
+    entries[name] = Entry(Phase.RUNNING, reserved, 0, entry.last_used, entry.loaded_at)
+    if entry.phase is Phase.RUNNING:
+        return []
+    message = f"{name} was left {entry.phase.value} with no shim: counted as running and idle"
+    return [Log("reconcile", message, name)]
+
+
+_TRANSITIONS = {
+    Want: _want,
+    Claim: _claim,
+    Ready: _ready,
+    StartFailed: _start_failed,
+    WakeFailed: _wake_failed,
+    SleepDone: _sleep_done,
+    SleepFailed: _sleep_failed,
+    InUse: _in_use,
+    Idle: _idle,
+    Restart: _restart,
+    Observed: _observed,
+}
+
+
+# --- the starvation bound -------------------------------------------------------------------
+
+
+def _settle_drains(world: World, now: float) -> World:
+    """DRAINING follows from the world and the time: a service drains while a waiter
+    first in line for its room has waited past its bound; otherwise it runs."""
+    should = _to_drain(world, now)
+    entries = dict(world.entries)
+    for name, entry in world.entries.items():
+        if entry.phase is Phase.RUNNING and name in should:
+            entries[name] = _replace(entry, phase=Phase.DRAINING)
+        elif entry.phase is Phase.DRAINING and name not in should:
+            entries[name] = _replace(entry, phase=Phase.RUNNING)
+    return world.with_entries(entries) if entries != world.entries else world
+
+
+def _to_drain(world: World, now: float) -> set[str]:
+    drained: set[str] = set()
+    for name, entry in world.entries.items():
+        if not _is_waiter(entry) or not (entry.phase is Phase.WAITING or _asleep(entry)):
+            continue
+        assert entry.waiting_since is not None
+        profile = world.profiles[name]
+        if now - entry.waiting_since < profile.starvation_bound_s:
+            continue
+        if _waiters_ahead(world, world.entries, name):
+            continue
+        chosen = eviction.drain(
+            world.available, _holders(world, world.entries, name), _target(world, name)
+        )
+        if all(_loaded_long_enough(world, n, now) for n in chosen):
+            drained.update(chosen)
+    return drained
+
+
+def _drain_deadline(world: World, entries: Entries, ask: _Ask) -> float:
+    """When the waiter should look again without any ledger change: at its bound, or
+    when the services it would drain have been loaded long enough."""
+    bound = ask.since + world.profiles[ask.name].starvation_bound_s
+    if ask.now < bound:
+        return bound
+    chosen = eviction.drain(world.available, _holders(world, entries, ask.name), ask.target)
+    later = [
+        entries[n].loaded_at + world.profiles[n].min_loaded_s
+        for n in chosen
+        if not _loaded_long_enough(world, n, ask.now, entries)
+    ]
+    return max(later) if later else float("inf")
+
+
+def _loaded_long_enough(
+    world: World, name: str, now: float, entries: Mapping[str, Entry] | None = None
+) -> bool:
+    entry = (entries or world.entries)[name]
+    return now - entry.loaded_at >= world.profiles[name].min_loaded_s
+
+
+# --- views ------------------------------------------------------------------------------------
+
+
+def _holders(world: World, entries: Mapping[str, Entry], name: str) -> dict[str, Holder]:
+    """Everyone but `name`, as the room planner sees them."""
+    return {
+        other: _holder(world, other, entry)
+        for other, entry in entries.items()
+        if other != name and other in world.profiles
+    }
+
+
+def _holder(world: World, name: str, entry: Entry) -> Holder:
+    profile = world.profiles[name]
+    match entry.phase:
+        case Phase.STOPPING:
+            return Holder(entry.reserved, Kind.FREEING, entry.last_used, frees=entry.reserved)
+        case Phase.FALLING_ASLEEP:
+            keeps = profile.sleep.holds if profile.sleep else {}
+            frees = eviction.minus(entry.reserved, keeps)
+            return Holder(entry.reserved, Kind.FREEING, entry.last_used, frees=frees)
+        case Phase.SLEEPING:
+            kind = Kind.CHANGING if entry.waiting_since is not None else Kind.ASLEEP
+            return Holder(entry.reserved, kind, entry.last_used)
+        case Phase.RUNNING | Phase.DRAINING:
+            if entry.in_use:
+                return Holder(entry.reserved, Kind.IN_USE, entry.last_used)
+            holds: Amounts | None = None
+            if profile.sleep is not None and name in world.shims:
+                holds = profile.sleep.holds
+            return Holder(entry.reserved, Kind.IDLE, entry.last_used, asleep_holds=holds)
+        case _:
+            return Holder(entry.reserved, Kind.CHANGING, entry.last_used)
+
+
+def _target(world: World, name: str) -> Amounts:
+    """What `name` must hold to be served: its needs (while waking, also what it keeps asleep)."""
+    profile = world.profiles[name]
+    entry = world.entries.get(name)
+    if entry is not None and _asleep(entry) and profile.sleep is not None:
+        return most(profile.needs, profile.sleep.holds)
+    return profile.needs
+
+
+def _is_waiter(entry: Entry) -> bool:
+    return entry.waiting_since is not None and entry.phase not in BEING_SERVED
+
+
+def _asleep(entry: Entry) -> bool:
+    return entry.phase is Phase.SLEEPING
+
+
+def _waiters_ahead(world: World, entries: Mapping[str, Entry], name: str) -> list[str]:
+    """Waiters that came before `name` and need some of the same resources: they go first."""
+    mine = entries[name]
+    assert mine.waiting_since is not None
+    key = (mine.waiting_since, name)
+    wanted = {r for r, amount in world.profiles[name].needs.items() if amount > 0}
+    return sorted(
+        other
+        for other, entry in entries.items()
+        if other != name
+        and other in world.profiles
+        and _is_waiter(entry)
+        and (entry.waiting_since or 0.0, other) < key
+        and any(world.profiles[other].needs.get(r, 0) > 0 for r in wanted)
+    )
+
+
+def _replace(entry: Entry, **changes: object) -> Entry:
+    return dataclasses.replace(entry, **changes)  # type: ignore[arg-type]
+
+
+def _earliest(a: float | None, b: float) -> float:
+    return b if a is None else min(a, b)
+
+
+def _list(names: Iterable[str]) -> str:
+    return ", ".join(names)
+
+
+def amounts_text(amounts: Amounts) -> str:
+    return (
+        ", ".join(f"{amount} {resource}" for resource, amount in sorted(amounts.items()))
+        or "nothing"
+    )

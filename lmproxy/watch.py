@@ -1,0 +1,77 @@
+"""Waking when the ledger changes: inotify on its directory, through libc.
+
+Every transaction that changes the ledger renames a new file into place, so one
+IN_MOVED_TO event per change reaches every waiter at once, in the kernel's order,
+with no polling. Python has no inotify binding of its own; ctypes reaches libc's
+three calls (glibc and musl both have them), and is imported only by a shim that
+has something to wait for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import select
+from pathlib import Path
+
+IN_MOVED_TO = 0x00000080
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_READ_SIZE = 4096
+
+
+class WatchError(OSError):
+    """inotify could not be set up (for example: the per-user watch limit)."""
+
+
+class DirectoryWatch:
+    """Readable whenever a file is renamed into `directory`. Events that come while
+    nobody waits stay queued in the kernel: a change between a transaction and the
+    wait that follows it is never lost."""
+
+    def __init__(self, directory: Path) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fd = int(libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
+        if fd < 0:
+            raise _error("inotify_init1", ctypes.get_errno())
+        if libc.inotify_add_watch(fd, os.fsencode(directory), IN_MOVED_TO) < 0:
+            code = ctypes.get_errno()
+            os.close(fd)
+            raise _error(f"inotify_add_watch({directory})", code)
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def wait(self, timeout_s: float | None) -> bool:
+        """Blocks until something was renamed in (True) or the timeout passes (False);
+        the events read are consumed."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000) + 1)
+        if not poller.poll(timeout_ms):
+            return False
+        self.consume()
+        return True
+
+    def consume(self) -> None:
+        """Reads every queued event (their content does not matter: any rename is a
+        reason to look at the ledger again)."""
+        while True:
+            try:
+                if not os.read(self.fd, _READ_SIZE):
+                    return
+            except BlockingIOError:
+                return
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _error(call: str, code: int) -> WatchError:
+    name = errno.errorcode.get(code, str(code))
+    return WatchError(code, f"{call} failed: {os.strerror(code)} ({name})")

@@ -1,0 +1,275 @@
+"""The lifecycle as a state machine: examples first, then every small system explored
+with fake effects (tests/unit/lifecycle_model.py), then rules broken on purpose to show
+that the exploration notices."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import pytest
+
+from lmproxy import eviction, lifecycle
+from lmproxy.lifecycle import (
+    Entry,
+    Phase,
+    Profile,
+    Serve,
+    SleepProfile,
+    Start,
+    Stop,
+    TurnAway,
+    Wait,
+    Wake,
+    Want,
+    World,
+)
+from tests.unit.lifecycle_model import InvariantError, Model, explore
+
+SLEEPY = SleepProfile(level=1, holds={"RAM": 1})
+
+
+def small_model(clients: int = 2, **options: bool) -> Model:
+    return Model(
+        {"VRAM": 3, "RAM": 1},
+        {
+            "a": Profile({"VRAM": 2}, sleep=SLEEPY, starvation_bound_s=2, give_up_s=6),
+            "b": Profile({"VRAM": 2}, starvation_bound_s=2, give_up_s=6),
+            "c": Profile({"VRAM": 1, "RAM": 1}, starvation_bound_s=2, give_up_s=6, min_loaded_s=1),
+        },
+        clients=clients,
+        **options,
+    )
+
+
+def world(entries: Mapping[str, Entry], **profiles: Profile) -> World:
+    return World({"VRAM": 24, "RAM": 64}, profiles, dict(entries), frozenset(entries))
+
+
+def running(vram: int, *, used: float = 1.0, in_use: int = 0, loaded: float = 0.0) -> Entry:
+    return Entry(Phase.RUNNING, {"VRAM": vram}, in_use, used, loaded)
+
+
+def effects(step: lifecycle.Step, kind: type) -> list[object]:
+    return [e for e in step.effects if isinstance(e, kind)]
+
+
+BIG = Profile({"VRAM": 20}, starvation_bound_s=5, give_up_s=60)
+
+
+# --- examples -------------------------------------------------------------------------------
+
+
+def test_a_client_of_a_running_service_is_served_and_counted() -> None:
+    step = lifecycle.step(world({"a": running(20)}, a=BIG), Want("a", 10, 10))
+    assert effects(step, Serve) == [Serve()]
+    assert step.world.entries["a"].in_use == 1
+
+
+def test_a_cold_service_that_fits_reserves_and_starts() -> None:
+    step = lifecycle.step(world({}, a=BIG), Want("a", 10, 10))
+    assert effects(step, Start) == [Start()]
+    assert step.world.entries["a"].phase is Phase.STARTING
+    assert step.world.entries["a"].reserved == {"VRAM": 20}
+
+
+def test_an_idle_victim_is_stopped_and_the_waiter_waits_for_it() -> None:
+    step = lifecycle.step(world({"a": running(20)}, a=BIG, b=BIG), Want("b", 10, 10))
+    assert effects(step, Stop) == [Stop("a")]
+    assert step.world.entries["a"].phase is Phase.STOPPING
+    assert step.world.entries["b"].phase is Phase.WAITING
+
+
+def test_an_idle_victim_that_can_sleep_is_put_to_sleep_instead() -> None:
+    sleepy = Profile({"VRAM": 20}, sleep=SleepProfile(1, {"RAM": 30}))
+    step = lifecycle.step(world({"a": running(20)}, a=sleepy, b=BIG), Want("b", 10, 10))
+    assert effects(step, Stop) == []
+    assert step.world.entries["a"].phase is Phase.FALLING_ASLEEP
+    assert step.world.entries["a"].reserved == {"VRAM": 20, "RAM": 30}
+    done = lifecycle.step(step.world, lifecycle.SleepDone("a", 11))
+    assert done.world.entries["a"] == Entry(Phase.SLEEPING, {"RAM": 30}, 0, 1.0, 0.0)
+    assert effects(lifecycle.step(done.world, Want("b", 11, 10)), Start) == [Start()]
+
+
+def test_a_sleeper_is_stopped_when_what_it_keeps_asleep_leaves_too_little() -> None:
+    greedy = Profile({"VRAM": 20}, sleep=SleepProfile(1, {"VRAM": 10}))
+    step = lifecycle.step(world({"a": running(20)}, a=greedy, b=BIG), Want("b", 10, 10))
+    assert effects(step, Stop) == [Stop("a")]
+
+
+def test_a_failed_sleep_falls_back_to_a_stop() -> None:
+    sleepy = Profile({"VRAM": 20}, sleep=SleepProfile(1, {"RAM": 30}))
+    asleep = lifecycle.step(world({"a": running(20)}, a=sleepy, b=BIG), Want("b", 10, 10)).world
+    failed = lifecycle.step(asleep, lifecycle.SleepFailed("a", 11))
+    assert effects(failed, Stop) == [Stop("a")]
+    assert failed.world.entries["a"].phase is Phase.STOPPING
+
+
+def test_a_sleeping_service_with_a_client_wakes_and_a_failed_wake_restarts() -> None:
+    sleepy = Profile({"VRAM": 20}, sleep=SleepProfile(1, {"RAM": 30}))
+    asleep = world({"a": Entry(Phase.SLEEPING, {"RAM": 30})}, a=sleepy)
+    waking = lifecycle.step(asleep, Want("a", 10, 10))
+    assert effects(waking, Wake) == [Wake()]
+    assert waking.world.entries["a"].reserved == {"VRAM": 20, "RAM": 30}
+    failed = lifecycle.step(waking.world, lifecycle.WakeFailed("a", 11))
+    assert effects(failed, Stop) == [Stop("a")]
+    gone = lifecycle.step(failed.world, lifecycle.Observed("a", 12, False, True))
+    assert gone.world.entries["a"] == Entry(Phase.WAITING, {}, waiting_since=10)
+    assert effects(lifecycle.step(gone.world, Want("a", 12, 10)), Start) == [Start()]
+
+
+def test_a_service_in_use_is_never_a_victim_until_the_bound() -> None:
+    busy = world({"a": running(20, in_use=2)}, a=BIG, b=BIG)
+    step = lifecycle.step(busy, Want("b", 10, 10))
+    assert effects(step, Stop) == []
+    assert step.effects[-1] == Wait(
+        "waiting for services in use, starting or waking: a", until=15
+    )  # the bound: 5 s after b's client came
+    assert step.world.entries["a"].phase is Phase.RUNNING
+
+
+def test_past_the_bound_the_service_in_use_drains_then_is_swapped_out() -> None:
+    busy = world({"a": running(20, in_use=2)}, a=BIG, b=BIG)
+    waited = lifecycle.step(busy, Want("b", 10, 10)).world
+    bound = lifecycle.step(waited, Want("b", 15, 10))
+    assert bound.world.entries["a"].phase is Phase.DRAINING
+    assert effects(bound, Stop) == []
+    # A's new clients wait (in its socket's backlog) while its clients in use finish.
+    assert isinstance(lifecycle.step(bound.world, Want("a", 16, 16)).effects[-1], Wait)
+    idle = lifecycle.step(bound.world, lifecycle.InUse("a", 17, 0, 17)).world
+    assert effects(lifecycle.step(idle, Want("b", 17, 10)), Stop) == [Stop("a")]
+
+
+def test_a_drain_ends_when_its_waiter_is_gone() -> None:
+    busy = world({"a": running(20, in_use=2)}, a=BIG, b=BIG)
+    waited = lifecycle.step(busy, Want("b", 10, 10)).world
+    drained = lifecycle.step(waited, Want("b", 15, 10)).world
+    gone = lifecycle.step(drained, lifecycle.Observed("b", 16, False, False)).world
+    assert "b" not in gone.entries
+    assert gone.entries["a"].phase is Phase.RUNNING
+
+
+def test_a_model_loaded_less_than_its_minimum_is_not_drained_yet() -> None:
+    sticky = Profile({"VRAM": 20}, min_loaded_s=30)
+    busy = world({"a": running(20, in_use=1, loaded=0)}, a=sticky, b=BIG)
+    waited = lifecycle.step(busy, Want("b", 10, 10))
+    past_bound = lifecycle.step(waited.world, Want("b", 15, 10))
+    assert past_bound.world.entries["a"].phase is Phase.RUNNING
+    assert past_bound.effects[-1] == Wait(
+        "waiting for services in use, starting or waking: a", until=30
+    )
+    assert lifecycle.step(past_bound.world, Want("b", 30, 10)).world.entries["a"].phase is (
+        Phase.DRAINING
+    )
+
+
+def test_waiters_are_served_in_arrival_order() -> None:
+    busy = world({"a": running(20, in_use=1)}, a=BIG, b=BIG, c=BIG)
+    first = lifecycle.step(busy, Want("c", 10, 10)).world
+    second = lifecycle.step(first, Want("b", 11, 11)).world
+    freed = lifecycle.step(second, lifecycle.InUse("a", 12, 0, 12)).world
+    # b asks first once a is idle, but c came first: b waits behind it.
+    behind = lifecycle.step(freed, Want("b", 12, 11))
+    assert behind.effects == (Wait("waiting behind c", until=71),)
+    assert effects(lifecycle.step(freed, Want("c", 12, 10)), Stop) == [Stop("a")]
+
+
+def test_a_waiter_that_needs_other_resources_is_not_held_up() -> None:
+    small = Profile({"RAM": 8})
+    busy = world({"a": running(20, in_use=1)}, a=BIG, b=BIG, c=small)
+    first = lifecycle.step(busy, Want("b", 10, 10)).world
+    assert effects(lifecycle.step(first, Want("c", 11, 11)), Start) == [Start()]
+
+
+def test_a_waiter_gives_up_after_its_time_with_a_reason() -> None:
+    busy = world({"a": running(20, in_use=1)}, a=BIG, b=BIG)
+    waited = lifecycle.step(busy, Want("b", 10, 10)).world
+    given_up = lifecycle.step(waited, Want("b", 70, 10))
+    assert given_up.effects == (
+        TurnAway("gave up after 60 s waiting for services in use, starting or waking: a"),
+    )
+    assert "b" not in given_up.world.entries
+
+
+def test_a_request_larger_than_everything_is_turned_away_at_once() -> None:
+    huge = Profile({"VRAM": 25})
+    step = lifecycle.step(world({}, a=huge), Want("a", 10, 10))
+    assert step.effects == (TurnAway("needs 1 VRAM more than exists"),)
+    assert step.world.entries == {}
+
+
+def test_a_failed_start_is_stopped_and_its_clients_turned_away() -> None:
+    starting = lifecycle.step(world({}, a=BIG), Want("a", 10, 10)).world
+    failed = lifecycle.step(starting, lifecycle.StartFailed("a", 11))
+    assert failed.effects == (Stop("a"), TurnAway("its backend did not start"))
+
+
+@pytest.mark.parametrize("phase", [Phase.STOPPING, Phase.STARTING, Phase.FALLING_ASLEEP])
+def test_an_entry_left_half_way_by_a_dead_shim_is_running_and_idle(phase: Phase) -> None:
+    left = world({"a": Entry(phase, {"VRAM": 20}, 3, 5.0)}, a=BIG)
+    step = lifecycle.step(left, lifecycle.Observed("a", 10, True, False))
+    assert step.world.entries["a"] == Entry(Phase.RUNNING, {"VRAM": 20}, 0, 5.0)
+
+
+def test_a_backend_outside_the_ledger_is_adopted() -> None:
+    step = lifecycle.step(world({}, a=BIG), lifecycle.Observed("a", 10, True, False))
+    assert step.world.entries["a"].phase is Phase.RUNNING
+
+
+def test_an_unconfigured_entry_is_dropped() -> None:
+    step = lifecycle.step(world({"gone": running(3)}), lifecycle.Observed("gone", 10, False, False))
+    assert step.world.entries == {}
+
+
+# --- exploration ----------------------------------------------------------------------------
+
+
+def test_every_small_system_keeps_the_invariants() -> None:
+    """3 services over 2 resources, one of them able to sleep: every interleaving of
+    clients, jobs that end well or fail, publishing, asking again, idleness and time,
+    to the depth given; in each state reached the invariants hold, and left alone the
+    system serves or turns away every client."""
+    assert explore(small_model(clients=2), depth=9) > 10_000
+
+
+def test_every_small_system_with_a_sleeper_woken_keeps_the_invariants() -> None:
+    """One client more, so that a sleeper is woken; jobs do not fail, to stay quick."""
+    assert explore(small_model(clients=3, fail=False), depth=8) > 10_000
+
+
+# --- the exploration notices a broken rule ---------------------------------------------------
+
+
+def _broken(
+    monkeypatch: pytest.MonkeyPatch, target: object, name: str, rule: Callable[..., object]
+) -> str:
+    monkeypatch.setattr(target, name, rule)
+    with pytest.raises(InvariantError) as caught:
+        explore(small_model(clients=2), depth=9)
+    return str(caught.value)
+
+
+def test_evicting_a_service_in_use_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = lifecycle._holder
+
+    def in_use_is_idle(world: World, name: str, entry: Entry) -> eviction.Holder:
+        holder = original(world, name, entry)
+        if holder.kind is eviction.Kind.IN_USE:
+            return eviction.Holder(holder.reserved, eviction.Kind.IDLE, holder.last_used)
+        return holder
+
+    assert "client(s) in use" in _broken(monkeypatch, lifecycle, "_holder", in_use_is_idle)
+
+
+def test_not_waiting_for_what_is_being_freed_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def freed_already(available: eviction.Amounts, holders: object) -> dict[str, int]:
+        return dict(available)
+
+    assert "reserved of" in _broken(monkeypatch, eviction, "free_room", freed_already)
+
+
+def test_forgetting_a_stopped_backend_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def keep_everything(entries: object, name: str, entry: object, shim_runs: bool) -> list[object]:
+        return []
+
+    message = _broken(monkeypatch, lifecycle, "_backend_gone", keep_everything)
+    assert "with nothing running" in message or "wait for ever" in message
