@@ -239,10 +239,12 @@ class FallAsleep:
 
 @dataclass(frozen=True)
 class Wait:
-    """Nothing to do until the ledger changes, or until `until` (seconds since the epoch)."""
+    """Nothing to do until the ledger changes, or until `until` (seconds since the epoch).
+    `stopping`: services whose backend's end is awaited (systemd says it first)."""
 
     reason: str
     until: float | None = None
+    stopping: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -307,7 +309,9 @@ def _want(world: World, entries: Entries, event: Event) -> list[Effect]:
         return [Wake()]
     if entry is not None and phase in (Phase.DRAINING, Phase.STOPPING, Phase.FALLING_ASLEEP):
         entries[name] = _replace(entry, waiting_since=since)
-        return [Wait(f"{name} is {phase.value}", since + world.profiles[name].give_up_s)]
+        until = since + world.profiles[name].give_up_s
+        stopping = (name,) if phase is Phase.STOPPING else ()
+        return [Wait(f"{name} is {phase.value}", until, stopping)]
     return _make_room(world, entries, name, since, now)
 
 
@@ -355,7 +359,8 @@ def _make_room(world: World, entries: Entries, name: str, since: float, now: flo
         case eviction.Wait(reason=reason, services=services):
             until = _drain_deadline(world, entries, ask)
             why = f"{reason.value}: {_list(services)}"
-            return _wait_or_give_up(world, entries, ask, why, until)
+            stopping = tuple(n for n in services if entries[n].phase is Phase.STOPPING)
+            return _wait_or_give_up(world, entries, ask, why, until=until, stopping=stopping)
         case eviction.Impossible(shortfall=short):
             _forget_waiting(entries, name)
             return [TurnAway(f"needs {amounts_text(short)} more than exists")]
@@ -388,13 +393,19 @@ def _evict(
 
 
 def _wait_or_give_up(
-    world: World, entries: Entries, ask: _Ask, why: str, until: float | None = None
+    world: World,
+    entries: Entries,
+    ask: _Ask,
+    why: str,
+    *,
+    until: float | None = None,
+    stopping: tuple[str, ...] = (),
 ) -> list[Effect]:
     give_up = ask.give_up(world)
     if ask.now >= give_up:
         _forget_waiting(entries, ask.name)
         return [TurnAway(f"gave up after {world.profiles[ask.name].give_up_s:g} s {why}")]
-    return [Wait(why, give_up if until is None else min(until, give_up))]
+    return [Wait(why, give_up if until is None else min(until, give_up), stopping)]
 
 
 def _forget_waiting(entries: Entries, name: str) -> None:
