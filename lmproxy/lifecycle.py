@@ -215,7 +215,10 @@ class Serve:
 
 @dataclass(frozen=True)
 class Start:
-    """Start the backend (if it does not run) and wait until it answers."""
+    """Start the backend and wait until it answers. resume: a start begun before (by a
+    shim that died, or this one): the backend may run already."""
+
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,7 @@ def _want(world: World, entries: Entries, event: Event) -> list[Effect]:
         return [Serve()]
     since = event.arrived if entry is None else _earliest(entry.waiting_since, event.arrived)
     if entry is not None and phase is Phase.STARTING:
-        return [Start()]
+        return [Start(resume=True)]
     if entry is not None and phase is Phase.WAKING:
         return [Wake()]
     if entry is not None and phase in (Phase.DRAINING, Phase.STOPPING, Phase.FALLING_ASLEEP):
@@ -600,9 +603,8 @@ def _to_drain(world: World, now: float) -> set[str]:
             continue
         if _waiters_ahead(world, world.entries, name):
             continue
-        chosen = eviction.drain(
-            world.available, _holders(world, world.entries, name), _target(world, name)
-        )
+        holders = _holders(world, world.entries, name, keep_draining=True)
+        chosen = eviction.drain(world.available, holders, _target(world, name))
         if all(_loaded_long_enough(world, n, now) for n in chosen):
             drained.update(chosen)
     return drained
@@ -633,13 +635,21 @@ def _loaded_long_enough(
 # --- views ------------------------------------------------------------------------------------
 
 
-def _holders(world: World, entries: Mapping[str, Entry], name: str) -> dict[str, Holder]:
-    """Everyone but `name`, as the room planner sees them."""
-    return {
-        other: _holder(world, other, entry)
-        for other, entry in entries.items()
-        if other != name and other in world.profiles
-    }
+def _holders(
+    world: World, entries: Mapping[str, Entry], name: str, *, keep_draining: bool = False
+) -> dict[str, Holder]:
+    """Everyone but `name`, as the room planner sees them. keep_draining: a draining
+    service counts as in use even once its clients are done, so that it stays drained
+    (admitting no one) until the waiter evicts it; both wake on the same change."""
+    holders = {}
+    for other, entry in entries.items():
+        if other == name or other not in world.profiles:
+            continue
+        holder = _holder(world, other, entry)
+        if keep_draining and entry.phase is Phase.DRAINING and holder.kind is Kind.IDLE:
+            holder = Holder(holder.reserved, Kind.IN_USE, holder.last_used)
+        holders[other] = holder
+    return holders
 
 
 def _holder(world: World, name: str, entry: Entry) -> Holder:

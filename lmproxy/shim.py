@@ -32,7 +32,7 @@ from pathlib import Path
 from lmproxy import lifecycle, unitnames
 from lmproxy.config import Config, Service, load_config
 from lmproxy.journal import Logger
-from lmproxy.ledger import Ledger, profiles
+from lmproxy.ledger import Ledger, LedgerError, profiles
 from lmproxy.lifecycle import Effect, Event, Phase
 from lmproxy.paths import Scope, paths_for
 from lmproxy.readiness import ReadinessError, Target, wait_until_ready
@@ -196,7 +196,7 @@ class Shim:
                 # wait in the backlog from now, and the lifecycle says what comes next.
                 with self._claim_lock:
                     self._held = False
-                self._published.set()
+                self._publish_now()
                 self.arrived = time.time()
                 continue
             cut = self.relay.active
@@ -240,8 +240,9 @@ class Shim:
             if any(isinstance(e, lifecycle.Serve) for e in effects):
                 self._ready_already()
                 return None
-            if any(isinstance(e, lifecycle.Start) for e in effects):
-                return self._start()
+            for effect in effects:
+                if isinstance(effect, lifecycle.Start):
+                    return self._start(resume=effect.resume)
             if wait is not None:
                 notify(f"STATUS={wait.reason}")
                 self._wait_for_change(wait)
@@ -298,17 +299,18 @@ class Shim:
         self._stop_watchers[name] = watcher
         watcher.start()
 
-    def _start(self) -> float:
-        """Starts the backend (unless it runs) and waits until it answers; returns how
-        long that took, in milliseconds."""
+    def _start(self, *, resume: bool) -> float:
+        """Starts the backend and waits until it answers; returns how long that took, in
+        milliseconds. resume: a start begun before, which may have started it already."""
         started = time.monotonic()
         try:
-            # The transaction that said Start found it not running (or it would have
-            # been adopted): no question to systemd between the reservation and the start.
-            asked = time.monotonic_ns() // 1000
-            self.manager().start_unit(self.backend, JOB_TIMEOUT_S)
-            # When StartUnit went out (CLOCK_MONOTONIC, µs): bench/swap.py times swaps by it.
-            self.log.info(f"started {self.backend}", event="started", start_sent_us=asked)
+            # A new start: the transaction that said so found the backend not running (or
+            # it would have been adopted), so no question to systemd before StartUnit.
+            if not (resume and self._backend_runs()):
+                asked = time.monotonic_ns() // 1000
+                self.manager().start_unit(self.backend, JOB_TIMEOUT_S)
+                # When StartUnit went out (CLOCK_MONOTONIC, µs): bench/swap.py times by it.
+                self.log.info(f"started {self.backend}", event="started", start_sent_us=asked)
             self._watch_backend()
             self.target = self._wait_until_ready(started)
         except (SystemdError, ReadinessError) as error:
@@ -627,7 +629,9 @@ class Shim:
         one transaction per PUBLISH_GAP_S. The count is read under the ledger's
         lock, so it cannot overwrite a claim; 0 is written only once the relay has
         been empty for HOLD_S, which ends the claim."""
-        published: tuple[int, float] = (-1, 0.0)
+        # The relay's count and activity, and the count written, when last published: a
+        # claim given up (the model drains) changes the count to write, not the relay.
+        published: tuple[int, float, int] = (-1, 0.0, -1)
         last = 0.0
         while True:
             holding = self._held and self.relay.active == 0
@@ -636,7 +640,8 @@ class Shim:
             time.sleep(max(0.0, last + PUBLISH_GAP_S - time.monotonic()))
             active, activity = self.relay.active, self.relay.last_activity
             release = self._held and active == 0 and time.monotonic() - activity >= HOLD_S
-            if (active, activity) == published and not release:
+            expected = max(active, 1) if self._held else active
+            if (active, activity, expected) == published and not release:
                 continue
             try:
                 with self.ledger.transaction() as txn:
@@ -645,11 +650,20 @@ class Shim:
                     now = time.time()
                     used = now - (time.monotonic() - activity)
                     txn.tell(lifecycle.InUse(self.name, now, count, used))
-            except (OSError, SystemdError) as error:
+            except (OSError, SystemdError, LedgerError) as error:
                 self.log.error(f"could not update the ledger: {error}", event="ledger-failed")
                 continue
             last = time.monotonic()
-            published = (self.relay.active, activity)
+            published = (self.relay.active, activity, count)
+
+    def _publish_now(self) -> None:
+        """The relay's own count, claim given up: a drained model's waiter may evict it as
+        soon as its clients are done (the publisher tells later changes)."""
+        with contextlib.suppress(OSError, SystemdError, LedgerError):
+            now = time.time()
+            used = now - (time.monotonic() - self.relay.last_activity)
+            self._tell(lifecycle.InUse(self.name, now, self.relay.active, used))
+        self._published.set()
 
     def _count_to_publish(self) -> int:
         with self._claim_lock:

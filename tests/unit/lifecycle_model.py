@@ -197,6 +197,9 @@ class Model:
         if event is not None:
             effects = []
             world = self._step(world, event, effects)
+            admits = isinstance(event, lifecycle.Want | lifecycle.Claim)
+            if admits and any(isinstance(e, lifecycle.Serve) for e in effects):
+                self._check_no_starving(world, actor, system.now)
         system = dataclasses.replace(system, entries=tuple(sorted(world.entries.items())))
         for effect in effects:
             system = self._carry_out(system, actor, effect)
@@ -283,6 +286,35 @@ class Model:
             short = {r: a for r, a in used.items() if a > held.get(r, 0)}
             if short:
                 raise InvariantError(f"{name} uses {used} but holds {held}")
+
+    def _check_no_starving(self, world: World, admitting: str, now: int) -> None:
+        """A model admits no new client while a waiter first in line has waited past its
+        bound and cannot be served without that model's room: otherwise a busy model
+        could keep it waiting for ever."""
+        waiters = {
+            n: e.waiting_since
+            for n, e in world.entries.items()
+            if e.waiting_since is not None and e.phase is Phase.WAITING
+        }
+        for name, since in waiters.items():
+            assert since is not None
+            profile = self.profiles[name]
+            if now - since < profile.starvation_bound_s:
+                continue
+            ahead = [
+                w
+                for w, s in waiters.items()
+                if s is not None and (s, w) < (since, name) and self._overlap(w, name)
+            ]
+            others = [e.reserved for n, e in world.entries.items() if n not in (name, admitting)]
+            room = {r: a - plus({}, others).get(r, 0) for r, a in self.available.items()}
+            needs_its_room = any(a > room.get(r, 0) for r, a in profile.needs.items())
+            if not ahead and needs_its_room:
+                raise InvariantError(f"{admitting} admitted a client while {name} starves")
+
+    def _overlap(self, a: str, b: str) -> bool:
+        needs_a, needs_b = self.profiles[a].needs, self.profiles[b].needs
+        return any(needs_a.get(r, 0) > 0 and needs_b.get(r, 0) > 0 for r in needs_a)
 
     def _uses(self, name: str, service: Service) -> dict[str, int]:
         profile = self.profiles[name]

@@ -139,6 +139,19 @@ def test_past_the_bound_the_service_in_use_drains_then_is_swapped_out() -> None:
     assert effects(lifecycle.step(idle, Want("b", 17, 10)), Stop) == [Stop("a")]
 
 
+def test_a_drained_model_that_turned_idle_admits_no_one_before_its_waiter() -> None:
+    """Its clients done, the drained model must not take new ones back before the
+    waiter that drained it evicts it (both shims wake on the same ledger change)."""
+    busy = world({"a": running(20, in_use=2)}, a=BIG, b=BIG)
+    waited = lifecycle.step(busy, Want("b", 10, 10)).world
+    drained = lifecycle.step(waited, Want("b", 15, 10)).world
+    idle = lifecycle.step(drained, lifecycle.InUse("a", 16, 0, 16)).world
+    assert idle.entries["a"].phase is Phase.DRAINING
+    again = lifecycle.step(idle, Want("a", 16, 16))
+    assert effects(again, Serve) == []
+    assert again.world.entries["a"].phase is Phase.DRAINING
+
+
 def test_a_drain_ends_when_its_waiter_is_gone() -> None:
     busy = world({"a": running(20, in_use=2)}, a=BIG, b=BIG)
     waited = lifecycle.step(busy, Want("b", 10, 10)).world
