@@ -223,13 +223,16 @@ def _open_owned(path: Path, flags: int, mode: int, *, owner: int | None = None) 
 
 
 def profiles(config: Config) -> dict[str, Profile]:
-    """What the lifecycle knows of each configured service."""
+    """What the lifecycle knows of each configured service. The starvation bound is at
+    most half the time a client waits before it is turned away: a waiter that gives up
+    before the models in its way drain would never be served while they are busy."""
+    give_up = config.max_wait_for_connection_close_s
     return {
         s.name: Profile(
             needs=dict(s.resource_requirements),
-            starvation_bound_s=s.swap_after_waiting_s,
+            starvation_bound_s=min(s.swap_after_waiting_s, give_up / 2),
             min_loaded_s=s.min_loaded_s,
-            give_up_s=config.max_wait_for_connection_close_s,
+            give_up_s=give_up,
         )
         for s in config.services
     }

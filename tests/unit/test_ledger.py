@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from lmproxy import lifecycle
-from lmproxy.ledger import MAX_LEDGER_BYTES, Ledger, LedgerError, Transaction
+from lmproxy.config import parse_config
+from lmproxy.ledger import MAX_LEDGER_BYTES, Ledger, LedgerError, Transaction, profiles
 from lmproxy.lifecycle import Entry, Phase, Profile
 
 NEEDS = {"a": {"VRAM": 10}, "b": {"VRAM": 14}, "c": {"VRAM": 20}}
@@ -316,3 +317,26 @@ def test_missing_ledger_after_one_was_written_is_logged(tmp_path: Path) -> None:
     with ledger.transaction():
         pass
     assert any("was missing" in line for line in log)
+
+
+def test_the_starvation_bound_is_at_most_half_the_give_up_time() -> None:
+    """A waiter must see the models in its way drain before it gives up."""
+    text = json.dumps(
+        {
+            "MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds": 4,
+            "SwapAfterWaitingSeconds": 5,
+            "Services": [
+                {"Name": "a", "ListenPort": 8081, "ProxyTargetPort": 18081, "Command": "x"},
+                {
+                    "Name": "b",
+                    "ListenPort": 8082,
+                    "ProxyTargetPort": 18082,
+                    "Command": "x",
+                    "SwapAfterWaitingSeconds": 1,
+                },
+            ],
+        }
+    )
+    found = profiles(parse_config(text, Path("/etc/lmproxy")))
+    assert (found["a"].starvation_bound_s, found["b"].starvation_bound_s) == (2, 1)
+    assert found["a"].give_up_s == 4
