@@ -33,247 +33,77 @@ CLI) may stop a backend, through systemd.
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from lmproxy import eviction
 from lmproxy.eviction import Amounts, Holder, Kind, most
-
-
-class Phase(enum.Enum):
-    WAITING = "waiting"
-    STARTING = "starting"
-    RUNNING = "running"
-    DRAINING = "draining"
-    FALLING_ASLEEP = "falling-asleep"
-    SLEEPING = "sleeping"
-    WAKING = "waking"
-    STOPPING = "stopping"
-
-
-AWAKE = (Phase.RUNNING, Phase.DRAINING)
-# Entries whose clients have their reservation already: they wait for no one.
-BEING_SERVED = (Phase.STARTING, Phase.WAKING, Phase.RUNNING)
-
-
-@dataclass(frozen=True)
-class Entry:
-    phase: Phase
-    reserved: Amounts
-    in_use: int = 0  # clients in use (the shim's claim counts as one)
-    last_used: float = 0.0
-    loaded_at: float = 0.0  # when it last became RUNNING
-    waiting_since: float | None = None  # when its oldest waiting client came
-
-
-@dataclass(frozen=True)
-class SleepProfile:
-    level: int
-    holds: Amounts  # what it keeps while asleep
-
-
-@dataclass(frozen=True)
-class Profile:
-    """What the lifecycle knows of a service's configuration."""
-
-    needs: Amounts
-    sleep: SleepProfile | None = None
-    starvation_bound_s: float = 5.0  # how long its clients wait before others drain
-    min_loaded_s: float = 0.0  # how long it stays loaded before it can be drained
-    give_up_s: float = 1200.0  # how long its clients wait in all before being turned away
-
-
-@dataclass(frozen=True)
-class World:
-    available: Amounts
-    profiles: Mapping[str, Profile]
-    entries: Mapping[str, Entry]
-    # Services whose shim runs now (from systemd; not stored): only a live shim
-    # can put its backend to sleep.
-    shims: frozenset[str] = frozenset()
-
-    def with_entries(self, entries: Mapping[str, Entry]) -> World:
-        return dataclasses.replace(self, entries=dict(entries))
-
-
-# --- events: what happened, told by whoever saw it ------------------------------------------
-
-
-@dataclass(frozen=True)
-class Want:
-    """Its shim has a client (`arrived`: when the oldest waiting one came) and asks
-    what to do: relay it, start, wake, stop victims, or wait."""
-
-    name: str
-    now: float
-    arrived: float
-
-
-@dataclass(frozen=True)
-class Ready:
-    """The backend answers, after a start or a wake; `in_use` clients are relayed."""
-
-    name: str
-    now: float
-    in_use: int
-
-
-@dataclass(frozen=True)
-class StartFailed:
-    name: str
-    now: float
-
-
-@dataclass(frozen=True)
-class WakeFailed:
-    name: str
-    now: float
-
-
-@dataclass(frozen=True)
-class SleepDone:
-    name: str
-    now: float
-
-
-@dataclass(frozen=True)
-class SleepFailed:
-    name: str
-    now: float
-
-
-@dataclass(frozen=True)
-class Claim:
-    """Its shim has a new client while it serves: counted if the service still runs
-    and admits clients (Serve); otherwise nothing changes and the shim asks with Want."""
-
-    name: str
-    now: float
-
-
-@dataclass(frozen=True)
-class InUse:
-    """How many clients its shim has in use now, and when one was last active."""
-
-    name: str
-    now: float
-    count: int
-    last_used: float
-
-
-@dataclass(frozen=True)
-class Restart:
-    """Its backend refused a client (RestartOnConnectionFailure): stop it and start it
-    again for the clients that wait."""
-
-    name: str
-    now: float
-    arrived: float
-
-
-@dataclass(frozen=True)
-class Idle:
-    """Its shim saw no client for ShutDownAfterInactivitySeconds (and admits none)."""
-
-    name: str
-    now: float
-
-
-@dataclass(frozen=True)
-class Observed:
-    """What systemd says of a service's units, at the start of every transaction."""
-
-    name: str
-    now: float
-    backend_runs: bool
-    shim_runs: bool
-
-
-Event = (
-    Want
-    | Claim
-    | Ready
-    | StartFailed
-    | WakeFailed
-    | SleepDone
-    | SleepFailed
-    | InUse
-    | Idle
-    | Restart
-    | Observed
+from lmproxy.world import (
+    AWAKE,
+    BEING_SERVED,
+    Claim,
+    Effect,
+    Entry,
+    Event,
+    FallAsleep,
+    Idle,
+    InUse,
+    Log,
+    Observed,
+    Phase,
+    Profile,
+    Ready,
+    Restart,
+    Serve,
+    SleepDone,
+    SleepFailed,
+    SleepProfile,
+    Start,
+    StartFailed,
+    Step,
+    Stop,
+    TurnAway,
+    Wait,
+    Wake,
+    WakeFailed,
+    Want,
+    World,
 )
 
-
-# --- effects: what to do now, for whoever told the event ------------------------------------
-
-
-@dataclass(frozen=True)
-class Serve:
-    """Relay clients: the backend is awake and the claim counted."""
-
-
-@dataclass(frozen=True)
-class Start:
-    """Start the backend and wait until it answers. resume: a start begun before (by a
-    shim that died, or this one): the backend may run already."""
-
-    resume: bool = False
-
-
-@dataclass(frozen=True)
-class Wake:
-    """Wake the sleeping backend and wait until it answers."""
-
-
-@dataclass(frozen=True)
-class Stop:
-    """Stop this service's backend through systemd."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class FallAsleep:
-    """Put the backend to sleep (its own shim does, when it sees its phase)."""
-
-    level: int
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Nothing to do until the ledger changes, or until `until` (seconds since the epoch).
-    `stopping`: services whose backend's end is awaited (systemd says it first)."""
-
-    reason: str
-    until: float | None = None
-    stopping: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class TurnAway:
-    """Close the waiting clients: they cannot be served."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Log:
-    """A transition worth a line in the journal."""
-
-    event: str
-    message: str
-    name: str  # the service whose shim (or command) tells it
-    victim: str | None = None  # the service evicted, for an eviction
-
-
-Effect = Serve | Start | Wake | Stop | FallAsleep | Wait | TurnAway | Log
-
-
-@dataclass(frozen=True)
-class Step:
-    world: World
-    effects: tuple[Effect, ...] = ()
+# The vocabulary lives in lmproxy.world; lifecycle.X names it too, for callers.
+__all__ = [
+    "AWAKE",
+    "BEING_SERVED",
+    "Claim",
+    "Effect",
+    "Entry",
+    "Event",
+    "FallAsleep",
+    "Idle",
+    "InUse",
+    "Log",
+    "Observed",
+    "Phase",
+    "Profile",
+    "Ready",
+    "Restart",
+    "Serve",
+    "SleepDone",
+    "SleepFailed",
+    "SleepProfile",
+    "Start",
+    "StartFailed",
+    "Step",
+    "Stop",
+    "TurnAway",
+    "Wait",
+    "Wake",
+    "WakeFailed",
+    "Want",
+    "World",
+    "amounts_text",
+    "step",
+]
 
 
 # --- the transitions --------------------------------------------------------------------------
