@@ -101,10 +101,9 @@ def plan(available: Amounts, holders: Mapping[str, Holder], needs: Amounts) -> D
     if fits(needs, free):
         return Reserve()
 
-    freeing = _names(holders, (Kind.FREEING,))
-    after_freeing = plus(free, (holders[n].frees for n in freeing))
+    after_freeing = _after_freeing(free, holders)
     if fits(needs, after_freeing):
-        return Wait(WaitReason.FREEING, freeing)
+        return Wait(WaitReason.FREEING, _names(holders, (Kind.FREEING,)))
 
     candidates = [n for n in _by_age(holders) if holders[n].kind in EVICTABLE]
     victims = choose_victims(needs, after_freeing, candidates, holders, free)
@@ -121,12 +120,10 @@ def drain(available: Amounts, holders: Mapping[str, Holder], needs: Amounts) -> 
     """The services in use that would have to go, were they idle, for `needs` to fit
     (idle ones are taken first, so only as many are drained as must be): empty when
     draining would not help."""
-    free = plus(
-        free_room(available, holders.values()),
-        (h.frees for h in holders.values() if h.kind is Kind.FREEING),
-    )
-    order = [n for n in _by_age(holders) if holders[n].kind in EVICTABLE]
-    order += [n for n in _by_age(holders) if holders[n].kind is Kind.IN_USE]
+    free = _after_freeing(free_room(available, holders.values()), holders)
+    by_age = _by_age(holders)
+    order = [n for n in by_age if holders[n].kind in EVICTABLE]
+    order += [n for n in by_age if holders[n].kind is Kind.IN_USE]
     as_if_idle = {
         name: Holder(h.reserved, Kind.IDLE, h.last_used) if h.kind is Kind.IN_USE else h
         for name, h in holders.items()
@@ -222,6 +219,11 @@ def _extra_asleep(holder: Holder) -> dict[str, int]:
         for resource, amount in holder.asleep_holds.items()
         if amount > holder.reserved.get(resource, 0)
     }
+
+
+def _after_freeing(free: Amounts, holders: Mapping[str, Holder]) -> dict[str, int]:
+    """The room free once the services stopping or falling asleep have done so."""
+    return plus(free, (h.frees for h in holders.values() if h.kind is Kind.FREEING))
 
 
 def _by_age(holders: Mapping[str, Holder]) -> list[str]:

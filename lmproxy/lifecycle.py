@@ -131,10 +131,8 @@ def _want(world: World, entries: Entries, event: Event) -> list[Effect]:
     entry = entries.get(name)
     phase = entry.phase if entry else None
     if entry is not None and phase is Phase.RUNNING:
-        entries[name] = _replace(
-            entry, in_use=max(1, entry.in_use), last_used=now, waiting_since=None
-        )
-        return [Serve()]
+        entries[name] = _replace(entry, waiting_since=None)
+        return _claim(world, entries, event)
     since = event.arrived if entry is None else _earliest(entry.waiting_since, event.arrived)
     if entry is not None and phase is Phase.STARTING:
         return [Start(resume=True)]
@@ -164,11 +162,10 @@ class _Ask:
 
 def _make_room(world: World, entries: Entries, name: str, since: float, now: float) -> list[Effect]:
     """A waiter (cold, or asleep) asks for room: reserve, evict, drain or wait, in turn."""
-    profile = world.profiles[name]
     entry = entries.get(name)
-    asleep = entry is not None and entry.phase is Phase.SLEEPING
+    asleep = entry is not None and _asleep(entry)
+    target = _target(world.profiles[name], entry)
     entries[name] = _replace(entry or Entry(Phase.WAITING, {}), waiting_since=since)
-    target = most(profile.needs, profile.sleep.holds) if asleep and profile.sleep else profile.needs
     ask = _Ask(name, now, since, target, entry.reserved if entry and asleep else {})
 
     ahead = _waiters_ahead(world, entries, name)
@@ -413,29 +410,28 @@ def _settle_drains(world: World, now: float) -> World:
     """DRAINING follows from the world and the time: a service drains while a waiter
     first in line for its room has waited past its bound; otherwise it runs."""
     should = _to_drain(world, now)
-    entries = dict(world.entries)
-    for name, entry in world.entries.items():
-        if entry.phase is Phase.RUNNING and name in should:
-            entries[name] = _replace(entry, phase=Phase.DRAINING)
-        elif entry.phase is Phase.DRAINING and name not in should:
-            entries[name] = _replace(entry, phase=Phase.RUNNING)
-    return world.with_entries(entries) if entries != world.entries else world
+    changes = {
+        name: _replace(entry, phase=Phase.DRAINING if name in should else Phase.RUNNING)
+        for name, entry in world.entries.items()
+        if entry.phase in AWAKE and (entry.phase is Phase.DRAINING) != (name in should)
+    }
+    return world.with_entries({**world.entries, **changes}) if changes else world
 
 
 def _to_drain(world: World, now: float) -> set[str]:
     drained: set[str] = set()
     for name, entry in world.entries.items():
-        if not _is_waiter(entry) or not (entry.phase is Phase.WAITING or _asleep(entry)):
+        # Only a waiter that needs room may drain others (not one stopping or draining).
+        if entry.waiting_since is None or entry.phase not in (Phase.WAITING, Phase.SLEEPING):
             continue
-        assert entry.waiting_since is not None
         profile = world.profiles[name]
         if now - entry.waiting_since < profile.starvation_bound_s:
             continue
         if _waiters_ahead(world, world.entries, name):
             continue
         holders = _holders(world, world.entries, name, keep_draining=True)
-        chosen = eviction.drain(world.available, holders, _target(world, name))
-        if all(_loaded_long_enough(world, n, now) for n in chosen):
+        chosen = eviction.drain(world.available, holders, _target(profile, entry))
+        if all(_loaded_long_enough(world, world.entries, n, now) for n in chosen):
             drained.update(chosen)
     return drained
 
@@ -450,16 +446,13 @@ def _drain_deadline(world: World, entries: Entries, ask: _Ask) -> float:
     later = [
         entries[n].loaded_at + world.profiles[n].min_loaded_s
         for n in chosen
-        if not _loaded_long_enough(world, n, ask.now, entries)
+        if not _loaded_long_enough(world, entries, n, ask.now)
     ]
     return max(later) if later else float("inf")
 
 
-def _loaded_long_enough(
-    world: World, name: str, now: float, entries: Mapping[str, Entry] | None = None
-) -> bool:
-    entry = (entries or world.entries)[name]
-    return now - entry.loaded_at >= world.profiles[name].min_loaded_s
+def _loaded_long_enough(world: World, entries: Mapping[str, Entry], name: str, now: float) -> bool:
+    return now - entries[name].loaded_at >= world.profiles[name].min_loaded_s
 
 
 # --- views ------------------------------------------------------------------------------------
@@ -505,10 +498,9 @@ def _holder(world: World, name: str, entry: Entry) -> Holder:
             return Holder(entry.reserved, Kind.CHANGING, entry.last_used)
 
 
-def _target(world: World, name: str) -> Amounts:
-    """What `name` must hold to be served: its needs (while waking, also what it keeps asleep)."""
-    profile = world.profiles[name]
-    entry = world.entries.get(name)
+def _target(profile: Profile, entry: Entry | None) -> Amounts:
+    """What a service must hold to be served: its needs (while waking from sleep, also
+    what it keeps asleep)."""
     if entry is not None and _asleep(entry) and profile.sleep is not None:
         return most(profile.needs, profile.sleep.holds)
     return profile.needs

@@ -72,91 +72,80 @@ class World:
 
 
 @dataclass(frozen=True)
-class Want:
-    """Its shim has a client (`arrived`: when the oldest waiting one came) and asks
-    what to do: relay it, start, wake, stop victims, or wait."""
+class Told:
+    """What every event carries: the service it is about (whose shim, or command,
+    tells it) and the time it is told at (seconds since the epoch)."""
 
     name: str
     now: float
+
+
+@dataclass(frozen=True)
+class Want(Told):
+    """Its shim has a client (`arrived`: when the oldest waiting one came) and asks
+    what to do: relay it, start, wake, stop victims, or wait."""
+
     arrived: float
 
 
 @dataclass(frozen=True)
-class Ready:
+class Ready(Told):
     """The backend answers, after a start or a wake; `in_use` clients are relayed."""
 
-    name: str
-    now: float
     in_use: int
 
 
 @dataclass(frozen=True)
-class StartFailed:
-    name: str
-    now: float
+class StartFailed(Told):
+    """Its backend did not start, or did not answer in time."""
 
 
 @dataclass(frozen=True)
-class WakeFailed:
-    name: str
-    now: float
+class WakeFailed(Told):
+    """Its backend did not wake."""
 
 
 @dataclass(frozen=True)
-class SleepDone:
-    name: str
-    now: float
+class SleepDone(Told):
+    """Its backend is asleep."""
 
 
 @dataclass(frozen=True)
-class SleepFailed:
-    name: str
-    now: float
+class SleepFailed(Told):
+    """Its backend did not go to sleep."""
 
 
 @dataclass(frozen=True)
-class Claim:
+class Claim(Told):
     """Its shim has a new client while it serves: counted if the service still runs
     and admits clients (Serve); otherwise nothing changes and the shim asks with Want."""
 
-    name: str
-    now: float
-
 
 @dataclass(frozen=True)
-class InUse:
+class InUse(Told):
     """How many clients its shim has in use now, and when one was last active."""
 
-    name: str
-    now: float
     count: int
     last_used: float
 
 
 @dataclass(frozen=True)
-class Restart:
+class Restart(Told):
     """Its backend refused a client (RestartOnConnectionFailure): stop it and start it
     again for the clients that wait."""
 
-    name: str
-    now: float
     arrived: float
 
 
 @dataclass(frozen=True)
-class Idle:
+class Idle(Told):
     """Its shim saw no client for ShutDownAfterInactivitySeconds (and admits none)."""
-
-    name: str
-    now: float
 
 
 @dataclass(frozen=True)
-class Observed:
+class Observed(Told):
     """What systemd says of a service's units, at the start of every transaction."""
 
-    name: str
-    now: float
     backend_runs: bool
     shim_runs: bool
 
