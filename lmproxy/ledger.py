@@ -48,7 +48,6 @@ class Transaction:
     """The world a transaction sees; `tell` moves it on. Written back when it ends."""
 
     world: World
-    time: Callable[[], float]
 
     @property
     def entries(self) -> Mapping[str, Entry]:
@@ -59,13 +58,6 @@ class Transaction:
         result = lifecycle.step(self.world, event)
         self.world = result.world
         return result.effects
-
-    def reserved(self) -> dict[str, int]:
-        total = dict.fromkeys(self.world.available, 0)
-        for entry in self.world.entries.values():
-            for resource, amount in entry.reserved.items():
-                total[resource] = total.get(resource, 0) + amount
-        return total
 
 
 class Ledger:
@@ -101,7 +93,7 @@ class Ledger:
             if not present and os.fstat(lock_fd).st_size > 0:
                 self._note(f"ledger {self.path} was missing; rebuilt it from systemd's unit states")
             stored = self._load()
-            txn = Transaction(self._reconciled(stored), self.time)
+            txn = Transaction(self._reconciled(stored))
             yield txn
             if txn.entries != stored or not present:
                 self._store(txn.entries)

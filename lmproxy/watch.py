@@ -13,7 +13,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import select
 from pathlib import Path
 
 IN_MOVED_TO = 0x00000080
@@ -27,9 +26,9 @@ class WatchError(OSError):
 
 
 class DirectoryWatch:
-    """Readable whenever a file is renamed into `directory`. Events that come while
-    nobody waits stay queued in the kernel: a change between a transaction and the
-    wait that follows it is never lost."""
+    """Readable (poll its fileno) whenever a file is renamed into `directory`. Events
+    that come while nobody waits stay queued in the kernel: a change between a
+    transaction and the wait that follows it is never lost."""
 
     def __init__(self, directory: Path) -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -44,17 +43,6 @@ class DirectoryWatch:
 
     def fileno(self) -> int:
         return self.fd
-
-    def wait(self, timeout_s: float | None) -> bool:
-        """Blocks until something was renamed in (True) or the timeout passes (False);
-        the events read are consumed."""
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000) + 1)
-        if not poller.poll(timeout_ms):
-            return False
-        self.consume()
-        return True
 
     def consume(self) -> None:
         """Reads every queued event (their content does not matter: any rename is a

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmproxy import lifecycle
+from lmproxy import eviction, lifecycle
 from lmproxy.config import parse_config
 from lmproxy.ledger import MAX_LEDGER_BYTES, Ledger, LedgerError, Transaction, profiles
 from lmproxy.lifecycle import Entry, Phase, Profile
@@ -285,7 +285,9 @@ def _race(runtime: str, name: str, rounds: int, results: multiprocessing.Queue[i
                 txn.world = txn.world.with_entries(
                     {n: e for n, e in txn.entries.items() if n != name}
                 )
-            peak = max(peak, txn.reserved()["VRAM"])
+            peak = max(
+                peak, eviction.total(e.reserved for e in txn.entries.values()).get("VRAM", 0)
+            )
     results.put(peak)
 
 
