@@ -124,6 +124,7 @@ class Shim:
         self._claimed = False
         self._held = False
         self._claim_lock = threading.Lock()
+        self._claimed_since = False  # a claim was written since the publisher last wrote
 
     # --- edges ------------------------------------------------------------
 
@@ -158,6 +159,10 @@ class Shim:
         """One transaction: tells the lifecycle, logs its lines, returns the rest."""
         with self.ledger.transaction() as txn:
             effects = txn.tell(event)
+        if any(isinstance(e, lifecycle.Serve) for e in effects):
+            # A claim wrote the count of clients in use: the publisher's idea of what
+            # the ledger holds is stale until it tells the relay's own count again.
+            self._claimed_since = True
         for effect in effects:
             if isinstance(effect, lifecycle.Log):
                 self._note(effect)
@@ -261,10 +266,21 @@ class Shim:
                     raise StartError(reason)
         return wait
 
+    def _ledger_watch(self) -> DirectoryWatch:
+        """The watch on the ledger's folder, made the first time it is needed (not on
+        the way to a cold start's StartUnit)."""
+        if self.watch is None:
+            self.watch = DirectoryWatch(self.ledger.runtime_dir)
+        return self.watch
+
+    def _drain_wake_pipe(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+
     def _wait_for_change(self, wait: lifecycle.Wait) -> None:
         """Until the ledger changes, a backend awaited stops, or the wait's time is up."""
         if self.watch is None:
-            self.watch = DirectoryWatch(self.ledger.runtime_dir)
+            self._ledger_watch()
             return  # a change before the watch began would be missed: ask again now
         for name in wait.stopping:
             self._await_stop(name)
@@ -275,8 +291,7 @@ class Shim:
         timeout_ms = int(max(0.0, min(WAIT_AT_MOST_S, left)) * 1000) + 1
         for fd, _ in poller.poll(timeout_ms):
             if fd == self._wake_r:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
+                self._drain_wake_pipe()
             else:
                 self.watch.consume()
 
@@ -415,11 +430,10 @@ class Shim:
 
     def _serve(self) -> Outcome:
         idle_after = self.service.shutdown_after_inactivity_s
-        if self.watch is None:
-            self.watch = DirectoryWatch(self.ledger.runtime_dir)
+        watch = self._ledger_watch()
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        poller.register(self.watch, select.POLLIN)
+        poller.register(watch, select.POLLIN)
         polled = False  # whether this thread watches the listener (the relay loops do not)
         if self._pending and (outcome := self._accept_clients()):
             return outcome
@@ -449,12 +463,11 @@ class Shim:
             for fd, _ in poller.poll(timeout_ms):
                 outcome = None
                 if fd == self._wake_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
+                    self._drain_wake_pipe()
                     if self._pending:
                         outcome = self._accept_clients()
-                elif fd == self.watch.fileno():
-                    self.watch.consume()
+                elif fd == watch.fileno():
+                    watch.consume()
                     if self._phase() in (Phase.DRAINING, Phase.FALLING_ASLEEP):
                         return Outcome.NOT_ADMITTING
                 else:
@@ -609,9 +622,8 @@ class Shim:
                 return False
             with self._claim_lock:
                 self._held = False
-            now = time.time()
-            txn.tell(lifecycle.InUse(self.name, now, 0, now))
-            effects = txn.tell(lifecycle.Idle(self.name, now))
+            txn.tell(self._in_use(0, self.relay.last_activity))
+            effects = txn.tell(lifecycle.Idle(self.name, time.time()))
         if not any(isinstance(e, lifecycle.Stop) for e in effects):
             return self.name not in self.ledger.snapshot()  # already gone
         self.log.info(
@@ -629,9 +641,7 @@ class Shim:
         one transaction per PUBLISH_GAP_S. The count is read under the ledger's
         lock, so it cannot overwrite a claim; 0 is written only once the relay has
         been empty for HOLD_S, which ends the claim."""
-        # The relay's count and activity, and the count written, when last published: a
-        # claim given up (the model drains) changes the count to write, not the relay.
-        published: tuple[int, float, int] = (-1, 0.0, -1)
+        published: tuple[int, float] = (-1, 0.0)  # the relay's count and activity then
         last = 0.0
         while True:
             holding = self._held and self.relay.active == 0
@@ -640,29 +650,31 @@ class Shim:
             time.sleep(max(0.0, last + PUBLISH_GAP_S - time.monotonic()))
             active, activity = self.relay.active, self.relay.last_activity
             release = self._held and active == 0 and time.monotonic() - activity >= HOLD_S
-            expected = max(active, 1) if self._held else active
-            if (active, activity, expected) == published and not release:
+            if (active, activity) == published and not release and not self._claimed_since:
                 continue
+            self._claimed_since = False
             try:
                 with self.ledger.transaction() as txn:
                     count = self._count_to_publish()
                     activity = self.relay.last_activity
-                    now = time.time()
-                    used = now - (time.monotonic() - activity)
-                    txn.tell(lifecycle.InUse(self.name, now, count, used))
+                    txn.tell(self._in_use(count, activity))
             except (OSError, SystemdError, LedgerError) as error:
                 self.log.error(f"could not update the ledger: {error}", event="ledger-failed")
                 continue
             last = time.monotonic()
-            published = (self.relay.active, activity, count)
+            published = (self.relay.active, activity)
+
+    def _in_use(self, count: int, activity: float) -> lifecycle.InUse:
+        """count clients in use now, and the relay's last activity (its monotonic
+        time), as the lifecycle hears them."""
+        now = time.time()
+        return lifecycle.InUse(self.name, now, count, now - (time.monotonic() - activity))
 
     def _publish_now(self) -> None:
         """The relay's own count, claim given up: a drained model's waiter may evict it as
         soon as its clients are done (the publisher tells later changes)."""
         with contextlib.suppress(OSError, SystemdError, LedgerError):
-            now = time.time()
-            used = now - (time.monotonic() - self.relay.last_activity)
-            self._tell(lifecycle.InUse(self.name, now, self.relay.active, used))
+            self._tell(self._in_use(self.relay.active, self.relay.last_activity))
         self._published.set()
 
     def _count_to_publish(self) -> int:
@@ -742,10 +754,3 @@ def main(name: str, scope: Scope, config_path: Path) -> int:
     except KeyError:
         raise SystemExit(f"service {name!r} is not in {config_path}") from None
     return Shim(config, service, scope, inherited_listener()).run()
-
-
-def _amounts(amounts: Mapping[str, int]) -> str:
-    return (
-        ", ".join(f"{amount} {resource}" for resource, amount in sorted(amounts.items()))
-        or "nothing"
-    )
