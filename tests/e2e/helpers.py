@@ -90,10 +90,12 @@ def install(sandbox: Sandbox, config: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def install_busy_and_newcomer(sandbox: Sandbox, folder: Path, wait_s: int) -> tuple[int, int]:
+def install_busy_and_newcomer(
+    sandbox: Sandbox, folder: Path, wait_s: int, **top: Any
+) -> tuple[int, int]:
     """Two services that cannot both fit: busy (16000 of 24000 VRAM) and newcomer
-    (20000), the newcomer waiting at most wait_s for busy's connections to close.
-    Returns their ports."""
+    (20000), the newcomer waiting at most wait_s for busy's connections to close;
+    top: more top-level fields. Returns their ports."""
     busy, newcomer = free_port(), free_port()
     config = write_config(
         folder / "busy-and-newcomer.json",
@@ -102,6 +104,7 @@ def install_busy_and_newcomer(sandbox: Sandbox, folder: Path, wait_s: int) -> tu
             fake_model("newcomer", newcomer, needs={"VRAM": 20000}),
         ],
         MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds=wait_s,
+        **top,
     )
     install(sandbox, config)
     return busy, newcomer

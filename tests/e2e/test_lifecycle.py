@@ -10,17 +10,15 @@ from pathlib import Path
 
 from lmproxy.sandbox import Sandbox
 from tests.e2e.helpers import (
-    fake_model,
-    free_port,
     http_get,
-    install,
+    install_busy_and_newcomer,
     journal,
     status_json,
     wait_for,
-    write_config,
 )
 
 BOUND_S = 2
+GIVE_UP_S = 1200  # the default: the bound, not the give-up, ends each wait here
 
 
 class Loop(threading.Thread):
@@ -50,29 +48,22 @@ class Loop(threading.Thread):
 def test_a_busy_model_drains_for_a_waiter_past_the_bound_and_its_queue_is_served_after(
     systemd_sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    busy, other = free_port(), free_port()
-    config = write_config(
-        tmp_path / "bound.json",
-        [
-            fake_model("busy", busy, needs={"VRAM": 16000}),
-            fake_model("other", other, needs={"VRAM": 20000}),
-        ],
-        SwapAfterWaitingSeconds=BOUND_S,
+    busy, newcomer = install_busy_and_newcomer(
+        systemd_sandbox, tmp_path, GIVE_UP_S, SwapAfterWaitingSeconds=BOUND_S
     )
-    install(systemd_sandbox, config)
     http_get(busy)
     loop = Loop(busy)
     loop.start()
     try:
         for _ in range(3):
-            wait_for(lambda: _state(systemd_sandbox, "other") == "cold", 30, "other to go")
+            wait_for(lambda: _state(systemd_sandbox, "newcomer") == "cold", 30, "newcomer to go")
             wait_for(lambda: loop.served > 0, 30, "the busy model to serve its loop")
             started = time.monotonic()
-            answer = http_get(other)
+            answer = http_get(newcomer)
             waited = time.monotonic() - started
-            assert answer["model"] == "other"
+            assert answer["model"] == "newcomer"
             # Not before the bound (the loaded model went first), and within the bound,
-            # the drain and other's start (0.2 s): generous for a slow CI machine.
+            # the drain and the newcomer's start (0.2 s): generous for a slow CI machine.
             assert BOUND_S - 0.3 <= waited <= BOUND_S + 4, waited
             # The busy model's clients that queued meanwhile are served after.
             after = loop.served
@@ -81,7 +72,7 @@ def test_a_busy_model_drains_for_a_waiter_past_the_bound_and_its_queue_is_served
         loop.done.set()
         loop.join(60)
     assert loop.failures == []
-    # Each of busy's clients waited at most for a drain, other's start and client,
+    # Each of busy's clients waited at most for a drain, the newcomer's start and client,
     # and busy's start again.
     assert loop.slowest <= BOUND_S + 6, loop.slowest
     drains = journal(systemd_sandbox, "LMPROXY_EVENT=evict")
@@ -91,25 +82,18 @@ def test_a_busy_model_drains_for_a_waiter_past_the_bound_and_its_queue_is_served
 def test_a_loaded_model_keeps_serving_while_the_bound_runs(
     systemd_sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    """While other's client waits, busy's new clients are served without a swap."""
-    busy, other = free_port(), free_port()
-    config = write_config(
-        tmp_path / "loaded-first.json",
-        [
-            fake_model("busy", busy, needs={"VRAM": 16000}),
-            fake_model("other", other, needs={"VRAM": 20000}),
-        ],
-        SwapAfterWaitingSeconds=4,
+    """While the newcomer's client waits, busy's new clients are served without a swap."""
+    busy, newcomer = install_busy_and_newcomer(
+        systemd_sandbox, tmp_path, GIVE_UP_S, SwapAfterWaitingSeconds=4
     )
-    install(systemd_sandbox, config)
     http_get(busy)
     loop = Loop(busy)
     loop.start()
-    waiter = threading.Thread(target=http_get, args=(other,), daemon=True)
+    waiter = threading.Thread(target=http_get, args=(newcomer,), daemon=True)
     try:
         wait_for(lambda: loop.served > 0, 30, "the busy model to serve its loop")
         waiter.start()
-        wait_for(lambda: _state(systemd_sandbox, "other") == "starting", 10, "other to wait")
+        wait_for(lambda: _state(systemd_sandbox, "newcomer") == "starting", 10, "newcomer to wait")
         during = loop.served
         time.sleep(2)
         assert loop.served > during + 5  # served all along, no swap
