@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmproxy import lifecycle, unitnames
 from lmproxy.config import Config, Service, load_config
@@ -38,7 +39,9 @@ from lmproxy.paths import Scope, paths_for
 from lmproxy.readiness import ReadinessError, Target, wait_until_ready
 from lmproxy.relay import Relay
 from lmproxy.systemd import Manager, SystemdError
-from lmproxy.watch import DirectoryWatch
+
+if TYPE_CHECKING:
+    from lmproxy.watch import DirectoryWatch
 
 # How long to wait for a D-Bus start or stop job beyond the unit's own timeouts.
 JOB_TIMEOUT_S = 120.0
@@ -267,9 +270,11 @@ class Shim:
         return wait
 
     def _ledger_watch(self) -> DirectoryWatch:
-        """The watch on the ledger's folder, made the first time it is needed (not on
-        the way to a cold start's StartUnit)."""
+        """The watch on the ledger's folder, made the first time it is needed: not on
+        the way to a cold start's StartUnit, and ctypes is imported only then."""
         if self.watch is None:
+            from lmproxy.watch import DirectoryWatch
+
             self.watch = DirectoryWatch(self.ledger.runtime_dir)
         return self.watch
 
