@@ -38,6 +38,17 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Sleep:
+    """How a service sleeps instead of stopping (lmproxy's "Sleep" object): vLLM's
+    sleep API on its ProxyTarget by default, or the commands given."""
+
+    level: int  # 1: weights kept in RAM; 2: weights dropped too
+    holds: Mapping[str, int]  # what it still holds asleep (its ResourceRequirements)
+    sleep_command: str | None = None  # both or neither
+    wake_command: str | None = None
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     listen_port: int | None  # None: it listens on listen_path
@@ -66,6 +77,7 @@ class Service:
     idle_connection_timeout_s: int = 0  # 0: never
     swap_after_waiting_s: int = 5  # see Config
     min_loaded_s: int = 0
+    sleep: Sleep | None = None  # None: it is stopped, never put to sleep
     listen_path: str | None = None  # a unix socket instead of ListenAddress:ListenPort
     socket_user: str | None = None
     socket_group: str | None = None
@@ -168,7 +180,10 @@ SERVICE_FIELDS = (
     "SocketUser",  # lmproxy
     "SocketGroup",  # lmproxy
     "SocketMode",  # lmproxy
+    "Sleep",  # lmproxy
 )
+SLEEP_FIELDS = ("Level", "ResourceRequirements", "SleepCommand", "WakeCommand")
+SLEEP_LEVELS = (1, 2)
 API_FIELDS = ("ListenPort",)
 
 # All used with fullmatch().
@@ -783,6 +798,7 @@ class _Parser:
         models = self.models(fields)
         service_url = self.optional_text(fields, "ServiceUrl")
         requirements = self.requirements(fields)
+        sleep = self.sleep(fields)
         environment = self.environment(fields)
         user = self.user(fields)
         max_connections = self.integer(fields, "MaxConnections", 0, MAX_CONNECTIONS, 0)
@@ -850,6 +866,7 @@ class _Parser:
                 idle_connection_timeout_s=idle_timeout,
                 swap_after_waiting_s=swap_after,
                 min_loaded_s=min_loaded,
+                sleep=sleep,
                 listen_path=listen_path,
                 socket_user=socket_user,
                 socket_group=socket_group,
@@ -985,7 +1002,35 @@ class _Parser:
         got = self.object_field(fields, "ResourceRequirements")
         if got is None:
             return {}
-        path, obj = got
+        return self.amounts(*got)
+
+    def sleep(self, fields: _Fields) -> Sleep | None:
+        got = self.object_field(fields, "Sleep")
+        if got is None:
+            return None
+        sleep_fields = _Fields(self, got[1], got[0], SLEEP_FIELDS)
+        level = self.integer(sleep_fields, "Level", 1, 2, 1)
+        holds = self.requirements(sleep_fields)
+        sleep_command = self.optional_text(sleep_fields, "SleepCommand")
+        wake_command = self.optional_text(sleep_fields, "WakeCommand")
+        if (sleep_command is None) != (wake_command is None):
+            given, missing = (
+                ("SleepCommand", "WakeCommand")
+                if wake_command is None
+                else ("WakeCommand", "SleepCommand")
+            )
+            self.error(
+                sleep_fields.path_of(given),
+                f"{given} is set but {missing} is not: give both (commands), or neither "
+                "(vLLM's sleep API on ProxyTargetHost:ProxyTargetPort)",
+            )
+        for name, command in (("SleepCommand", sleep_command), ("WakeCommand", wake_command)):
+            if command is not None and not command.strip():
+                self.error(sleep_fields.path_of(name), f"{name} must not be blank")
+        return Sleep(level, holds, sleep_command, wake_command)
+
+    def amounts(self, path: str, obj: _JsonObject) -> dict[str, int]:
+        """Resource amounts, each in ResourcesAvailable and at most what it says."""
         requirements: dict[str, int] = {}
         for key, value in obj.pairs:
             key_path = _child(path, key)

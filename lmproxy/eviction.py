@@ -258,6 +258,12 @@ def minus(base: Amounts, amounts: Amounts) -> dict[str, int]:
     return result
 
 
+def beyond(base: Amounts, amounts: Amounts) -> dict[str, int]:
+    """What base has more of than amounts, resource by resource (what going from base
+    to amounts gives back)."""
+    return {r: a - amounts.get(r, 0) for r, a in base.items() if a > amounts.get(r, 0)}
+
+
 def most(a: Amounts, b: Amounts) -> dict[str, int]:
     """Per resource, the larger of the two (what a service holds while between them)."""
     return {r: max(a.get(r, 0), b.get(r, 0)) for r in sorted(set(a) | set(b))}

@@ -5,6 +5,12 @@ opens its port and answers HTTP: GET /health, GET /v1/models, and any other
 request with a small JSON document naming the model and its PID; POST
 /v1/completions streams --tokens tokens, one every --token-interval seconds.
 
+With --sleep-mode it also serves vLLM's sleep API (POST /sleep?level=1|2,
+POST /wake_up[?tags=weights|kv_cache], POST /collective_rpc, GET /is_sleeping)
+and reports its memory at GET /memory: --memory MiB awake, a tenth of it asleep
+at level 1 (the KV cache gone, the weights in RAM), none at level 2. Asleep, it
+answers completions with 503, as a model without its weights would fail.
+
     python3 -m lmproxy.fakemodel --name small --port 18081 --delay 1.5
 """
 
@@ -36,10 +42,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="close the port after N seconds but keep running (a hung server)",
     )
+    parser.add_argument("--sleep-mode", action="store_true", help="serve vLLM's sleep API")
+    parser.add_argument("--sleep-delay", type=float, default=0.0, help="seconds a sleep takes")
+    parser.add_argument("--wake-delay", type=float, default=0.0, help="seconds a wake takes")
+    parser.add_argument("--fail-sleep", action="store_true", help="answer /sleep with 500")
+    parser.add_argument("--fail-wake", action="store_true", help="answer /wake_up with 500")
+    parser.add_argument("--memory", type=int, default=1000, help="MiB in use while awake")
     return parser.parse_args(argv)
 
 
+class Sleeper:
+    """The fake's sleep state, shared by its request threads."""
+
+    def __init__(self, memory_mib: int) -> None:
+        self.lock = threading.Lock()
+        self.level = 0  # 0: awake
+        self.weights_loaded = True
+        self.memory_mib = memory_mib
+
+    def memory(self) -> int:
+        with self.lock:
+            if self.level == 0:
+                return self.memory_mib
+            return self.memory_mib // 10 if self.level == 1 else 0
+
+
 def make_handler(args: argparse.Namespace) -> type[BaseHTTPRequestHandler]:
+    sleeper = Sleeper(args.memory)
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -48,12 +78,24 @@ def make_handler(args: argparse.Namespace) -> type[BaseHTTPRequestHandler]:
                 self._reply(200, {"status": "ok"})
             elif self.path == "/v1/models":
                 self._reply(200, {"object": "list", "data": [{"id": args.name}]})
+            elif self.path == "/memory":
+                self._reply(200, {"memory_mib": sleeper.memory()})
+            elif self.path == "/is_sleeping" and args.sleep_mode:
+                self._reply(200, {"is_sleeping": sleeper.level != 0})
             else:
-                self._reply(200, {"model": args.name, "pid": os.getpid()})
+                asleep = sleeper.level != 0
+                self._reply(200, {"model": args.name, "pid": os.getpid(), "asleep": asleep})
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
+            body = self.rfile.read(length)
+            path, _, query = self.path.partition("?")
+            if args.sleep_mode and path in ("/sleep", "/wake_up", "/collective_rpc"):
+                self._sleep_api(path, query, body)
+                return
+            if sleeper.level != 0 or not sleeper.weights_loaded:
+                self._reply(503, {"error": f"{args.name} is asleep"})
+                return
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
@@ -64,6 +106,34 @@ def make_handler(args: argparse.Namespace) -> type[BaseHTTPRequestHandler]:
                 time.sleep(args.token_interval)
             self._chunk(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
+
+        def _sleep_api(self, path: str, query: str, body: bytes) -> None:
+            if path == "/sleep":
+                level = 2 if query == "level=2" else 1
+                time.sleep(args.sleep_delay)
+                if args.fail_sleep:
+                    self._reply(500, {"error": "sleep failed (--fail-sleep)"})
+                    return
+                with sleeper.lock:
+                    sleeper.level = level
+                    sleeper.weights_loaded = level == 1
+                print(f"{args.name}: asleep at level {level}", flush=True)
+            elif path == "/wake_up":
+                time.sleep(args.wake_delay)
+                if args.fail_wake:
+                    self._reply(500, {"error": "wake failed (--fail-wake)"})
+                    return
+                with sleeper.lock:
+                    if query == "tags=weights":
+                        sleeper.level = max(sleeper.level, 1)
+                    else:
+                        sleeper.level = 0
+                print(f"{args.name}: awake ({query or 'all'})", flush=True)
+            else:
+                with sleeper.lock:
+                    if json.loads(body or b"{}").get("method") == "reload_weights":
+                        sleeper.weights_loaded = True
+            self._reply(200, {})
 
         def _chunk(self, data: bytes) -> None:
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")

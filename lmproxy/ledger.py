@@ -28,7 +28,7 @@ from typing import Any
 from lmproxy import lifecycle, unitnames
 from lmproxy.config import Config
 from lmproxy.files import UnsafeFile, open_own_regular, write_atomically
-from lmproxy.lifecycle import Effect, Entry, Event, Log, Phase, Profile, World
+from lmproxy.lifecycle import Effect, Entry, Event, Log, Phase, Profile, SleepProfile, World
 
 FORMAT_VERSION = 2
 # A ledger of thousands of services is far smaller; a bigger file is not ours.
@@ -222,6 +222,7 @@ def profiles(config: Config) -> dict[str, Profile]:
     return {
         s.name: Profile(
             needs=dict(s.resource_requirements),
+            sleep=None if s.sleep is None else SleepProfile(s.sleep.level, dict(s.sleep.holds)),
             starvation_bound_s=min(s.swap_after_waiting_s, give_up / 2),
             min_loaded_s=s.min_loaded_s,
             give_up_s=give_up,

@@ -138,7 +138,12 @@ def _want(world: World, entries: Entries, event: Event) -> list[Effect]:
         return [Start(resume=True)]
     if entry is not None and phase is Phase.WAKING:
         return [Wake()]
-    if entry is not None and phase in (Phase.DRAINING, Phase.STOPPING, Phase.FALLING_ASLEEP):
+    if entry is not None and phase is Phase.FALLING_ASLEEP:
+        # Put to sleep while its clients waited: its shim does that first, then asks again.
+        entries[name] = _replace(entry, waiting_since=since)
+        sleep = world.profiles[name].sleep
+        return [FallAsleep(sleep.level)] if sleep else [Stop(name)]
+    if entry is not None and phase in (Phase.DRAINING, Phase.STOPPING):
         entries[name] = _replace(entry, waiting_since=since)
         until = since + world.profiles[name].give_up_s
         stopping = (name,) if phase is Phase.STOPPING else ()
@@ -201,7 +206,7 @@ def _evict(
     world: World, entries: Entries, ask: _Ask, victims: tuple[eviction.Victim, ...]
 ) -> list[Effect]:
     effects: list[Effect] = []
-    freed = amounts_text(eviction.minus(ask.target, ask.held))
+    freed = amounts_text(eviction.beyond(ask.target, ask.held))
     for victim in victims:
         old = entries[victim.name]
         if victim.sleep:
@@ -329,8 +334,12 @@ def _restart(world: World, entries: Entries, event: Event) -> list[Effect]:
 
 
 def _idle(world: World, entries: Entries, event: Event) -> list[Effect]:
+    """Unused for ShutDownAfterInactivitySeconds: stopped, awake or asleep (a sleeper
+    still holds memory)."""
     entry = entries.get(event.name)
-    if entry is None or entry.phase is not Phase.RUNNING or entry.in_use:
+    if entry is None or entry.in_use or entry.waiting_since is not None:
+        return []
+    if entry.phase not in (Phase.RUNNING, Phase.SLEEPING):
         return []
     entries[event.name] = _replace(entry, phase=Phase.STOPPING)
     return [Stop(event.name)]
@@ -545,6 +554,6 @@ def _list(names: Iterable[str]) -> str:
 
 def amounts_text(amounts: Amounts) -> str:
     return (
-        ", ".join(f"{amount} {resource}" for resource, amount in sorted(amounts.items()))
+        ", ".join(f"{amount} {resource}" for resource, amount in sorted(amounts.items()) if amount)
         or "nothing"
     )

@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 # Connect attempts on loopback cost microseconds; waking this often keeps the
@@ -111,18 +111,22 @@ def _wait_for_port(host: str, port: int, deadline: float, gone: Callable[[], boo
 HEALTHCHECK_ENVIRONMENT = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ")
 
 
-def run_healthcheck(command: str, timeout: float) -> tuple[int | None, str]:
-    """Runs HealthcheckCommand with /bin/sh; its exit status (None if it ran past
-    timeout) and the end of what it printed.
+def run_shell(
+    command: str, timeout: float, extra: Mapping[str, str] | None = None
+) -> tuple[int | None, str]:
+    """Runs a config's shell command (HealthcheckCommand, SleepCommand, WakeCommand)
+    with /bin/sh; its exit status (None if it ran past timeout) and the end of what it
+    printed.
 
-    It runs inside the shim's sandbox, as the shim's user: with a small environment,
-    no descriptor of the shim's, and in a session of its own, so that a command that
-    hangs is killed with everything it started."""
+    It runs inside the shim's sandbox, as the shim's user: with a small environment
+    (plus `extra`), no descriptor of the shim's, and in a session of its own, so that
+    a command that hangs is killed with everything it started."""
     environment = {
         key: value
         for key, value in os.environ.items()
         if key in HEALTHCHECK_ENVIRONMENT or key.startswith("LC_")
     }
+    environment.update(extra or {})
     with subprocess.Popen(
         ["/bin/sh", "-c", command],
         stdin=subprocess.DEVNULL,
@@ -152,7 +156,7 @@ def _wait_for_healthcheck(
             raise ReadinessError(
                 f"the health check did not pass before the startup timeout ({last})"
             )
-        returncode, output = run_healthcheck(command, remaining)
+        returncode, output = run_shell(command, remaining)
         if returncode is None:
             continue
         if returncode == 0:

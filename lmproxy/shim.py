@@ -27,10 +27,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmproxy import lifecycle, unitnames
+from lmproxy import eviction, lifecycle, unitnames
 from lmproxy.config import Config, Service, load_config
 from lmproxy.journal import Logger
 from lmproxy.ledger import Ledger, LedgerError, profiles
@@ -78,6 +79,15 @@ class Relayed(enum.Enum):
     GONE = "the backend is gone"
     REFUSED = "the backend refused"
     OVER_LIMIT = "closed at once: MaxConnections are open"
+
+
+@dataclass(frozen=True)
+class Opening:
+    """How the backend was made ready for the clients that waited: started or woken,
+    in how many milliseconds."""
+
+    ms: float
+    woke: bool
 
 
 class StartError(Exception):
@@ -189,7 +199,7 @@ class Shim:
         notify("READY=1", f"STATUS=starting {self.backend}")
         while True:
             try:
-                ready_ms = self._acquire()
+                opening = self._acquire()
             except StartError as failure:
                 self.log.error(f"cannot serve {self.name}: {failure}", event="failed")
                 turned_away = self._close_pending() + self._turn_away_waiting_clients()
@@ -197,7 +207,7 @@ class Shim:
                 with contextlib.suppress(SystemdError, OSError):
                     self._release()
                 return 1
-            outcome = (self._open(ready_ms) if ready_ms is not None else None) or self._serve()
+            outcome = (self._open(opening) if opening is not None else None) or self._serve()
             self.relay.stop_accepting()
             if outcome is Outcome.NOT_ADMITTING:
                 # Draining (or being put to sleep): the clients in use go on, new ones
@@ -205,8 +215,11 @@ class Shim:
                 with self._claim_lock:
                     self._held = False
                 self._publish_now()
-                self.arrived = time.time()
-                continue
+                ended = self._while_not_admitting()
+                if ended is None:
+                    self.arrived = time.time()
+                    continue
+                outcome = ended
             cut = self.relay.active
             self.relay.close_all()
             if cut:
@@ -233,10 +246,11 @@ class Shim:
             )
             return 0
 
-    def _acquire(self) -> float | None:
+    def _acquire(self) -> Opening | None:
         """Asks the lifecycle until its clients can be served, carrying out what it says
-        (stopping victims, starting the backend, waiting for the ledger to change);
-        returns the milliseconds a start took, or None when the backend ran already."""
+        (stopping victims, starting or waking the backend, putting it to sleep first,
+        waiting for the ledger to change); returns how the backend was made ready, or
+        None when it ran already."""
         while True:
             try:
                 effects = self._tell(lifecycle.Want(self.name, time.time(), self.arrived))
@@ -249,8 +263,15 @@ class Shim:
                 self._ready_already()
                 return None
             for effect in effects:
-                if isinstance(effect, lifecycle.Start):
-                    return self._start(resume=effect.resume)
+                match effect:
+                    case lifecycle.Start(resume=resume):
+                        return Opening(self._start(resume=resume), woke=False)
+                    case lifecycle.Wake():
+                        woke_ms = self._wake_backend()
+                        if woke_ms is not None:
+                            return Opening(woke_ms, woke=True)
+                    case lifecycle.FallAsleep(level=level):
+                        self._fall_asleep(level)
             if wait is not None:
                 notify(f"STATUS={wait.reason}")
                 self._wait_for_change(wait)
@@ -341,6 +362,96 @@ class Shim:
             raise StartError(str(error)) from error
         return (time.monotonic() - started) * 1000
 
+    def _fall_asleep(self, level: int) -> None:
+        """Puts the backend to sleep (its entry is FALLING_ASLEEP, no client in use) and
+        tells the lifecycle how that went: asleep, or to be stopped instead."""
+        from lmproxy import sleepwake
+
+        notify(f"STATUS=putting {self.backend} to sleep")
+        started = time.monotonic()
+        try:
+            sleepwake.fall_asleep(self.service, started + self.service.startup_timeout_ms / 1000)
+        except sleepwake.SleepWakeError as error:
+            self.log.warning(
+                f"could not put {self.backend} to sleep: {error}", event="sleep-failed"
+            )
+            self._carry_out(self._tell(lifecycle.SleepFailed(self.name, time.time())))
+            return
+        took_ms = (time.monotonic() - started) * 1000
+        self._tell(lifecycle.SleepDone(self.name, time.time()))
+        sleep = self.service.sleep
+        assert sleep is not None
+        freed = eviction.beyond(self.service.resource_requirements, sleep.holds)
+        self.log.info(
+            f"{self.name} asleep (level {level}) after {took_ms:.0f} ms: freed "
+            f"{lifecycle.amounts_text(freed)}, still holds {lifecycle.amounts_text(sleep.holds)}",
+            event="asleep",
+            sleep_ms=took_ms,
+        )
+        notify(f"STATUS={self.backend} is asleep")
+
+    def _wake_backend(self) -> float | None:
+        """Wakes the backend (its entry is WAKING) and waits until it answers; returns how
+        long that took in milliseconds, or None when it did not wake: the lifecycle then
+        has it stopped, to be started again for the clients that wait."""
+        from lmproxy import sleepwake
+
+        notify(f"STATUS=waking {self.backend}")
+        started = time.monotonic()
+        try:
+            sleepwake.wake_up(self.service, started + self.service.startup_timeout_ms / 1000)
+            self.target = self._wait_until_ready(started)
+        except (sleepwake.SleepWakeError, ReadinessError) as error:
+            self.log.warning(f"could not wake {self.backend}: {error}", event="wake-failed")
+            self._carry_out(self._tell(lifecycle.WakeFailed(self.name, time.time())))
+            return None
+        return (time.monotonic() - started) * 1000
+
+    def _while_not_admitting(self) -> Outcome | None:
+        """While the lifecycle admits no new client here (draining, being put to sleep,
+        asleep, being stopped): puts the backend to sleep when told, and returns None
+        once clients wait (the lifecycle orders them) or it admits clients again, or
+        the Outcome that ends serving (the backend gone, or stopped asleep and idle)."""
+        watch = self._ledger_watch()
+        idle_after = self.service.shutdown_after_inactivity_s
+        poller = select.poll()
+        for fd in (self._wake_r, watch.fileno(), self.listener.fileno()):
+            poller.register(fd, select.POLLIN)
+        while True:
+            if self.backend_gone.is_set():
+                return Outcome.BACKEND_GONE
+            phase = self._phase()
+            if phase is Phase.FALLING_ASLEEP and self.service.sleep is not None:
+                self._fall_asleep(self.service.sleep.level)
+                continue
+            if phase is Phase.RUNNING or self._pending or self._backlog():
+                return None
+            timeout_ms = None
+            if phase is Phase.SLEEPING and idle_after:
+                idle_for = time.monotonic() - self.relay.last_activity
+                if idle_for >= idle_after:
+                    if self._stop_asleep_for_idleness():
+                        return Outcome.IDLE
+                    continue
+                timeout_ms = max(1, int((idle_after - idle_for) * 1000))
+            for fd, _ in poller.poll(timeout_ms):
+                if fd == self._wake_r:
+                    self._drain_wake_pipe()
+                elif fd == watch.fileno():
+                    watch.consume()
+
+    def _stop_asleep_for_idleness(self) -> bool:
+        effects = self._tell(lifecycle.Idle(self.name, time.time()))
+        if not any(isinstance(e, lifecycle.Stop) for e in effects):
+            return False
+        self.log.info(
+            f"stopping {self.backend}: asleep and idle for "
+            f"{self.service.shutdown_after_inactivity_s} s",
+            event="idle-stop",
+        )
+        self._carry_out(effects)
+        return True
+
     def _ready_already(self) -> None:
         """Served by a backend that runs already (adopted, or this shim's own): makes sure
         that it answers, and that the shim watches it."""
@@ -363,7 +474,7 @@ class Shim:
             gone=self.backend_gone.is_set,
         )
 
-    def _open(self, ready_ms: float) -> Outcome | None:
+    def _open(self, opening: Opening) -> Outcome | None:
         """Relays the clients that wait for the backend that just became ready, then tells
         the lifecycle it is ready, with a connection claimed, in one transaction; an
         Outcome if serving ends before that.
@@ -379,9 +490,14 @@ class Shim:
         if any(isinstance(e, lifecycle.Serve) for e in effects):
             with self._claim_lock:
                 self._held = True
-        self.log.info(
-            f"{self.name} ready after {ready_ms:.0f} ms", event="ready", ready_ms=ready_ms
-        )
+        if opening.woke:
+            self.log.info(
+                f"{self.name} awake after {opening.ms:.0f} ms", event="awake", wake_ms=opening.ms
+            )
+        else:
+            self.log.info(
+                f"{self.name} ready after {opening.ms:.0f} ms", event="ready", ready_ms=opening.ms
+            )
         notify(f"STATUS=relaying to {self.backend}")
         return None
 

@@ -1,6 +1,7 @@
 """Many clients against contended services, with the invariants watched live.
 
-Six services contend for two resources; 200 clients connect to random
+Six services contend for two resources, two of them put to sleep instead of
+stopped (a fake vLLM) when what they keep asleep fits; 200 clients connect to random
 services, hold their connections for random times, and some give up while
 their service is still starting. A monitor samples the ledger and systemd's
 unit states many times a second and checks that
@@ -9,7 +10,8 @@ unit states many times a second and checks that
 - a backend unit is active only while it holds a reservation,
 
 and every client that got an answer checks, by asking again on the same
-connection before it lets go, that its service was not evicted under it.
+connection before it lets go, that its service was not evicted or put to sleep
+under it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ NEEDS = [
     {"VRAM": 6000, "RAM": 6000},
     {"VRAM": 10000, "RAM": 10000},
 ]
+# What the sleepers keep asleep (level 1: their weights in RAM).
+SLEEPERS = {"s1": {"RAM": 6000}, "s4": {"RAM": 2000}}
 CLIENTS = 200
 CONCURRENCY = 24
 CLIENT_TIMEOUT_S = 40.0
@@ -112,7 +116,12 @@ def one_client(port: int, rng: random.Random) -> str:
             time.sleep(rng.uniform(0, 0.4))
             conn.sendall(request)  # still served: its service was not evicted meanwhile
             second = _response(conn)
-            if second is None or second["pid"] != first["pid"]:
+            if (
+                second is None
+                or second["pid"] != first["pid"]
+                or first["asleep"]
+                or (second["asleep"])
+            ):
                 return f"evicted-while-connected ({first} then {second})"
             return "served"
     except TimeoutError:
@@ -143,6 +152,10 @@ def test_many_clients_never_overcommit_never_leak_never_hang(
         fake_model(f"s{index}", port, needs=needs, delay=0.1)
         for index, (port, needs) in enumerate(zip(ports, NEEDS, strict=True))
     ]
+    for service in services:
+        if (holds := SLEEPERS.get(service["Name"])) is not None:
+            service["Sleep"] = {"ResourceRequirements": holds}
+            service["Args"] += " --sleep-mode --sleep-delay 0.05 --wake-delay 0.05"
     config = write_config(
         tmp_path / "c.json",
         services,
@@ -173,11 +186,13 @@ def test_many_clients_never_overcommit_never_leak_never_hang(
         watcher.join(10)
     elapsed = time.monotonic() - started
     counts = Counter(o.split(" ")[0] for o in outcomes)
-    evictions = journal(systemd_sandbox, "LMPROXY_EVENT=evict").count("evicting")
+    evicted = journal(systemd_sandbox, "LMPROXY_EVENT=evict")
+    evictions = evicted.count("evicting")
+    sleeps = evicted.count("to sleep")
     with capsys.disabled():  # shown in every run, so a reader sees how hard it was pushed
         print(
             f"\nstress: {CLIENTS} clients in {elapsed:.1f} s: {dict(counts)}; "
-            f"{evictions} evictions; {monitor.samples} samples checked"
+            f"{evictions} evictions, {sleeps} put to sleep; {monitor.samples} samples checked"
         )
     assert monitor.violations == []
     assert monitor.samples > 100
@@ -185,6 +200,7 @@ def test_many_clients_never_overcommit_never_leak_never_hang(
     assert unexpected == []
     assert counts["served"] > CLIENTS / 2
     assert evictions > 0
+    assert sleeps > 0
     if counts["turned-away"]:
         assert "gave up after" in journal(systemd_sandbox, "LMPROXY_EVENT=failed")
 

@@ -122,9 +122,10 @@ class Model:
                 yield f"{name}'s shim puts it to sleep", self._update(system, name, job=SLEEP)
             if (
                 entry is not None
-                and entry.phase is Phase.RUNNING
+                and entry.phase in (Phase.RUNNING, Phase.SLEEPING)
                 and not service.using
                 and not service.waiting
+                and service.job is None
             ):
                 yield (
                     f"{name} is idle",
@@ -251,7 +252,12 @@ class Model:
                     system, turned_away=system.turned_away + service.waiting
                 )
                 return self._update(turned, actor, waiting=0, asks=False)
-            case lifecycle.Log() | lifecycle.FallAsleep():
+            case lifecycle.FallAsleep():
+                # Told to a shim whose clients wait: it puts its backend to sleep (unless
+                # it does already), then asks again.
+                job = service.job or SLEEP
+                return self._update(system, actor, job=job, asks=True)
+            case lifecycle.Log():
                 return system
         raise AssertionError(effect)
 

@@ -17,6 +17,7 @@ from lmproxy.config import (
     Config,
     ConfigError,
     Service,
+    Sleep,
     load_config,
     parse_config,
 )
@@ -1460,3 +1461,43 @@ def test_swap_after_waiting_and_min_loaded_default_from_the_top_level() -> None:
 def test_swap_after_waiting_must_be_whole_seconds() -> None:
     with pytest.raises(ConfigError, match=r"\$.SwapAfterWaitingSeconds"):
         parse(document(minimal_service(), SwapAfterWaitingSeconds=-1))
+
+
+def test_sleep_defaults_to_level_1_with_vllms_api() -> None:
+    service = one_service(Sleep={})
+    assert service.sleep == Sleep(level=1, holds={})
+    assert one_service().sleep is None
+
+
+def test_sleep_with_what_it_keeps_and_commands() -> None:
+    sleepy = minimal_service(
+        ResourceRequirements={"VRAM": 20000},
+        Sleep={
+            "level": 2,
+            "ResourceRequirements": {"RAM": 500},
+            "SleepCommand": "sd-unload",
+            "WakeCommand": "sd-load",
+        },
+    )
+    service = parse(document(sleepy, ResourcesAvailable={"VRAM": 24000, "RAM": 1000})).services[0]
+    assert service.sleep == Sleep(2, {"RAM": 500}, "sd-unload", "sd-load")
+
+
+@pytest.mark.parametrize(
+    ("sleep", "path", "message"),
+    [
+        ({"Level": 3}, "Sleep.Level", "between 1 and 2, got 3"),
+        ({"Levels": 1}, "Sleep.Levels", "did you mean 'Level'?"),
+        ({"ResourceRequirements": {"RAM": 1}}, "Sleep.ResourceRequirements.RAM", "not in "),
+        ({"ResourceRequirements": {"VRAM": 10**6}}, "Sleep.ResourceRequirements.VRAM", "only"),
+        ({"SleepCommand": "x"}, "Sleep.SleepCommand", "WakeCommand is not"),
+        ({"WakeCommand": "x"}, "Sleep.WakeCommand", "SleepCommand is not"),
+        ({"SleepCommand": " ", "WakeCommand": "x"}, "Sleep.SleepCommand", "must not be blank"),
+        (1, "Sleep", "expected an object, got 1"),
+    ],
+)
+def test_sleep_problems_name_the_field(sleep: object, path: str, message: str) -> None:
+    sleepy = minimal_service(ResourceRequirements={"VRAM": 1}, Sleep=sleep)
+    where, problem = only_problem(document(sleepy, ResourcesAvailable={"VRAM": 24000}))
+    assert where.endswith(path), where
+    assert message in problem

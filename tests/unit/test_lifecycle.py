@@ -117,6 +117,26 @@ def test_a_sleeping_service_with_a_client_wakes_and_a_failed_wake_restarts() -> 
     assert effects(lifecycle.step(gone.world, Want("a", 12, 10)), Start) == [Start()]
 
 
+def test_a_client_of_a_service_being_put_to_sleep_has_its_shim_finish_the_sleep() -> None:
+    sleepy = Profile({"VRAM": 20}, sleep=SleepProfile(2, {"RAM": 30}))
+    falling = lifecycle.step(world({"a": running(20)}, a=sleepy, b=BIG), Want("b", 10, 10)).world
+    asked = lifecycle.step(falling, Want("a", 11, 11))
+    assert asked.effects == (lifecycle.FallAsleep(2),)
+    assert asked.world.entries["a"].waiting_since == 11
+    done = lifecycle.step(asked.world, lifecycle.SleepDone("a", 12)).world
+    assert done.entries["a"].phase is Phase.SLEEPING
+
+
+def test_an_idle_sleeper_is_stopped_but_not_one_whose_client_waits() -> None:
+    sleepy = Profile({"VRAM": 20}, sleep=SleepProfile(1, {"RAM": 30}))
+    asleep = world({"a": Entry(Phase.SLEEPING, {"RAM": 30})}, a=sleepy)
+    stopped = lifecycle.step(asleep, lifecycle.Idle("a", 100))
+    assert effects(stopped, Stop) == [Stop("a")]
+    assert stopped.world.entries["a"].phase is Phase.STOPPING
+    waited = world({"a": Entry(Phase.SLEEPING, {"RAM": 30}, waiting_since=99)}, a=sleepy)
+    assert lifecycle.step(waited, lifecycle.Idle("a", 100)).effects == ()
+
+
 def test_a_service_in_use_is_never_a_victim_until_the_bound() -> None:
     busy = world({"a": running(20, in_use=2)}, a=BIG, b=BIG)
     step = lifecycle.step(busy, Want("b", 10, 10))

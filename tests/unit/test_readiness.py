@@ -13,8 +13,8 @@ from lmproxy import readiness
 
 
 def test_the_status_and_the_end_of_the_output() -> None:
-    assert readiness.run_healthcheck("echo ok; exit 0", 5) == (0, "ok")
-    status, output = readiness.run_healthcheck("printf '%0300d' 0; echo; exit 3", 5)
+    assert readiness.run_shell("echo ok; exit 0", 5) == (0, "ok")
+    status, output = readiness.run_shell("printf '%0300d' 0; echo; exit 3", 5)
     assert status == 3
     assert output == "0" * 200
 
@@ -28,7 +28,7 @@ def test_it_inherits_no_secret_and_no_descriptor_of_the_shims(
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         os.set_inheritable(listener.fileno(), True)
-        status, output = readiness.run_healthcheck(
+        status, output = readiness.run_shell(
             f"env; if test -e /proc/self/fd/{listener.fileno()}; then echo LEAKED; fi",
             5,
         )
@@ -40,7 +40,7 @@ def test_it_inherits_no_secret_and_no_descriptor_of_the_shims(
 def test_a_hung_check_is_killed_with_what_it_started(tmp_path: Path) -> None:
     pidfile = tmp_path / "child"
     started = time.monotonic()
-    status, _ = readiness.run_healthcheck(f"sleep 60 & echo $! > {pidfile}; wait", 0.5)
+    status, _ = readiness.run_shell(f"sleep 60 & echo $! > {pidfile}; wait", 0.5)
     assert status is None
     assert time.monotonic() - started < 5
     child = int(pidfile.read_text())
