@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lmproxy import __version__
+from lmproxy.commands.control import sleep, start, stop, wake
 from lmproxy.commands.demo import demo
 from lmproxy.commands.install import install, uninstall
 from lmproxy.commands.logs import logs
@@ -25,5 +26,18 @@ def cli() -> None:
     """
 
 
-for command in (install, uninstall, render, validate, status, logs, shim, demo):
+for command in (
+    install,
+    uninstall,
+    render,
+    validate,
+    status,
+    start,
+    stop,
+    sleep,
+    wake,
+    logs,
+    shim,
+    demo,
+):
     cli.add_command(command)

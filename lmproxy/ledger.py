@@ -172,6 +172,7 @@ def _encode(entries: Mapping[str, Entry]) -> dict[str, Any]:
                 "last_used": entry.last_used,
                 "loaded_at": entry.loaded_at,
                 "waiting_since": entry.waiting_since,
+                "sleep_level": entry.sleep_level,
             }
             for name, entry in entries.items()
         },
@@ -192,6 +193,7 @@ def _decode(data: Any) -> dict[str, Entry]:
             float(raw["last_used"]),
             float(raw["loaded_at"]),
             None if since is None else float(since),
+            int(raw.get("sleep_level", 0)),
         )
     return entries
 

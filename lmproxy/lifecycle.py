@@ -53,15 +53,18 @@ from lmproxy.world import (
     Phase,
     Profile,
     Ready,
+    Refuse,
     Restart,
     Serve,
     SleepDone,
     SleepFailed,
+    SleepNow,
     SleepProfile,
     Start,
     StartFailed,
     Step,
     Stop,
+    StopNow,
     TurnAway,
     Wait,
     Wake,
@@ -86,15 +89,18 @@ __all__ = [
     "Phase",
     "Profile",
     "Ready",
+    "Refuse",
     "Restart",
     "Serve",
     "SleepDone",
     "SleepFailed",
+    "SleepNow",
     "SleepProfile",
     "Start",
     "StartFailed",
     "Step",
     "Stop",
+    "StopNow",
     "TurnAway",
     "Wait",
     "Wake",
@@ -137,12 +143,12 @@ def _want(world: World, entries: Entries, event: Event) -> list[Effect]:
     if entry is not None and phase is Phase.STARTING:
         return [Start(resume=True)]
     if entry is not None and phase is Phase.WAKING:
-        return [Wake()]
+        return [Wake(_sleep_level(world, name, entry))]
     if entry is not None and phase is Phase.FALLING_ASLEEP:
         # Put to sleep while its clients waited: its shim does that first, then asks again.
         entries[name] = _replace(entry, waiting_since=since)
         sleep = world.profiles[name].sleep
-        return [FallAsleep(sleep.level)] if sleep else [Stop(name)]
+        return [FallAsleep(_sleep_level(world, name, entry))] if sleep else [Stop(name)]
     if entry is not None and phase in (Phase.DRAINING, Phase.STOPPING):
         entries[name] = _replace(entry, waiting_since=since)
         until = since + world.profiles[name].give_up_s
@@ -188,7 +194,7 @@ def _make_room(world: World, entries: Entries, name: str, since: float, now: flo
             )
             verb = "waking" if asleep else "reserved"
             log = Log(verb, f"{'waking: ' if asleep else ''}reserved {amounts_text(target)}", name)
-            return [log, Wake() if asleep else Start()]
+            return [log, Wake(_sleep_level(world, name, entry)) if asleep else Start()]
         case eviction.Evict(victims=victims):
             return _evict(world, entries, ask, victims)
         case eviction.Wait(reason=reason, services=services):
@@ -264,6 +270,7 @@ def _ready(world: World, entries: Entries, event: Event) -> list[Effect]:
         last_used=event.now,
         loaded_at=event.now,
         waiting_since=None,
+        sleep_level=0,
     )
     return [Serve()]
 
@@ -345,6 +352,55 @@ def _idle(world: World, entries: Entries, event: Event) -> list[Effect]:
     return [Stop(event.name)]
 
 
+def _stop_now(world: World, entries: Entries, event: Event) -> list[Effect]:
+    """A command unloads it: refused while clients use it or it is on its way up,
+    unless forced. Clients that wait for it keep waiting (and start it again)."""
+    assert isinstance(event, StopNow)
+    name = event.name
+    entry = entries.get(name)
+    if entry is None or entry.phase is Phase.WAITING:
+        return []  # nothing loaded
+    if entry.phase is Phase.STOPPING:
+        return [Stop(name)]
+    if not event.force:
+        if entry.in_use:
+            return [Refuse(f"{entry.in_use} client(s) in use (--force stops it anyway)")]
+        if entry.phase in (Phase.STARTING, Phase.WAKING, Phase.FALLING_ASLEEP):
+            return [Refuse(f"it is {entry.phase.value} (--force stops it anyway)")]
+    entries[name] = _replace(entry, phase=Phase.STOPPING, in_use=0)
+    forced = " (forced)" if event.force and entry.in_use else ""
+    return [Log("stop", f"stopping {name}: asked by a command{forced}", name), Stop(name)]
+
+
+def _sleep_now(world: World, entries: Entries, event: Event) -> list[Effect]:
+    """A command puts it to sleep: only an awake, idle service whose shim lives (the
+    shim does it), and only if what it keeps asleep fits beside everyone else."""
+    assert isinstance(event, SleepNow)
+    name = event.name
+    entry = entries.get(name)
+    sleep = world.profiles[name].sleep
+    if sleep is None:
+        return [Refuse(f"{name} has no Sleep in the config")]
+    if entry is not None and entry.phase in (Phase.SLEEPING, Phase.FALLING_ASLEEP):
+        return []
+    if entry is None or entry.phase not in AWAKE:
+        return [Refuse(f"{name} is {entry.phase.value if entry else 'cold'}, not running")]
+    if entry.in_use:
+        return [Refuse(f"{entry.in_use} client(s) in use")]
+    if name not in world.shims:
+        return [Refuse("its shim is not running, and only its shim puts it to sleep")]
+    others = eviction.total(e.reserved for n, e in entries.items() if n != name)
+    asleep = most(entry.reserved, sleep.holds)
+    short = eviction.shortfall(asleep, eviction.minus(world.available, others))
+    if short:
+        return [Refuse(f"what it keeps asleep does not fit: {amounts_text(short)} short")]
+    entries[name] = _replace(
+        entry, phase=Phase.FALLING_ASLEEP, reserved=asleep, sleep_level=event.level
+    )
+    level = event.level or sleep.level
+    return [Log("sleep", f"putting {name} to sleep (level {level}): asked by a command", name)]
+
+
 def _observed(world: World, entries: Entries, event: Event) -> list[Effect]:
     """Reconciliation: systemd is the truth about what runs; the entry follows it."""
     assert isinstance(event, Observed)
@@ -409,6 +465,8 @@ _TRANSITIONS = {
     Idle: _idle,
     Restart: _restart,
     Observed: _observed,
+    StopNow: _stop_now,
+    SleepNow: _sleep_now,
 }
 
 
@@ -513,6 +571,13 @@ def _target(profile: Profile, entry: Entry | None) -> Amounts:
     if entry is not None and _asleep(entry) and profile.sleep is not None:
         return most(profile.needs, profile.sleep.holds)
     return profile.needs
+
+
+def _sleep_level(world: World, name: str, entry: Entry | None) -> int:
+    """The level it sleeps at: what a command asked for, or its config's."""
+    sleep = world.profiles[name].sleep
+    configured = sleep.level if sleep is not None else 1
+    return (entry.sleep_level if entry is not None else 0) or configured
 
 
 def _is_waiter(entry: Entry) -> bool:

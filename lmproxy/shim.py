@@ -181,13 +181,16 @@ class Shim:
                 self._note(effect)
         return tuple(e for e in effects if not isinstance(e, lifecycle.Log))
 
-    def _phase(self) -> Phase | None:
-        """Its phase as the ledger last said, without a transaction (a hint to act on
+    def _entry(self) -> lifecycle.Entry | None:
+        """Its entry as the ledger last said, without a transaction (a hint to act on
         through one)."""
         try:
-            entry = self.ledger.snapshot().get(self.name)
+            return self.ledger.snapshot().get(self.name)
         except (OSError, ValueError):
             return None
+
+    def _phase(self) -> Phase | None:
+        entry = self._entry()
         return entry.phase if entry is not None else None
 
     # --- the life of a shim ------------------------------------------------
@@ -266,8 +269,8 @@ class Shim:
                 match effect:
                     case lifecycle.Start(resume=resume):
                         return Opening(self._start(resume=resume), woke=False)
-                    case lifecycle.Wake():
-                        woke_ms = self._wake_backend()
+                    case lifecycle.Wake(level=level):
+                        woke_ms = self._wake_backend(level)
                         if woke_ms is not None:
                             return Opening(woke_ms, woke=True)
                     case lifecycle.FallAsleep(level=level):
@@ -370,7 +373,8 @@ class Shim:
         notify(f"STATUS=putting {self.backend} to sleep")
         started = time.monotonic()
         try:
-            sleepwake.fall_asleep(self.service, started + self.service.startup_timeout_ms / 1000)
+            deadline = started + self.service.startup_timeout_ms / 1000
+            sleepwake.fall_asleep(self.service, level, deadline)
         except sleepwake.SleepWakeError as error:
             self.log.warning(
                 f"could not put {self.backend} to sleep: {error}", event="sleep-failed"
@@ -390,7 +394,7 @@ class Shim:
         )
         notify(f"STATUS={self.backend} is asleep")
 
-    def _wake_backend(self) -> float | None:
+    def _wake_backend(self, level: int) -> float | None:
         """Wakes the backend (its entry is WAKING) and waits until it answers; returns how
         long that took in milliseconds, or None when it did not wake: the lifecycle then
         has it stopped, to be started again for the clients that wait."""
@@ -399,7 +403,7 @@ class Shim:
         notify(f"STATUS=waking {self.backend}")
         started = time.monotonic()
         try:
-            sleepwake.wake_up(self.service, started + self.service.startup_timeout_ms / 1000)
+            sleepwake.wake_up(self.service, level, started + self.service.startup_timeout_ms / 1000)
             self.target = self._wait_until_ready(started)
         except (sleepwake.SleepWakeError, ReadinessError) as error:
             self.log.warning(f"could not wake {self.backend}: {error}", event="wake-failed")
@@ -420,9 +424,10 @@ class Shim:
         while True:
             if self.backend_gone.is_set():
                 return Outcome.BACKEND_GONE
-            phase = self._phase()
-            if phase is Phase.FALLING_ASLEEP and self.service.sleep is not None:
-                self._fall_asleep(self.service.sleep.level)
+            entry = self._entry()
+            phase = entry.phase if entry is not None else None
+            if entry is not None and phase is Phase.FALLING_ASLEEP and self.service.sleep:
+                self._fall_asleep(entry.sleep_level or self.service.sleep.level)
                 continue
             if phase is Phase.RUNNING or self._pending or self._backlog():
                 return None

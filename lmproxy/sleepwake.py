@@ -34,22 +34,22 @@ class SleepWakeError(Exception):
     """The backend did not go to sleep, or did not wake; the message says why."""
 
 
-def fall_asleep(service: Service, deadline: float) -> None:
-    """Puts the service's backend to sleep, by deadline (time.monotonic())."""
+def fall_asleep(service: Service, level: int, deadline: float) -> None:
+    """Puts the service's backend to sleep at level, by deadline (time.monotonic())."""
     sleep = _sleep_of(service)
     if sleep.sleep_command is not None:
-        _run(service, sleep, sleep.sleep_command, deadline)
+        _run(service, level, sleep.sleep_command, deadline)
     else:
-        _post(service, f"/sleep?level={sleep.level}", deadline)
+        _post(service, f"/sleep?level={level}", deadline)
 
 
-def wake_up(service: Service, deadline: float) -> None:
-    """Wakes the service's backend, by deadline; it answers clients once readiness
-    checks pass (the shim's next step)."""
+def wake_up(service: Service, level: int, deadline: float) -> None:
+    """Wakes the service's backend, asleep at level, by deadline; it answers clients
+    once readiness checks pass (the shim's next step)."""
     sleep = _sleep_of(service)
     if sleep.wake_command is not None:
-        _run(service, sleep, sleep.wake_command, deadline)
-    elif sleep.level == 1:
+        _run(service, level, sleep.wake_command, deadline)
+    elif level == 1:
         _post(service, "/wake_up", deadline)
     else:
         _post(service, "/wake_up?tags=weights", deadline)
@@ -86,10 +86,10 @@ def _post(
         raise SleepWakeError(f"{where}: HTTP {response.status} {answer}".rstrip())
 
 
-def _run(service: Service, sleep: Sleep, command: str, deadline: float) -> None:
+def _run(service: Service, level: int, command: str, deadline: float) -> None:
     extra = {
         "LMPROXY_SERVICE": service.name,
-        "LMPROXY_SLEEP_LEVEL": str(sleep.level),
+        "LMPROXY_SLEEP_LEVEL": str(level),
         "LMPROXY_TARGET_HOST": service.proxy_target_host,
         "LMPROXY_TARGET_PORT": str(service.proxy_target_port),
     }

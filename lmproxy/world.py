@@ -36,6 +36,7 @@ class Entry:
     last_used: float = 0.0
     loaded_at: float = 0.0  # when it last became RUNNING
     waiting_since: float | None = None  # when its oldest waiting client came
+    sleep_level: int = 0  # the level `lmproxy sleep --level` asked for; 0: its config's
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,20 @@ class Observed(Told):
     shim_runs: bool
 
 
+@dataclass(frozen=True)
+class StopNow(Told):
+    """`lmproxy stop`: unload it now; force: even with clients in use."""
+
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class SleepNow(Told):
+    """`lmproxy sleep`: put it to sleep now (its shim does), at `level` (0: its config's)."""
+
+    level: int = 0
+
+
 Event = (
     Want
     | Claim
@@ -162,6 +177,8 @@ Event = (
     | Idle
     | Restart
     | Observed
+    | StopNow
+    | SleepNow
 )
 
 
@@ -183,7 +200,9 @@ class Start:
 
 @dataclass(frozen=True)
 class Wake:
-    """Wake the sleeping backend and wait until it answers."""
+    """Wake the sleeping backend (asleep at `level`) and wait until it answers."""
+
+    level: int
 
 
 @dataclass(frozen=True)
@@ -218,6 +237,13 @@ class TurnAway:
 
 
 @dataclass(frozen=True)
+class Refuse:
+    """A command's request cannot be carried out now; the reason says why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Log:
     """A transition worth a line in the journal."""
 
@@ -227,7 +253,7 @@ class Log:
     victim: str | None = None  # the service evicted, for an eviction
 
 
-Effect = Serve | Start | Wake | Stop | FallAsleep | Wait | TurnAway | Log
+Effect = Serve | Start | Wake | Stop | FallAsleep | Wait | TurnAway | Refuse | Log
 
 
 @dataclass(frozen=True)

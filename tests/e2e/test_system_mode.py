@@ -381,3 +381,20 @@ def test_an_entry_left_stopping_with_a_live_backend_is_repaired(manager: SystemM
     finally:
         result = lmproxy(manager, "uninstall", "--system")
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_commands_act_as_the_shims_user_and_keep_the_ledger_theirs(
+    manager: SystemManager, installed: tuple[int, int]
+) -> None:
+    """`lmproxy start/stop --system` (as root) transact as `lmproxy`: the ledger stays
+    the shims' (a root-owned one would lock them out) and polkit lets the stop through."""
+    started = lmproxy(manager, "start", "--system", "beta")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert manager.show("lmproxy-backend@beta.service", "ActiveState") == "active"
+    stopped = lmproxy(manager, "stop", "--system", "beta")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert manager.show("lmproxy-backend@beta.service", "ActiveState") == "inactive"
+    owner = manager.run(["stat", "-c", "%U", "/run/lmproxy/ledger.json"]).stdout.strip()
+    assert owner == "lmproxy"
+    _, beta = installed
+    assert http_get(beta)["model"] == "beta"  # the shims still use the ledger

@@ -108,7 +108,7 @@ def test_a_sleeping_service_with_a_client_wakes_and_a_failed_wake_restarts() -> 
     sleepy = Profile({"VRAM": 20}, sleep=SleepProfile(1, {"RAM": 30}))
     asleep = world({"a": Entry(Phase.SLEEPING, {"RAM": 30})}, a=sleepy)
     waking = lifecycle.step(asleep, Want("a", 10, 10))
-    assert effects(waking, Wake) == [Wake()]
+    assert effects(waking, Wake) == [Wake(1)]
     assert waking.world.entries["a"].reserved == {"VRAM": 20, "RAM": 30}
     failed = lifecycle.step(waking.world, lifecycle.WakeFailed("a", 11))
     assert effects(failed, Stop) == [Stop("a")]
@@ -306,3 +306,62 @@ def test_forgetting_a_stopped_backend_is_caught(monkeypatch: pytest.MonkeyPatch)
 
     message = _broken(monkeypatch, lifecycle, "_backend_gone", keep_everything)
     assert "with nothing running" in message or "wait for ever" in message
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+SLEEPY_MODEL = Profile({"VRAM": 20}, sleep=SleepProfile(1, {"RAM": 30}))
+
+
+def test_stop_now_stops_an_idle_model_and_refuses_one_in_use_unless_forced() -> None:
+    idle = lifecycle.step(world({"a": running(20)}, a=BIG), lifecycle.StopNow("a", 10))
+    assert effects(idle, Stop) == [Stop("a")]
+    assert idle.world.entries["a"].phase is Phase.STOPPING
+    busy = world({"a": running(20, in_use=2)}, a=BIG)
+    refused = lifecycle.step(busy, lifecycle.StopNow("a", 10))
+    assert refused.effects == (lifecycle.Refuse("2 client(s) in use (--force stops it anyway)"),)
+    assert refused.world.entries["a"] == busy.entries["a"]
+    forced = lifecycle.step(busy, lifecycle.StopNow("a", 10, force=True))
+    assert effects(forced, Stop) == [Stop("a")]
+    assert lifecycle.step(world({}, a=BIG), lifecycle.StopNow("a", 10)).effects == ()
+
+
+def test_stop_now_stops_a_sleeper_but_not_a_start_unless_forced() -> None:
+    asleep = world({"a": Entry(Phase.SLEEPING, {"RAM": 30})}, a=SLEEPY_MODEL)
+    assert effects(lifecycle.step(asleep, lifecycle.StopNow("a", 10)), Stop) == [Stop("a")]
+    starting = world({"a": Entry(Phase.STARTING, {"VRAM": 20})}, a=BIG)
+    assert effects(lifecycle.step(starting, lifecycle.StopNow("a", 10)), lifecycle.Refuse)
+    forced = lifecycle.step(starting, lifecycle.StopNow("a", 10, force=True))
+    assert effects(forced, Stop) == [Stop("a")]
+
+
+def test_sleep_now_marks_an_idle_model_for_its_shim_at_the_level_asked() -> None:
+    step = lifecycle.step(world({"a": running(20)}, a=SLEEPY_MODEL), lifecycle.SleepNow("a", 10, 2))
+    entry = step.world.entries["a"]
+    assert (entry.phase, entry.reserved, entry.sleep_level) == (
+        Phase.FALLING_ASLEEP,
+        {"VRAM": 20, "RAM": 30},
+        2,
+    )
+    asleep = lifecycle.step(step.world, lifecycle.SleepDone("a", 11)).world
+    # Its next client wakes it from the level it sleeps at.
+    assert effects(lifecycle.step(asleep, Want("a", 12, 12)), Wake) == [Wake(2)]
+
+
+def test_sleep_now_says_why_it_cannot() -> None:
+    def reason(entries: Mapping[str, Entry], profile: Profile, **options: object) -> str:
+        the_world = world(entries, a=profile)
+        if options.get("no_shim"):
+            the_world = World(the_world.available, the_world.profiles, the_world.entries)
+        step = lifecycle.step(the_world, lifecycle.SleepNow("a", 10))
+        (refusal,) = effects(step, lifecycle.Refuse)
+        assert isinstance(refusal, lifecycle.Refuse)
+        assert step.world.entries == the_world.entries
+        return refusal.reason
+
+    assert reason({"a": running(20)}, BIG) == "a has no Sleep in the config"
+    assert reason({}, SLEEPY_MODEL) == "a is cold, not running"
+    assert reason({"a": running(20, in_use=1)}, SLEEPY_MODEL) == "1 client(s) in use"
+    assert "shim is not running" in reason({"a": running(20)}, SLEEPY_MODEL, no_shim=True)
+    greedy = Profile({"VRAM": 20}, sleep=SleepProfile(1, {"RAM": 100}))
+    assert reason({"a": running(20)}, greedy) == "what it keeps asleep does not fit: 36 RAM short"

@@ -19,34 +19,33 @@ def sleeper(port: int = 1, **sleep: object) -> Service:
 
 def test_a_backend_that_does_not_answer_is_named() -> None:
     with pytest.raises(SleepWakeError, match=r"POST /sleep\?level=1 on 127.0.0.1:1: "):
-        fall_asleep(sleeper(), time.monotonic() + 5)
+        fall_asleep(sleeper(), 1, time.monotonic() + 5)
 
 
 def test_a_command_that_fails_is_quoted_with_its_status_and_output() -> None:
     service = sleeper(SleepCommand="echo no room >&2; exit 3", WakeCommand="exit 0")
     with pytest.raises(SleepWakeError, match=r"exited with status 3: no room$"):
-        fall_asleep(service, time.monotonic() + 5)
-    wake_up(service, time.monotonic() + 5)
+        fall_asleep(service, 1, time.monotonic() + 5)
+    wake_up(service, 1, time.monotonic() + 5)
 
 
 def test_commands_see_the_service_and_level() -> None:
     service = sleeper(
-        Level=2,
         SleepCommand='test "$LMPROXY_SERVICE $LMPROXY_SLEEP_LEVEL" = "llm 2"'
         ' && test "$LMPROXY_TARGET_HOST:$LMPROXY_TARGET_PORT" = 127.0.0.1:1',
         WakeCommand="exit 0",
     )
-    fall_asleep(service, time.monotonic() + 5)
+    fall_asleep(service, 2, time.monotonic() + 5)  # the level asked for, not the config's
 
 
 def test_a_command_past_the_deadline_is_cut() -> None:
     service = sleeper(SleepCommand="exit 0", WakeCommand="sleep 5")
     started = time.monotonic()
     with pytest.raises(SleepWakeError, match="did not finish in 0 s"):
-        wake_up(service, started + 0.3)
+        wake_up(service, 1, started + 0.3)
     assert time.monotonic() - started < 3
 
 
 def test_a_service_without_sleep_cannot_be_put_to_sleep() -> None:
     with pytest.raises(SleepWakeError, match="has no Sleep"):
-        fall_asleep(one_service(), time.monotonic() + 5)
+        fall_asleep(one_service(), 1, time.monotonic() + 5)
