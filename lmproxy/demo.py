@@ -2,8 +2,9 @@
 
 It installs them into a real systemd user manager (a private sandboxed one
 when this machine was not booted with systemd), connects to each in turn, and
-shows the lazy start, the eviction, `lmproxy status` and the logs, then
-removes everything it installed.
+shows the lazy start, a model put to sleep for room and woken, the commands
+(sleep, start, stop), `lmproxy status` and the logs, then removes everything
+it installed.
 """
 
 from __future__ import annotations
@@ -25,25 +26,26 @@ GPU = "VRAM-GPU-0"
 
 
 def demo_config(small_port: int, large_port: int) -> dict[str, object]:
-    def model(name: str, port: int, vram: int, delay: float) -> dict[str, object]:
+    def model(name: str, port: int, vram: int, delay: float, args: str = "") -> dict[str, object]:
         return {
             "Name": name,
             "ListenPort": str(port),
             "ProxyTargetHost": "127.0.0.1",
             "ProxyTargetPort": str(port + 10000),
             "Command": sys.executable,
-            "Args": f"-m lmproxy.fakemodel --name {name} --port {port + 10000} --delay {delay}",
+            "Args": f"-m lmproxy.fakemodel --name {name} --port {port + 10000} --delay {delay}"
+            + args,
             "ResourceRequirements": {GPU: vram, "RAM": 4000},
             # lmproxy's own additions: found by a source checkout's interpreter too
             "Environment": dict(current_interpreter().environment),
         }
 
+    # small-model is a fake vLLM with its sleep API: asleep, it keeps its weights in RAM.
+    small = model("small-model", small_port, 16000, 1.0, " --sleep-mode --wake-delay 0.1")
+    small["Sleep"] = {"Level": 1, "ResourceRequirements": {"RAM": 12000}}
     return {
         "ResourcesAvailable": {GPU: 24000, "RAM": 32000},
-        "Services": [
-            model("small-model", small_port, 16000, 1.0),
-            model("large-model", large_port, 20000, 1.5),
-        ],
+        "Services": [small, model("large-model", large_port, 20000, 1.5)],
     }
 
 
@@ -51,7 +53,8 @@ def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
     with _manager() as (environ, wrap), tempfile.TemporaryDirectory() as workdir:
         config = Path(workdir) / "config.json"
         config.write_text(json.dumps(demo_config(small_port, large_port), indent=2))
-        say(f"# config: two fake models, 16000 and 20000 of {GPU} (24000 available)")
+        say(f"# config: two fake models, 16000 and 20000 of {GPU} (24000 available);")
+        say("# small-model can sleep instead of stopping (a fake vLLM)")
         say(config.read_text())
 
         def lmproxy(*args: str) -> None:
@@ -62,19 +65,24 @@ def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
             if result.returncode != 0:
                 raise SystemExit(f"lmproxy {args[0]} failed with status {result.returncode}")
 
+        def client(name: str, port: int, what: str) -> None:
+            say(f"\n# a client connects to {name} on port {port}: {what}")
+            started = time.monotonic()
+            body = http_get(port)
+            say(f"answered after {time.monotonic() - started:.2f} s: {body}")
+
         try:
             lmproxy("install", "--user", "--config", str(config), "--now")
             lmproxy("status", "--user")
-            for name, port in (("small-model", small_port), ("large-model", large_port)):
-                say(f"\n# a client connects to {name} on port {port}: it starts on demand")
-                started = time.monotonic()
-                body = http_get(port)
-                say(f"answered after {time.monotonic() - started:.2f} s: {body}")
-                lmproxy("status", "--user")
-            say("\n# small-model was stopped to make room; large-model now answers at once")
-            started = time.monotonic()
-            http_get(large_port)
-            say(f"answered after {(time.monotonic() - started) * 1000:.0f} ms")
+            client("small-model", small_port, "it starts on demand")
+            client("large-model", large_port, "small-model is put to sleep to make room")
+            lmproxy("status", "--user")
+            client("small-model", small_port, "it wakes (large-model is stopped for room)")
+            say("\n# by hand, through the same lifecycle: sleep, start, stop")
+            lmproxy("sleep", "--user", "small-model")
+            lmproxy("start", "--user", "large-model")
+            lmproxy("stop", "--user", "large-model")
+            lmproxy("status", "--user")
             say("\n# what happened, from the journal")
             lmproxy("logs", "small-model")
             lmproxy("logs", "large-model")

@@ -15,7 +15,8 @@ from lmproxy.paths import paths_for
 @scope_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document (see the README).")
 def status(scope: str | None, as_json: bool) -> None:
-    """Show each service (cold/starting/running/stopping/failed) and each resource."""
+    """Show each service (cold, starting, running, draining, falling-asleep, sleeping,
+    waking, stopping, failed) and each resource."""
     from lmproxy import status as core
     from lmproxy.ledger import LedgerError
     from lmproxy.systemd import SystemdError
