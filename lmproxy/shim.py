@@ -10,8 +10,9 @@ starts it again on the next connection. While another model's client has waited
 past the starvation bound for this one's room, it admits no new client (they
 wait in the socket's backlog) and, once its clients are done, is swapped out.
 
-Only this module's edges do I/O: the ledger file, D-Bus (lmproxy.systemd),
-the sockets (lmproxy.relay) and the journal. Every decision is the lifecycle's.
+Only its edges do I/O: the ledger file, the model server (lmproxy.backend:
+systemd jobs, readiness, sleep and wake), the sockets (lmproxy.relay) and the
+journal. Every decision is the lifecycle's.
 """
 
 from __future__ import annotations
@@ -26,26 +27,25 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmproxy import eviction, lifecycle, unitnames
+from lmproxy import eviction, lifecycle
+from lmproxy.backend import JOB_TIMEOUT_S, Backend
 from lmproxy.config import Config, Service, load_config
 from lmproxy.journal import Logger
 from lmproxy.ledger import Ledger, LedgerError, profiles
 from lmproxy.lifecycle import Effect, Event, Phase
 from lmproxy.paths import Scope, paths_for
-from lmproxy.readiness import ReadinessError, Target, wait_until_ready
+from lmproxy.readiness import ReadinessError
 from lmproxy.relay import Relay
-from lmproxy.systemd import Manager, SystemdError
+from lmproxy.systemd import SystemdError
 
 if TYPE_CHECKING:
-    from lmproxy.watch import DirectoryWatch
+    from lmproxy.watch import DirectoryWatch, PollingWatch
 
-# How long to wait for a D-Bus start or stop job beyond the unit's own timeouts.
-JOB_TIMEOUT_S = 120.0
 # How often the ledger learns of relay activity (last used time, for LRU).
 PUBLISH_INTERVAL_S = 1.0
 # At most one publishing transaction per this long.
@@ -56,8 +56,6 @@ HOLD_S = 0.5
 # A waiter wakes when the ledger changes; it also asks again this often, for changes
 # that nobody writes down (a shim killed, a backend that died with it).
 WAIT_AT_MOST_S = 1.0
-# After an unexpected error in the thread that watches the backend, before it looks again.
-WATCH_RETRY_S = 0.5
 
 
 # accept() errors that pass once connections close: wait, do not die (and drop them all).
@@ -101,19 +99,19 @@ class Shim:
         self.name = service.name
         self.scope = scope
         self.listener = listener
-        self.backend = unitnames.backend_unit(self.name)
         self.log = Logger(self.name)
-        self._managers = threading.local()
+        self.server = Backend(service, scope, self.log, self._wake)
+        self.backend = self.server.unit  # its name, for messages
         self.ledger = Ledger(
             paths_for(scope).runtime_dir,
             config.resources_available,
             profiles(config),
-            self._probe,
+            self.server.probe,
             self._note,
         )
         # When the oldest client not relayed yet came: the shim starts for a client.
         self.arrived = time.time()
-        self.watch: DirectoryWatch | None = None
+        self.watch: DirectoryWatch | PollingWatch | None = None
         self.relay = Relay(
             on_change=self._connections_changed,
             on_give_back=self._given_back,
@@ -125,10 +123,6 @@ class Shim:
         )
         self._refused_since_log = 0
         self._over_limit_warning = Every(REFUSED_LOG_EVERY_S)
-        self.target: Target | None = None
-        self.backend_gone = threading.Event()
-        self._watcher: threading.Thread | None = None
-        self._stop_watchers: dict[str, threading.Thread] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._published = threading.Event()
         # Accepted, not relayed yet (a relay loop's connect failed, or the backend went away).
@@ -140,24 +134,6 @@ class Shim:
         self._claimed_since = False  # a claim was written since the publisher last wrote
 
     # --- edges ------------------------------------------------------------
-
-    def manager(self) -> Manager:
-        """A D-Bus connection for the calling thread (connections are not thread-safe)."""
-        manager: Manager | None = getattr(self._managers, "manager", None)
-        if manager is None:
-            manager = Manager.connect(self.scope, warn=self._ignored_signal)
-            self._managers.manager = manager
-        return manager
-
-    def _ignored_signal(self, message: str) -> None:
-        """A signal that claimed to come from systemd and did not (see lmproxy.systemd)."""
-        self.log.warning(message, event="signal-ignored")
-
-    def _probe(self, units: Sequence[str]) -> Mapping[str, bool]:
-        return self.manager().running(units)
-
-    def _backend_runs(self) -> bool:
-        return self._probe([self.backend]).get(self.backend, False)
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -286,21 +262,35 @@ class Shim:
         for effect in effects:
             match effect:
                 case lifecycle.Stop(name=victim):
-                    self._stop(victim)
+                    self.server.stop(victim)
                 case lifecycle.Wait():
                     wait = effect
                 case lifecycle.TurnAway(reason=reason):
                     raise StartError(reason)
         return wait
 
-    def _ledger_watch(self) -> DirectoryWatch:
+    def _ledger_watch(self) -> DirectoryWatch | PollingWatch:
         """The watch on the ledger's folder, made the first time it is needed: not on
-        the way to a cold start's StartUnit, and ctypes is imported only then."""
+        the way to a cold start's StartUnit, and ctypes is imported only then. Without
+        inotify, the shim works on by looking every PollingWatch.poll_ms."""
         if self.watch is None:
-            from lmproxy.watch import DirectoryWatch
+            from lmproxy.watch import watch_directory
 
-            self.watch = DirectoryWatch(self.ledger.runtime_dir)
+            self.watch, error = watch_directory(self.ledger.runtime_dir)
+            if error is not None:
+                self.log.warning(
+                    f"cannot watch the ledger ({error}); looking at it every "
+                    f"{self.watch.poll_ms} ms instead (raise fs.inotify.max_user_instances?)",
+                    event="watch-failed",
+                )
         return self.watch
+
+    def _poll_ms(self, timeout_ms: int | None) -> int | None:
+        """timeout_ms, shortened to how often the ledger must be looked at (no inotify)."""
+        every = self.watch.poll_ms if self.watch is not None else None
+        if every is None:
+            return timeout_ms
+        return every if timeout_ms is None else min(timeout_ms, every)
 
     def _drain_wake_pipe(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -312,36 +302,17 @@ class Shim:
             self._ledger_watch()
             return  # a change before the watch began would be missed: ask again now
         for name in wait.stopping:
-            self._await_stop(name)
+            self.server.await_stop(name)
         left = WAIT_AT_MOST_S if wait.until is None else wait.until - time.time()
         poller = select.poll()
         poller.register(self.watch, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         timeout_ms = int(max(0.0, min(WAIT_AT_MOST_S, left)) * 1000) + 1
-        for fd, _ in poller.poll(timeout_ms):
+        for fd, _ in poller.poll(self._poll_ms(timeout_ms)):
             if fd == self._wake_r:
                 self._drain_wake_pipe()
             else:
                 self.watch.consume()
-
-    def _await_stop(self, name: str) -> None:
-        """Wakes this shim the moment systemd says that name's backend is gone: its own
-        shim writes the ledger only after, and a waiter's start need not wait for that."""
-        watcher = self._stop_watchers.get(name)
-        if watcher is not None and watcher.is_alive():
-            return
-
-        def watch() -> None:
-            with (
-                contextlib.suppress(SystemdError, OSError),
-                Manager.connect(self.scope, warn=self._ignored_signal) as manager,
-            ):
-                manager.wait_until_inactive(unitnames.backend_unit(name), JOB_TIMEOUT_S)
-            self._wake()
-
-        watcher = threading.Thread(target=watch, name=f"await-{name}", daemon=True)
-        self._stop_watchers[name] = watcher
-        watcher.start()
 
     def _start(self, *, resume: bool) -> float:
         """Starts the backend and waits until it answers; returns how long that took, in
@@ -350,13 +321,10 @@ class Shim:
         try:
             # A new start: the transaction that said so found the backend not running (or
             # it would have been adopted), so no question to systemd before StartUnit.
-            if not (resume and self._backend_runs()):
-                asked = time.monotonic_ns() // 1000
-                self.manager().start_unit(self.backend, JOB_TIMEOUT_S)
-                # When StartUnit went out (CLOCK_MONOTONIC, µs): bench/swap.py times by it.
-                self.log.info(f"started {self.backend}", event="started", start_sent_us=asked)
-            self._watch_backend()
-            self.target = self._wait_until_ready(started)
+            if not (resume and self.server.runs()):
+                self.server.start()
+            self.server.watch()
+            self.server.wait_until_ready(started)
         except (SystemdError, ReadinessError) as error:
             # Stopped, whatever may have started; its clients are turned away with the
             # reason itself rather than the lifecycle's summary of it.
@@ -371,17 +339,14 @@ class Shim:
         from lmproxy import sleepwake
 
         notify(f"STATUS=putting {self.backend} to sleep")
-        started = time.monotonic()
         try:
-            deadline = started + self.service.startup_timeout_ms / 1000
-            sleepwake.fall_asleep(self.service, level, deadline)
+            took_ms = self.server.fall_asleep(level)
         except sleepwake.SleepWakeError as error:
             self.log.warning(
                 f"could not put {self.backend} to sleep: {error}", event="sleep-failed"
             )
             self._carry_out(self._tell(lifecycle.SleepFailed(self.name, time.time())))
             return
-        took_ms = (time.monotonic() - started) * 1000
         self._tell(lifecycle.SleepDone(self.name, time.time()))
         sleep = self.service.sleep
         assert sleep is not None
@@ -401,15 +366,12 @@ class Shim:
         from lmproxy import sleepwake
 
         notify(f"STATUS=waking {self.backend}")
-        started = time.monotonic()
         try:
-            sleepwake.wake_up(self.service, level, started + self.service.startup_timeout_ms / 1000)
-            self.target = self._wait_until_ready(started)
+            return self.server.wake_up(level)
         except (sleepwake.SleepWakeError, ReadinessError) as error:
             self.log.warning(f"could not wake {self.backend}: {error}", event="wake-failed")
             self._carry_out(self._tell(lifecycle.WakeFailed(self.name, time.time())))
             return None
-        return (time.monotonic() - started) * 1000
 
     def _while_not_admitting(self) -> Outcome | None:
         """While the lifecycle admits no new client here (draining, being put to sleep,
@@ -422,7 +384,7 @@ class Shim:
         for fd in (self._wake_r, watch.fileno(), self.listener.fileno()):
             poller.register(fd, select.POLLIN)
         while True:
-            if self.backend_gone.is_set():
+            if self.server.gone.is_set():
                 return Outcome.BACKEND_GONE
             entry = self._entry()
             phase = entry.phase if entry is not None else None
@@ -439,7 +401,7 @@ class Shim:
                         return Outcome.IDLE
                     continue
                 timeout_ms = max(1, int((idle_after - idle_for) * 1000))
-            for fd, _ in poller.poll(timeout_ms):
+            for fd, _ in poller.poll(self._poll_ms(timeout_ms)):
                 if fd == self._wake_r:
                     self._drain_wake_pipe()
                 elif fd == watch.fileno():
@@ -462,22 +424,12 @@ class Shim:
         that it answers, and that the shim watches it."""
         with self._claim_lock:
             self._held = True
-        if self.target is None or self._watcher is None or not self._watcher.is_alive():
-            self._watch_backend()
+        if self.server.target is None or not self.server.watched():
+            self.server.watch()
             try:
-                self.target = self._wait_until_ready(time.monotonic())
+                self.server.wait_until_ready(time.monotonic())
             except ReadinessError as error:
                 raise StartError(str(error)) from error
-
-    def _wait_until_ready(self, started: float) -> Target:
-        return wait_until_ready(
-            self.service.proxy_target_host,
-            self.service.proxy_target_port,
-            deadline=started + self.service.startup_timeout_ms / 1000,
-            healthcheck=self.service.healthcheck_command,
-            healthcheck_interval_s=self.service.healthcheck_interval_ms / 1000,
-            gone=self.backend_gone.is_set,
-        )
 
     def _open(self, opening: Opening) -> Outcome | None:
         """Relays the clients that wait for the backend that just became ready, then tells
@@ -489,7 +441,7 @@ class Shim:
         and a write: 1 to 2 ms of a cold start), journal line or status update."""
         if outcome := self._accept_clients(starting=True):
             return outcome
-        if self.backend_gone.is_set():
+        if self.server.gone.is_set():
             return Outcome.BACKEND_GONE
         effects = self._tell(lifecycle.Ready(self.name, time.time(), 1))
         if any(isinstance(e, lifecycle.Serve) for e in effects):
@@ -505,40 +457,6 @@ class Shim:
             )
         notify(f"STATUS=relaying to {self.backend}")
         return None
-
-    def _stop(self, name: str) -> None:
-        """Stops a backend (a victim, or its own) and waits for the job; a failure is
-        logged, and the ledger keeps the reservation for as long as systemd says the
-        unit still runs."""
-        unit = unitnames.backend_unit(name)
-        try:
-            self.manager().stop_unit(unit, JOB_TIMEOUT_S)
-        except SystemdError as error:
-            event = "stop-failed" if name == self.name else "evict-failed"
-            self.log.error(f"could not stop {unit}: {error}", event=event)
-
-    def _watch_backend(self) -> None:
-        self.backend_gone.clear()
-
-        def watch() -> None:
-            while True:
-                try:
-                    with Manager.connect(self.scope, warn=self._ignored_signal) as manager:
-                        manager.wait_until_inactive(self.backend)
-                except SystemdError as error:
-                    self.log.error(f"lost track of {self.backend}: {error}", event="watch-failed")
-                except Exception as error:
-                    # Nothing a signal says is acted on unchecked; whatever went wrong here,
-                    # ask systemd again rather than leave the shim blind to its backend.
-                    self.log.error(f"watching {self.backend}: {error!r}", event="watch-failed")
-                    time.sleep(WATCH_RETRY_S)
-                    continue
-                break
-            self.backend_gone.set()
-            self._wake()
-
-        self._watcher = threading.Thread(target=watch, name="watch-backend", daemon=True)
-        self._watcher.start()
 
     def _release(self) -> None:
         """A transaction with nothing to tell: reconciliation gives the reservation back,
@@ -564,7 +482,7 @@ class Shim:
         if self._pending and (outcome := self._accept_clients()):
             return outcome
         while True:
-            if self.backend_gone.is_set():
+            if self.server.gone.is_set():
                 return Outcome.BACKEND_GONE
             if polled == self.relay.accepting:
                 polled = not polled
@@ -586,7 +504,10 @@ class Shim:
                 # wake-up of this thread each time the relay empties (a client that opens
                 # one connection per request would cost one each).
                 timeout_ms = max(1, int(idle_after * 1000))
-            for fd, _ in poller.poll(timeout_ms):
+            events = poller.poll(self._poll_ms(timeout_ms))
+            if not events and watch.poll_ms is not None and self._not_admitting():
+                return Outcome.NOT_ADMITTING
+            for fd, _ in events:
                 outcome = None
                 if fd == self._wake_r:
                     self._drain_wake_pipe()
@@ -594,12 +515,15 @@ class Shim:
                         outcome = self._accept_clients()
                 elif fd == watch.fileno():
                     watch.consume()
-                    if self._phase() in (Phase.DRAINING, Phase.FALLING_ASLEEP):
+                    if self._not_admitting():
                         return Outcome.NOT_ADMITTING
                 else:
                     outcome = self._accept_clients()
                 if outcome is not None:
                     return outcome
+
+    def _not_admitting(self) -> bool:
+        return self._phase() in (Phase.DRAINING, Phase.FALLING_ASLEEP)
 
     def _accept_clients(self, *, starting: bool = False) -> Outcome | None:
         """Relays the clients left from a backend that went away or given back by the
@@ -648,18 +572,18 @@ class Shim:
     def _relay(self, client: socket.socket) -> Relayed:
         """Connects client to the backend and hands both to the relay (closes it at once
         when MaxConnections are open)."""
-        assert self.target is not None
+        assert self.server.target is not None
         if self.relay.full:
             client.close()
             self._refused(1)
             return Relayed.OVER_LIMIT
         try:
-            backend = self.target.connect_patiently(total=5.0)
+            backend = self.server.target.connect_patiently(total=5.0)
         except OSError as error:
-            if not self._backend_runs():
+            if not self.server.runs():
                 # It went away between accept and connect: keep the client for the next start.
                 self._pending.append(client)
-                self.backend_gone.wait(JOB_TIMEOUT_S)
+                self.server.gone.wait(JOB_TIMEOUT_S)
                 return Relayed.GONE
             self.log.warning(f"{self.backend} refused a connection: {error}", event="refused")
             if self.service.restart_on_connection_failure:
@@ -675,10 +599,12 @@ class Shim:
         (no hand-over between threads per client). The relay counts each client the
         moment it accepts it, and the claim ends only through stop_accepting_if_idle(),
         which stops the loops in the same step: no client is relayed uncounted."""
-        assert self.target is not None
+        assert self.server.target is not None
         with self._claim_lock:
             if self._held:
-                self.relay.accept_from(self.listener, self.target.family, self.target.address)
+                self.relay.accept_from(
+                    self.listener, self.server.target.family, self.server.target.address
+                )
 
     def _given_back(self, client: socket.socket) -> None:
         """From a relay loop: a client whose backend refused or did not connect in time.

@@ -30,6 +30,9 @@ class DirectoryWatch:
     that come while nobody waits stay queued in the kernel: a change between a
     transaction and the wait that follows it is never lost."""
 
+    # How often a waiter must look without being told: never (see PollingWatch).
+    poll_ms: int | None = None
+
     def __init__(self, directory: Path) -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         fd = int(libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
@@ -63,3 +66,35 @@ class DirectoryWatch:
 def _error(call: str, code: int) -> WatchError:
     name = errno.errorcode.get(code, str(code))
     return WatchError(code, f"{call} failed: {os.strerror(code)} ({name})")
+
+
+class PollingWatch:
+    """What a shim waits on when inotify cannot be had: never readable, so that waiters
+    look again every poll_ms instead (slower swaps, the same decisions)."""
+
+    poll_ms: int | None = 100
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fd = self._read
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def consume(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self._read)
+            os.close(self._write)
+            self.fd = -1
+
+
+def watch_directory(directory: Path) -> tuple[DirectoryWatch | PollingWatch, WatchError | None]:
+    """An inotify watch on directory, or a PollingWatch and the reason there is none
+    (the per-user limit on inotify instances or watches, most often)."""
+    try:
+        return DirectoryWatch(directory), None
+    except WatchError as error:
+        return PollingWatch(), error
