@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from lmproxy import lifecycle, unitnames
+from lmproxy.backend import JOB_TIMEOUT_S
 from lmproxy.config import SHIM_USER, Config, Service
 from lmproxy.journal import Logger
 from lmproxy.ledger import Ledger, LedgerError, profiles
@@ -30,7 +31,6 @@ from lmproxy.lifecycle import Entry, Phase
 from lmproxy.paths import Scope, paths_for
 from lmproxy.systemd import Manager, SystemdError
 
-JOB_TIMEOUT_S = 120.0
 POLL_S = 0.05
 # How long a refusal for clients in use is retried: the shim's claim outlives its last
 # client by shim.HOLD_S, and its publisher writes at most every PUBLISH_INTERVAL_S.
@@ -62,15 +62,11 @@ class Control:
             config.resources_available,
             profiles(config),
             self.manager.running,
-            self._note,
+            self.log.note,
         )
 
     def close(self) -> None:
         self.manager.close()
-
-    def _note(self, line: lifecycle.Log) -> None:
-        fields = {} if line.victim is None else {"victim": line.victim}
-        self.log.info(line.message, event=line.event, **fields)
 
     def _tell(self, told: Callable[[], lifecycle.Event]) -> tuple[lifecycle.Effect, ...]:
         """Tells the event told() makes; refused while clients are in use, it tries again
@@ -82,7 +78,7 @@ class Control:
                 entry = txn.entries.get(self.name)
             for effect in effects:
                 if isinstance(effect, lifecycle.Log):
-                    self._note(effect)
+                    self.log.note(effect)
             refusals = [e.reason for e in effects if isinstance(e, lifecycle.Refuse)]
             if not refusals:
                 return effects
@@ -102,8 +98,7 @@ class Control:
             return
         self.say(f"stopping {self.name}")
         self.manager.stop_unit(self.backend, JOB_TIMEOUT_S)
-        with self.ledger.transaction():
-            pass  # reconciliation releases its reservation now, not at the next transaction
+        self.ledger.reconcile()
         self.say(f"{self.name} stopped")
 
     def sleep(self, level: int) -> None:

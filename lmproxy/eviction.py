@@ -214,11 +214,7 @@ def _can_sleep_in(holder: Holder, spare: Amounts) -> bool:
 
 def _extra_asleep(holder: Holder) -> dict[str, int]:
     assert holder.asleep_holds is not None
-    return {
-        resource: amount - holder.reserved.get(resource, 0)
-        for resource, amount in holder.asleep_holds.items()
-        if amount > holder.reserved.get(resource, 0)
-    }
+    return beyond(holder.asleep_holds, holder.reserved)
 
 
 def _after_freeing(free: Amounts, holders: Mapping[str, Holder]) -> dict[str, int]:

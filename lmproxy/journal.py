@@ -9,7 +9,10 @@ systemd (no journal socket) the messages go to stderr instead.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmproxy.world import Log
 
 IDENTIFIER = "lmproxy-shim"
 _PRIORITIES = {"error": 3, "warning": 4, "info": 6}
@@ -33,6 +36,11 @@ class Logger:
 
     def error(self, message: str, *, event: str, **fields: object) -> None:
         self._log("error", message, event, fields)
+
+    def note(self, line: Log) -> None:
+        """A line of the lifecycle's (lmproxy.lifecycle's Log effect)."""
+        fields = {} if line.victim is None else {"victim": line.victim}
+        self.info(line.message, event=line.event, **fields)
 
     def _log(self, level: str, message: str, event: str, fields: dict[str, object]) -> None:
         extra = {f"LMPROXY_{key.upper()}": str(value) for key, value in fields.items()}

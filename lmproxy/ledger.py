@@ -102,6 +102,13 @@ class Ledger:
         finally:
             os.close(lock_fd)  # closing releases the flock
 
+    def reconcile(self) -> None:
+        """A transaction with nothing to tell: reconciliation releases what no longer
+        runs now, rather than at the next transaction (a backend whose stop failed
+        keeps its reservation)."""
+        with self.transaction():
+            pass
+
     def snapshot(self) -> dict[str, Entry]:
         """The ledger as last written, without locking or reconciling (for status)."""
         return self._load(quiet=True)

@@ -389,9 +389,9 @@ def _sleep_now(world: World, entries: Entries, event: Event) -> list[Effect]:
         return [Refuse(f"{entry.in_use} client(s) in use")]
     if name not in world.shims:
         return [Refuse("its shim is not running, and only its shim puts it to sleep")]
-    others = eviction.total(e.reserved for n, e in entries.items() if n != name)
+    free = eviction.free_room(world.available, _holders(world, entries, name).values())
     asleep = most(entry.reserved, sleep.holds)
-    short = eviction.shortfall(asleep, eviction.minus(world.available, others))
+    short = eviction.shortfall(asleep, free)
     if short:
         return [Refuse(f"what it keeps asleep does not fit: {amounts_text(short)} short")]
     entries[name] = _replace(

@@ -107,7 +107,7 @@ class Shim:
             config.resources_available,
             profiles(config),
             self.server.probe,
-            self._note,
+            self.log.note,
         )
         # When the oldest client not relayed yet came: the shim starts for a client.
         self.arrived = time.time()
@@ -139,11 +139,6 @@ class Shim:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
-    def _note(self, line: lifecycle.Log) -> None:
-        """A line of the lifecycle's for the journal."""
-        fields = {} if line.victim is None else {"victim": line.victim}
-        self.log.info(line.message, event=line.event, **fields)
-
     def _tell(self, event: Event) -> tuple[Effect, ...]:
         """One transaction: tells the lifecycle, logs its lines, returns the rest."""
         with self.ledger.transaction() as txn:
@@ -154,7 +149,7 @@ class Shim:
             self._claimed_since = True
         for effect in effects:
             if isinstance(effect, lifecycle.Log):
-                self._note(effect)
+                self.log.note(effect)
         return tuple(e for e in effects if not isinstance(e, lifecycle.Log))
 
     def _entry(self) -> lifecycle.Entry | None:
@@ -184,7 +179,7 @@ class Shim:
                 turned_away = self._close_pending() + self._turn_away_waiting_clients()
                 self.log.info(f"closed {turned_away} waiting client(s)", event="turned-away")
                 with contextlib.suppress(SystemdError, OSError):
-                    self._release()
+                    self.ledger.reconcile()
                 return 1
             outcome = (self._open(opening) if opening is not None else None) or self._serve()
             self.relay.stop_accepting()
@@ -210,7 +205,7 @@ class Shim:
                 self.arrived = time.time()
                 self._carry_out(self._tell(lifecycle.Restart(self.name, time.time(), self.arrived)))
                 continue
-            self._release()
+            self.ledger.reconcile()
             if self._pending or self._backlog():
                 # Clients came as the backend went away: start it again for them.
                 self.log.info(
@@ -457,12 +452,6 @@ class Shim:
             )
         notify(f"STATUS=relaying to {self.backend}")
         return None
-
-    def _release(self) -> None:
-        """A transaction with nothing to tell: reconciliation gives the reservation back,
-        unless the backend still runs (a stop that failed)."""
-        with self.ledger.transaction():
-            pass
 
     def _backlog(self) -> bool:
         """Whether clients wait in the listening socket's backlog."""

@@ -167,6 +167,18 @@ def status_json(sandbox: Sandbox) -> dict[str, Any]:
     return document
 
 
+def service_status(sandbox: Sandbox, name: str) -> dict[str, Any]:
+    """One service's entry in `lmproxy status --json`."""
+    services = {s["name"]: s for s in status_json(sandbox)["services"]}
+    status: dict[str, Any] = services[name]
+    return status
+
+
+def service_state(sandbox: Sandbox, name: str) -> str:
+    """One service's state, as `lmproxy status` says it (cold, running, sleeping...)."""
+    return str(service_status(sandbox, name)["state"])
+
+
 def journal(sandbox: Sandbox, *matches: str) -> str:
     """The journal's messages matching matches, including every one sent before
     this call (journald stores messages asynchronously: --sync waits for it)."""

@@ -6,14 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmproxy.sandbox import Sandbox
-from tests.e2e.helpers import http_get, lmproxy, main_pid, open_connection, request_on, unit_state
+from tests.e2e.helpers import (
+    http_get,
+    lmproxy,
+    main_pid,
+    open_connection,
+    request_on,
+    service_state,
+    unit_state,
+)
 from tests.e2e.test_sleep import (
     OTHER_BACKEND,
     SLEEPY_BACKEND,
     backend_memory,
     complete,
     install_sleepy_and_other,
-    service_status,
 )
 
 
@@ -29,24 +36,20 @@ def refused(sandbox: Sandbox, *args: str) -> str:
     return result.stderr
 
 
-def state(sandbox: Sandbox, name: str) -> str:
-    return str(service_status(sandbox, name)["state"])
-
-
 def test_start_and_stop_load_and_unload_without_a_client(
     systemd_sandbox: Sandbox, tmp_path: Path
 ) -> None:
     sleepy, _ = install_sleepy_and_other(systemd_sandbox, tmp_path)
     assert "sleepy is running" in ok(systemd_sandbox, "start", "sleepy")
     assert unit_state(systemd_sandbox, SLEEPY_BACKEND) == "active"
-    assert state(systemd_sandbox, "sleepy") == "running"
+    assert service_state(systemd_sandbox, "sleepy") == "running"
     assert "running already" in ok(systemd_sandbox, "start", "sleepy")
     pid = http_get(sleepy)["pid"]
     assert pid == main_pid(systemd_sandbox, SLEEPY_BACKEND)  # the one start served it
 
     assert "sleepy stopped" in ok(systemd_sandbox, "stop", "sleepy")
     assert unit_state(systemd_sandbox, SLEEPY_BACKEND) == "inactive"
-    assert state(systemd_sandbox, "sleepy") == "cold"
+    assert service_state(systemd_sandbox, "sleepy") == "cold"
     assert "not loaded" in ok(systemd_sandbox, "stop", "sleepy")
 
 
@@ -66,7 +69,7 @@ def test_sleep_and_wake_by_hand_keep_the_process(systemd_sandbox: Sandbox, tmp_p
     sleepy, other = install_sleepy_and_other(systemd_sandbox, tmp_path)
     pid = http_get(sleepy)["pid"]
     assert "sleepy is asleep" in ok(systemd_sandbox, "sleep", "sleepy")
-    assert state(systemd_sandbox, "sleepy") == "sleeping"
+    assert service_state(systemd_sandbox, "sleepy") == "sleeping"
     assert backend_memory(sleepy) == 1600
     assert "sleepy is running" in ok(systemd_sandbox, "wake", "sleepy")
     assert complete(sleepy) == 200
@@ -81,7 +84,7 @@ def test_sleep_and_wake_by_hand_keep_the_process(systemd_sandbox: Sandbox, tmp_p
 
     # Starting the other model puts the idle sleeper to sleep for room, as a client would.
     ok(systemd_sandbox, "start", "other")
-    assert state(systemd_sandbox, "sleepy") == "sleeping"
+    assert service_state(systemd_sandbox, "sleepy") == "sleeping"
     assert http_get(other)["model"] == "other"
 
 

@@ -22,18 +22,13 @@ from tests.e2e.helpers import (
     main_pid,
     open_connection,
     request_on,
+    service_status,
     status_json,
     turned_away,
     unit_state,
     wait_for,
     write_config,
 )
-
-
-def service_status(sandbox: Sandbox, name: str) -> dict[str, object]:
-    services = {s["name"]: s for s in status_json(sandbox)["services"]}
-    status: dict[str, object] = services[name]
-    return status
 
 
 def test_cold_start_through_the_socket(systemd_sandbox: Sandbox, tmp_path: Path) -> None:

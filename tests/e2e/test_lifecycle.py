@@ -13,7 +13,7 @@ from tests.e2e.helpers import (
     http_get,
     install_busy_and_newcomer,
     journal,
-    status_json,
+    service_state,
     wait_for,
 )
 
@@ -56,7 +56,9 @@ def test_a_busy_model_drains_for_a_waiter_past_the_bound_and_its_queue_is_served
     loop.start()
     try:
         for _ in range(3):
-            wait_for(lambda: _state(systemd_sandbox, "newcomer") == "cold", 30, "newcomer to go")
+            wait_for(
+                lambda: service_state(systemd_sandbox, "newcomer") == "cold", 30, "newcomer to go"
+            )
             wait_for(lambda: loop.served > 0, 30, "the busy model to serve its loop")
             started = time.monotonic()
             answer = http_get(newcomer)
@@ -93,19 +95,16 @@ def test_a_loaded_model_keeps_serving_while_the_bound_runs(
     try:
         wait_for(lambda: loop.served > 0, 30, "the busy model to serve its loop")
         waiter.start()
-        wait_for(lambda: _state(systemd_sandbox, "newcomer") == "starting", 10, "newcomer to wait")
+        wait_for(
+            lambda: service_state(systemd_sandbox, "newcomer") == "starting", 10, "newcomer to wait"
+        )
         during = loop.served
         time.sleep(2)
         assert loop.served > during + 5  # served all along, no swap
-        assert _state(systemd_sandbox, "busy") == "running"
+        assert service_state(systemd_sandbox, "busy") == "running"
         waiter.join(30)
         assert not waiter.is_alive()
     finally:
         loop.done.set()
         loop.join(60)
     assert loop.failures == []
-
-
-def _state(sandbox: Sandbox, name: str) -> str:
-    services = {s["name"]: s for s in status_json(sandbox)["services"]}
-    return str(services[name]["state"])

@@ -21,7 +21,8 @@ from tests.e2e.helpers import (
     install,
     journal,
     main_pid,
-    status_json,
+    service_state,
+    service_status,
     unit_state,
     wait_for,
     write_config,
@@ -73,11 +74,6 @@ def backend_memory(port: int) -> int:
     return int(answer["memory_mib"])
 
 
-def service_status(sandbox: Sandbox, name: str) -> dict[str, Any]:
-    services = {s["name"]: s for s in status_json(sandbox)["services"]}
-    return dict(services[name])
-
-
 @pytest.mark.parametrize("level", [1, 2])
 def test_an_idle_victim_sleeps_instead_of_stopping_and_wakes_for_its_next_client(
     systemd_sandbox: Sandbox, tmp_path: Path, level: int
@@ -101,7 +97,7 @@ def test_an_idle_victim_sleeps_instead_of_stopping_and_wakes_for_its_next_client
     assert complete(sleepy) == 200
     assert http_get(sleepy) == {**first, "asleep": False}
     assert unit_state(systemd_sandbox, OTHER_BACKEND) == "inactive"
-    assert service_status(systemd_sandbox, "sleepy")["state"] == "running"
+    assert service_state(systemd_sandbox, "sleepy") == "running"
     asleep = journal(systemd_sandbox, "LMPROXY_EVENT=asleep")
     assert f"sleepy asleep (level {level}) after" in asleep
     assert "freed 16000 VRAM, still holds 8000 RAM" in asleep
@@ -113,7 +109,7 @@ def test_a_sleep_that_fails_falls_back_to_a_stop(systemd_sandbox: Sandbox, tmp_p
     http_get(sleepy)
     assert http_get(other)["model"] == "other"
     assert unit_state(systemd_sandbox, SLEEPY_BACKEND) == "inactive"
-    assert service_status(systemd_sandbox, "sleepy")["state"] == "cold"
+    assert service_state(systemd_sandbox, "sleepy") == "cold"
     failed = journal(systemd_sandbox, "LMPROXY_EVENT=sleep-failed")
     assert "HTTP 500" in failed and "stopping it" in failed
 
@@ -124,7 +120,7 @@ def test_a_wake_that_fails_falls_back_to_a_restart(
     sleepy, other = install_sleepy_and_other(systemd_sandbox, tmp_path, fake_args="--fail-wake")
     before = http_get(sleepy)["pid"]
     http_get(other)
-    wait_for(lambda: service_status(systemd_sandbox, "sleepy")["state"] == "sleeping", 10)
+    wait_for(lambda: service_state(systemd_sandbox, "sleepy") == "sleeping", 10)
     again = http_get(sleepy)
     assert again["pid"] != before and not again["asleep"]
     assert "could not wake" in journal(systemd_sandbox, "LMPROXY_EVENT=wake-failed")
@@ -150,7 +146,7 @@ def test_sleep_and_wake_commands_for_servers_without_the_api(
     )
     pid = http_get(sleepy)["pid"]
     http_get(other)
-    wait_for(lambda: service_status(systemd_sandbox, "sleepy")["state"] == "sleeping", 10)
+    wait_for(lambda: service_state(systemd_sandbox, "sleepy") == "sleeping", 10)
     assert backend_memory(sleepy) == 1600
     assert complete(sleepy) == 200
     assert http_get(sleepy)["pid"] == pid
@@ -177,6 +173,6 @@ def test_a_sleeper_idle_for_the_inactivity_time_is_stopped(
     )
     http_get(sleepy)
     http_get(other)
-    assert service_status(systemd_sandbox, "sleepy")["state"] == "sleeping"
+    assert service_state(systemd_sandbox, "sleepy") == "sleeping"
     wait_for(lambda: unit_state(systemd_sandbox, SLEEPY_BACKEND) == "inactive", 10, "the stop")
     assert "asleep and idle for 3 s" in journal(systemd_sandbox, "LMPROXY_EVENT=idle-stop")
