@@ -15,9 +15,16 @@
  * whenever the state of a connection changes in Python. It allows a socket only while
  * both directions of its connection hold nothing pending, so an event here never has
  * to order bytes behind others, and EPOLLOUT on such a socket has nothing to drain.
+ *
+ * For a service that speaks HTTP, a socket is allowed with its connection's Exchange
+ * (lmproxy/_exchange.c): what is copied is shown to it, so the relay knows without the
+ * interpreter whether a request is in flight, and the client of an idle connection is read
+ * only once the exchange is counted in its gate (else Python holds the request back).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include "_exchange.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -58,11 +65,20 @@ typedef struct {
     Result *results;
     /* peer[fd] - 1: where the bytes read from fd go, while fd may be copied here; 0: not */
     int *peer;
+    /* exchange[fd]: the connection's Exchange (a reference), or NULL; upstream[fd]: fd is
+     * its client */
+    Exchange **exchange;
+    unsigned char *upstream;
     size_t npeer;
     char *buffer;
 } Copier;
 
 static void Copier_dealloc(Copier *self) {
+    if (self->exchange != NULL)
+        for (size_t fd = 0; fd < self->npeer; fd++)
+            Py_XDECREF(self->exchange[fd]);
+    free(self->exchange);
+    free(self->upstream);
     free(self->events);
     free(self->results);
     free(self->peer);
@@ -93,8 +109,11 @@ static int Copier_init(Copier *self, PyObject *args, PyObject *kwargs) {
     self->events = calloc((size_t)maxevents, sizeof *self->events);
     self->results = calloc((size_t)maxevents, sizeof *self->results);
     self->peer = calloc(self->npeer, sizeof *self->peer);
+    self->exchange = calloc(self->npeer, sizeof *self->exchange);
+    self->upstream = calloc(self->npeer, sizeof *self->upstream);
     self->buffer = malloc(COPY_SIZE);
-    if (!self->events || !self->results || !self->peer || !self->buffer) {
+    if (!self->events || !self->results || !self->peer || !self->exchange || !self->upstream ||
+        !self->buffer) {
         PyErr_NoMemory();
         return -1;
     }
@@ -110,29 +129,58 @@ static int ensure_ready(Copier *self) {
 }
 
 PyDoc_STRVAR(Copier_allow_doc,
-             "allow(fd, peer)\n--\n\n"
-             "Let poll() copy what arrives on fd to peer, until deny(fd).");
+             "allow(fd, peer, exchange=None, upstream=False)\n--\n\n"
+             "Let poll() copy what arrives on fd to peer, until deny(fd), showing it to\n"
+             "exchange (the connection's lmproxy._fastcopy.Exchange) as the client's bytes\n"
+             "(upstream) or the backend's.");
 
-static PyObject *Copier_allow(Copier *self, PyObject *args) {
-    int fd, peer;
-    if (!PyArg_ParseTuple(args, "ii", &fd, &peer) || ensure_ready(self) < 0)
+static int grow(Copier *self, size_t fd) {
+    size_t npeer = self->npeer;
+    while (npeer <= fd)
+        npeer *= 2;
+    int *peer = realloc(self->peer, npeer * sizeof *peer);
+    if (peer == NULL)
+        return -1;
+    self->peer = peer;
+    Exchange **exchange = realloc(self->exchange, npeer * sizeof *exchange);
+    if (exchange == NULL)
+        return -1;
+    self->exchange = exchange;
+    unsigned char *upstream = realloc(self->upstream, npeer * sizeof *upstream);
+    if (upstream == NULL)
+        return -1;
+    self->upstream = upstream;
+    size_t added = npeer - self->npeer;
+    memset(peer + self->npeer, 0, added * sizeof *peer);
+    memset(exchange + self->npeer, 0, added * sizeof *exchange);
+    memset(upstream + self->npeer, 0, added * sizeof *upstream);
+    self->npeer = npeer;
+    return 0;
+}
+
+static PyObject *Copier_allow(Copier *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"fd", "peer", "exchange", "upstream", NULL};
+    int fd, peer, upstream = 0;
+    PyObject *exchange = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ii|Op", keywords, &fd, &peer, &exchange,
+                                     &upstream) ||
+        ensure_ready(self) < 0)
         return NULL;
     if (fd < 0 || peer < 0) {
         PyErr_SetString(PyExc_ValueError, "fd and peer must be descriptors (>= 0)");
         return NULL;
     }
-    if ((size_t)fd >= self->npeer) {
-        size_t npeer = self->npeer;
-        while (npeer <= (size_t)fd)
-            npeer *= 2;
-        int *grown = realloc(self->peer, npeer * sizeof *grown);
-        if (grown == NULL)
-            return PyErr_NoMemory();
-        memset(grown + self->npeer, 0, (npeer - self->npeer) * sizeof *grown);
-        self->peer = grown;
-        self->npeer = npeer;
+    if (exchange != Py_None && !PyObject_TypeCheck(exchange, &ExchangeType)) {
+        PyErr_SetString(PyExc_TypeError, "exchange must be an lmproxy._fastcopy.Exchange");
+        return NULL;
     }
+    if ((size_t)fd >= self->npeer && grow(self, (size_t)fd) < 0)
+        return PyErr_NoMemory();
     self->peer[fd] = peer + 1;
+    Exchange *old = self->exchange[fd];
+    self->exchange[fd] = exchange == Py_None ? NULL : (Exchange *)Py_NewRef(exchange);
+    Py_XDECREF(old);
+    self->upstream[fd] = (unsigned char)upstream;
     Py_RETURN_NONE;
 }
 
@@ -144,8 +192,10 @@ static PyObject *Copier_deny(Copier *self, PyObject *arg) {
     int fd = PyLong_AsInt(arg);
     if ((fd == -1 && PyErr_Occurred()) || ensure_ready(self) < 0)
         return NULL;
-    if (fd >= 0 && (size_t)fd < self->npeer)
+    if (fd >= 0 && (size_t)fd < self->npeer) {
         self->peer[fd] = 0;
+        Py_CLEAR(self->exchange[fd]);
+    }
     Py_RETURN_NONE;
 }
 
@@ -163,22 +213,32 @@ static int handle(Copier *self, const struct epoll_event *event, Result *result)
             result->outcome = HANDLED; /* only writable, and nothing is pending to drain */
         return 0;
     }
+    Exchange *exchange = self->exchange[fd];
+    int upstream = self->upstream[fd];
+    if (exchange != NULL && upstream && !exchange_enter(exchange))
+        return 0; /* an idle connection's next request, with the gate closed: Python's */
     ssize_t n = recv(fd, self->buffer, COPY_SIZE, 0);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+    int saved_errno = errno;
+    if (exchange != NULL && n <= 0)
+        exchange_settle(exchange); /* entered for nothing: a FIN, or no byte after all */
+    if (n < 0 && (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK)) {
         result->outcome = HANDLED; /* nothing after all: edge-triggered, a new event comes */
         return 0;
     }
     result->outcome = COPIED;
     result->sent = 0;
     if (n <= 0) {
-        result->n = n < 0 ? -errno : 0;
+        result->n = n < 0 ? -saved_errno : 0;
         return 0;
     }
     result->n = n;
     ssize_t sent = send(peer, self->buffer, (size_t)n, MSG_NOSIGNAL);
+    saved_errno = errno;
+    if (exchange != NULL) /* all n bytes go on (now, or held by Python): shown as read */
+        exchange_feed(exchange, upstream, self->buffer, (size_t)n);
     if (sent < 0) {
-        if (errno != EAGAIN && errno != EWOULDBLOCK) {
-            result->n = -errno;
+        if (saved_errno != EAGAIN && saved_errno != EWOULDBLOCK) {
+            result->n = -saved_errno;
             return 0;
         }
         sent = 0;
@@ -283,7 +343,8 @@ static PyObject *Copier_poll(Copier *self, PyObject *arg) {
 }
 
 static PyMethodDef Copier_methods[] = {
-    {"allow", (PyCFunction)Copier_allow, METH_VARARGS, Copier_allow_doc},
+    {"allow", (PyCFunction)(void (*)(void))Copier_allow, METH_VARARGS | METH_KEYWORDS,
+     Copier_allow_doc},
     {"deny", (PyCFunction)Copier_deny, METH_O, Copier_deny_doc},
     {"poll", (PyCFunction)Copier_poll, METH_O, Copier_poll_doc},
     {NULL, NULL, 0, NULL},
@@ -319,7 +380,8 @@ PyMODINIT_FUNC PyInit__fastcopy(void) {
     PyObject *module = PyModule_Create(&fastcopy_module);
     if (module == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(module, "Copier", (PyObject *)&CopierType) < 0 ||
+    if (exchange_add_types(module) < 0 ||
+        PyModule_AddObjectRef(module, "Copier", (PyObject *)&CopierType) < 0 ||
         PyModule_AddIntConstant(module, "COPY_SIZE", COPY_SIZE) < 0) {
         Py_DECREF(module);
         return NULL;
