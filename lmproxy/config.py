@@ -78,6 +78,8 @@ class Service:
     swap_after_waiting_s: int = 5  # see Config
     min_loaded_s: int = 0
     sleep: Sleep | None = None  # None: it is stopped, never put to sleep
+    # "http": a connection is in use while a request is in flight; "raw": while it is open.
+    protocol: str = "http"
     listen_path: str | None = None  # a unix socket instead of ListenAddress:ListenPort
     socket_user: str | None = None
     socket_group: str | None = None
@@ -181,7 +183,10 @@ SERVICE_FIELDS = (
     "SocketGroup",  # lmproxy
     "SocketMode",  # lmproxy
     "Sleep",  # lmproxy
+    "Protocol",  # lmproxy
 )
+# How a service's connections are counted (see Service.protocol); the first is the default.
+PROTOCOLS = ("http", "raw")
 SLEEP_FIELDS = ("Level", "ResourceRequirements", "SleepCommand", "WakeCommand")
 SLEEP_LEVELS = (1, 2)
 API_FIELDS = ("ListenPort",)
@@ -576,6 +581,18 @@ class _Parser:
         self.error(path, f"expected true or false, got {_show(value)}")
         return default
 
+    def choice(self, fields: _Fields, name: str, options: tuple[str, ...]) -> str:
+        """One of options (the first when absent or null)."""
+        got = fields.get(name)
+        if got is None or got[1] is None:
+            return options[0]
+        path, value = got
+        if value not in options:
+            listed = " or ".join(f'"{option}"' for option in options)
+            self.error(path, f"expected {listed}, got {_show(value)}")
+            return options[0]
+        return str(value)
+
     def integer(self, fields: _Fields, name: str, low: int, high: int, default: int) -> int:
         got = fields.get(name)
         if got is None:
@@ -807,6 +824,7 @@ class _Parser:
             fields, "SwapAfterWaitingSeconds", 0, MAX_SECONDS, defaults.swap_after_waiting_s
         )
         min_loaded = self.integer(fields, "MinLoadedSeconds", 0, MAX_SECONDS, defaults.min_loaded_s)
+        protocol = self.choice(fields, "Protocol", PROTOCOLS)
 
         if len(self.problems) == problems_before and command is not None:
             self.unit_safe(fields, "Command", lambda: unitsyntax.exec_line([command]))
@@ -867,6 +885,7 @@ class _Parser:
                 swap_after_waiting_s=swap_after,
                 min_loaded_s=min_loaded,
                 sleep=sleep,
+                protocol=protocol,
                 listen_path=listen_path,
                 socket_user=socket_user,
                 socket_group=socket_group,

@@ -34,6 +34,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before listening")
     parser.add_argument("--tokens", type=int, default=5)
     parser.add_argument("--token-interval", type=float, default=0.01)
+    parser.add_argument(
+        "--first-token-delay",
+        type=float,
+        default=0.0,
+        help="seconds before a completion's answer begins (a long prompt being read)",
+    )
     parser.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops it")
     parser.add_argument("--exit-after", type=float, default=None, help="crash after N seconds")
     parser.add_argument(
@@ -74,6 +80,10 @@ def make_handler(args: argparse.Namespace) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
+            if self.path.startswith("/probe/"):
+                # Said on arrival, before any answer: the tests learn which requests
+                # reached a model, whatever happened to their answers.
+                print(f"{args.name}: received {self.path}", flush=True)
             if self.path == "/health":
                 self._reply(200, {"status": "ok"})
             elif self.path == "/v1/models":
@@ -96,6 +106,7 @@ def make_handler(args: argparse.Namespace) -> type[BaseHTTPRequestHandler]:
             if sleeper.level != 0 or not sleeper.weights_loaded:
                 self._reply(503, {"error": f"{args.name} is asleep"})
                 return
+            time.sleep(args.first_token_delay)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")

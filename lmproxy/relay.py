@@ -84,8 +84,11 @@ from collections.abc import Callable
 
 try:
     from lmproxy._fastcopy import Copier as Copier  # noqa: PLC0414 (re-exported for the tests)
-except ImportError:  # built without a C compiler: the loop copies every message itself
+    from lmproxy._fastcopy import Exchange, Gate
+except ImportError:  # built without a C compiler: the loop copies every message itself,
     Copier = None  # type: ignore[assignment,misc]
+    # and follows HTTP with the reference framer (as fast as the copy it rides on).
+    from lmproxy.exchange import Exchange, Gate  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +157,12 @@ class _Stop:
     __slots__ = ()
 
 
+class _Resume:
+    """The gate opened: read the clients held back at it."""
+
+    __slots__ = ()
+
+
 # Where the loops connect the clients they accept: family, address, and whether the clients
 # are TCP (TCP_NODELAY) too.
 _Backend = tuple[int, tuple[str, int] | tuple[str, int, int, int], bool]
@@ -169,7 +178,7 @@ class _Connect:
         self.target = target
 
 
-_Command = _Add | _Connect | _CloseAll | _Stop
+_Command = _Add | _Connect | _CloseAll | _Stop | _Resume
 
 
 class _Direction:
@@ -180,9 +189,12 @@ class _Direction:
         "dst",
         "dst_fd",
         "eof",
+        "exchange",
         "held",
+        "knocked",
         "more",
         "muted",
+        "other",
         "pending",
         "pipe_r",
         "pipe_w",
@@ -191,10 +203,17 @@ class _Direction:
         "shut",
         "src",
         "src_fd",
+        "upstream",
         "writable",
     )
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        connection: Exchange | None = None,
+        upstream: bool = False,
+    ) -> None:
         self.src = src
         self.src_fd = src.fileno()
         self.dst = dst
@@ -218,17 +237,27 @@ class _Direction:
         self.shut = False  # ...and everything before it went to dst, then shutdown(SHUT_WR)
         self.more = False  # stopped for the per-wakeup budget with src still readable
         self.muted = False  # src is registered without EPOLLIN (see _Loop._mute)
+        # HTTP: the connection's requests and responses (shared by both directions), and
+        # whether this direction carries the requests; None for a raw service.
+        self.exchange = connection
+        self.upstream = upstream
+        self.knocked = False  # a request held back at the closed gate (see _Loop._knock)
+        self.other: _Direction | None = None  # the pair's other direction
 
 
 class _Pair:
-    __slots__ = ("backend", "client", "closed", "deadline", "down", "fds", "up")
+    __slots__ = ("backend", "client", "closed", "deadline", "down", "exchange", "fds", "up")
 
-    def __init__(self, client: socket.socket, backend: socket.socket) -> None:
+    def __init__(
+        self, client: socket.socket, backend: socket.socket, connection: Exchange | None
+    ) -> None:
         self.client = client
         self.backend = backend
         self.fds = (client.fileno(), backend.fileno())
-        self.up = _Direction(client, backend)
-        self.down = _Direction(backend, client)
+        self.exchange = connection
+        self.up = _Direction(client, backend, connection, upstream=True)
+        self.down = _Direction(backend, client, connection)
+        self.up.other, self.down.other = self.down, self.up
         self.closed = False
         self.deadline = 0.0  # while the backend connects: when to give the client back
 
@@ -254,6 +283,7 @@ class _Loop:
         self.pool: list[tuple[int, int]] = []
         self.buffer = memoryview(bytearray(_COPY_SIZE))
         self.again: set[_Pair] = set()
+        self.knocked: set[_Pair] = set()  # requests held back at the closed gate
         # Pairs whose backend connects (accepted by this loop), by the backend's descriptor, in
         # the order of their deadlines. Only the backend is watched until it is connected.
         self.connecting: dict[int, _Pair] = {}
@@ -396,13 +426,15 @@ class _Loop:
             elif isinstance(command, _CloseAll):
                 self._close_pairs(give_back=True)
                 command.done.set()
+            elif isinstance(command, _Resume):
+                self._resume()
             else:
                 stop = True
         return stop
 
     def _register(self, client: socket.socket, backend: socket.socket) -> None:
         assert self.epoll is not None
-        pair = _Pair(client, backend)
+        pair = _Pair(client, backend, self.relay._new_exchange())
         self.pairs.add(pair)
         client_fd, backend_fd = pair.fds
         try:
@@ -514,7 +546,7 @@ class _Loop:
         except OSError:
             self._give_back(client, backend)
             return
-        pair = _Pair(client, backend)
+        pair = _Pair(client, backend, self.relay._new_exchange())
         pair.deadline = time.monotonic() + self.relay._connect_timeout
         self.pairs.add(pair)
         self.connecting[pair.fds[1]] = pair
@@ -590,6 +622,7 @@ class _Loop:
             and not out.pending
             and not into.pending
             and not out.eof
+            and (not out.upstream or out.exchange is None or out.exchange.enter())
         ):
             # The common case: a message (a request, a token) on a connection with nothing
             # pending. One copy, without the general path's bookkeeping, which is what a
@@ -656,8 +689,11 @@ class _Loop:
             return
         quiet = not pair.up.pending and not pair.down.pending
         for d in (pair.up, pair.down):
-            if quiet and d.copy and not d.eof and not d.rdhup:
-                copier.allow(d.src_fd, d.dst_fd)
+            if quiet and d.copy and not d.eof and not d.rdhup and not d.knocked:
+                if d.exchange is None:
+                    copier.allow(d.src_fd, d.dst_fd)
+                else:
+                    copier.allow(d.src_fd, d.dst_fd, d.exchange, d.upstream)
             else:
                 copier.deny(d.src_fd)
 
@@ -679,9 +715,62 @@ class _Loop:
         if pair.up.shut and pair.down.shut:
             self._close(pair)
             return True
+        if pair.up.knocked:
+            if pair.down.eof:
+                self._detach(pair)
+                return True
+            if pair not in self.knocked:
+                return self._knock(pair) or moved > 0
         if pair.up.more or pair.down.more:
             self.again.add(pair)
         return moved > 0
+
+    def _knock(self, pair: _Pair) -> bool:
+        """A request held back at the closed gate: an idle connection's client sent
+        something. A FIN (the client closed the connection it kept in its pool) ends the
+        pair here; bytes wait unread until the gate opens (``_resume``) and the shim hears
+        of them, to claim again (or, if the model is going, to let the pair be closed: the
+        client sees the connection reset before any answer, and sends again on a new one).
+        True if the pair was closed."""
+        try:
+            peeked = pair.client.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            pair.up.knocked = False  # nothing after all: the next byte raises an event
+            pair.up.readable = False
+            return False
+        except OSError:
+            peeked = b""
+        if not peeked:
+            self._close(pair)
+            return True
+        self.knocked.add(pair)
+        self._allow(pair)
+        self.relay._knocks_changed(1)
+        return False
+
+    def _detach(self, pair: _Pair) -> None:
+        """A pair whose request is held at the gate and whose backend is gone (it closed
+        the connection, or the shim closes every pair): the client goes back to the caller
+        with its request unread, to be relayed to the backend's next start like a client
+        that waited in the backlog. An HTTP client sees its connection carry on."""
+        if pair in self.knocked:
+            self.knocked.discard(pair)
+            self.relay._knocks_changed(-1)
+        self._forget(pair)
+        self._give_back(pair.client, pair.backend)
+
+    def _resume(self) -> None:
+        """The gate opened: relay the requests it held back."""
+        knocked = list(self.knocked)
+        self.knocked.clear()
+        if knocked:
+            self.relay._knocks_changed(-len(knocked))
+        for pair in knocked:
+            if pair.closed:
+                continue
+            pair.up.knocked = False
+            self._service(pair, pair.up, None)
+            self._allow(pair)
 
     def _mute(self, d: _Direction) -> None:
         """Watch d's source without EPOLLIN while d waits for its destination (bytes pending,
@@ -729,6 +818,8 @@ class _Loop:
                 continue
             # The pipe, if the direction holds one, is empty here.
             if d.eof:
+                if d.other is not None and d.other.knocked:
+                    return moved  # the backend closed: the held request goes elsewhere
                 # Half-close: everything before the FIN has been delivered; pass the FIN on.
                 if not d.shut:
                     d.dst.shutdown(socket.SHUT_WR)
@@ -740,41 +831,75 @@ class _Loop:
                 if d.pipe_w >= 0:
                     self._give_pipe(d)
                 return moved
+            connection = d.exchange
+            if connection is not None and d.upstream and not connection.enter():
+                # An idle connection's next request, and the claim has ended: not read
+                # until the shim has claimed again (see _knock).
+                d.knocked = True
+                if d.pipe_w >= 0:
+                    self._give_pipe(d)
+                return moved
+            size = self.pipe_size
+            if connection is not None:
+                # Bytes the framing must see (a head, a chunk's size) are copied; a body's
+                # known rest may be spliced unseen.
+                budget = connection.budget(d.upstream)
+                if budget == 0:
+                    moved += self._copy(d)
+                    continue
+                if budget is not None:
+                    size = min(size, budget)
             if moved == 0 and d.copy:
                 moved += self._copy(d)  # leaves the state that the next turn acts on
                 continue
             if d.pipe_w < 0:
                 d.pipe_r, d.pipe_w = self._take_pipe()
             try:
-                n = os.splice(d.src_fd, d.pipe_w, self.pipe_size, flags=_SPLICE_FLAGS)
+                n = os.splice(d.src_fd, d.pipe_w, size, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 # The pipe is empty, so EAGAIN means the socket is drained.
                 d.readable = False
                 self._give_pipe(d)
                 d.copy = moved < _COPY_SIZE  # small again: copy the next wakeup's first read
+                if connection is not None:
+                    connection.settle()
                 return moved
             if n == 0:
                 d.eof = True
                 self._give_pipe(d)
+                if connection is not None:
+                    connection.settle()
             else:
                 d.pending = n
+                if connection is not None:
+                    connection.unseen(d.upstream, n)
 
     def _copy(self, d: _Direction) -> int:
         """The first read of a wakeup, copied: the bytes read. Leaves src not readable when it
         was drained, or dst not writable with the rest held when dst was full."""
         buffer = self.buffer
+        connection = d.exchange
         try:
             n = d.src.recv_into(buffer)
         except BlockingIOError:
             d.readable = False
+            if connection is not None:
+                connection.settle()
             return 0
         if n == 0:
             d.eof = True
+            if connection is not None:
+                connection.settle()
             return 0
         try:
             sent = d.dst.send(buffer[:n])
         except BlockingIOError:
             sent = 0
+        if connection is not None:  # all n bytes go on (now, or held): shown as read
+            if d.upstream:
+                connection.client(buffer[:n])
+            else:
+                connection.backend(buffer[:n])
         if sent < n:
             # dst is full: the rest waits for EPOLLOUT, as spliced bytes do. It is kept here,
             # not in a pipe: a pipe made while the user is over fs.pipe-user-pages-soft holds
@@ -823,9 +948,23 @@ class _Loop:
     def _close(self, pair: _Pair) -> None:
         if pair.closed:
             return
+        if pair in self.knocked:
+            self.knocked.discard(pair)
+            self.relay._knocks_changed(-1)
+        self._forget(pair)
+        for sock in (pair.client, pair.backend):
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.relay._closed(self, 1)
+        self.changed = True
+
+    def _forget(self, pair: _Pair) -> None:
+        """Stop watching a pair's sockets (left open) and let go of what it holds."""
         pair.closed = True
         self.pairs.discard(pair)
         self.again.discard(pair)
+        if pair.exchange is not None:
+            pair.exchange.release()
         assert self.epoll is not None
         for fd in pair.fds:
             if self.copier is not None:
@@ -833,9 +972,6 @@ class _Loop:
             self.fds.pop(fd, None)
             with contextlib.suppress(OSError, ValueError):
                 self.epoll.unregister(fd)
-        for sock in (pair.client, pair.backend):
-            with contextlib.suppress(OSError):
-                sock.close()
         for d in (pair.up, pair.down):
             if d.pipe_w < 0:
                 continue
@@ -845,15 +981,16 @@ class _Loop:
             os.close(d.pipe_r)
             os.close(d.pipe_w)
             d.pipe_r = d.pipe_w = -1
-        self.relay._closed(self, 1)
-        self.changed = True
 
     def _close_pairs(self, *, give_back: bool = False) -> None:
         """Close every pair; with ``give_back``, clients whose backend is still connecting
-        (they were sent nothing yet) go back to the caller instead."""
+        and those whose request waits at the gate (their request unread either way) go
+        back to the caller instead."""
         connecting = list(self.connecting.values())
         self.connecting.clear()
         self._end_each(connecting, self._give_back_pair if give_back else self._close)
+        if give_back:
+            self._end_each(list(self.knocked), self._detach)
         self._end_each(list(self.pairs), self._close)
 
     @staticmethod
@@ -967,6 +1104,8 @@ class Relay:
         on_refused: Callable[[int], None] | None = None,
         idle_timeout: float = 0,
         on_idle_closed: Callable[[int], None] | None = None,
+        http: bool = False,
+        on_knock: Callable[[], None] | None = None,
     ) -> None:
         if loops is None:
             loops = default_loops()
@@ -984,6 +1123,10 @@ class Relay:
         self._idle_timeout = idle_timeout
         self._on_idle_closed = on_idle_closed
         self._sweep_every = max(0.05, min(1.0, idle_timeout / 4)) if idle_timeout > 0 else 0.0
+        # HTTP: connections are in use while a request is in flight (lmproxy.exchange).
+        self._gate = Gate() if http else None
+        self._on_knock = on_knock
+        self._knocks = 0  # requests held back at the closed gate, over every loop
         # Set by accept_from(), cleared by the stop_accepting*() methods, under the lock.
         self._listener: socket.socket | None = None
         self._listen_fd = -1
@@ -1061,10 +1204,11 @@ class Relay:
         a stop_accepting*() call. Each client counts in ``active`` from the moment it is
         accepted."""
         with self._lock:
-            if self._listener is not None:
-                return
             if self._stopped or not self._started:
                 raise RuntimeError("relay is not running")
+            self._open_gate_locked()
+            if self._listener is not None:
+                return
             self._listener = listener
             self._listen_fd = listener.fileno()
             client_tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
@@ -1080,18 +1224,64 @@ class Relay:
             return self._listener is not None
 
     def stop_accepting(self) -> None:
-        """The loops accept no more clients once this returns."""
+        """The loops accept no more clients once this returns (nor, for HTTP, start the
+        next request of a connection that has none in flight: the gate closes)."""
         with self._lock:
+            if self._gate is not None:
+                self._gate.close()
             self._stop_accepting_locked()
 
     def stop_accepting_if_idle(self) -> bool:
-        """Stop accepting if no pair is open, atomically with that check: False (and nothing
-        changed) if a pair is open, even one that was accepted a moment ago."""
+        """Stop accepting if nothing is in use, atomically with that check: False (and
+        nothing changed) if a pair is in use, even one that was accepted a moment ago.
+        For HTTP, in use means a request in flight, and the gate closes in the same step:
+        an idle connection's next request waits for ``open_gate`` (``on_knock``)."""
         with self._lock:
-            if self._active:
+            if self._gate is not None:
+                if not self._gate.close_if_idle():
+                    return False
+            elif self._active:
                 return False
             self._stop_accepting_locked()
             return True
+
+    def open_gate(self) -> None:
+        """Let idle connections start requests again (HTTP), and relay those held back."""
+        with self._lock:
+            self._open_gate_locked()
+
+    def _open_gate_locked(self) -> None:
+        if self._gate is None or (self._gate.is_open and not self._knocks):
+            return
+        self._gate.open()
+        if self._knocks:
+            for loop in self._loops:
+                if loop.state == _RUNNING:
+                    loop.post_locked(_Resume())
+
+    @property
+    def in_use(self) -> int:
+        """Pairs in use: for HTTP, those with a request in flight; else every open pair."""
+        if self._gate is not None:
+            return self._gate.in_flight
+        with self._lock:
+            return self._active
+
+    @property
+    def knocking(self) -> bool:
+        """Whether requests wait at the closed gate (clients, for the shim to claim)."""
+        with self._lock:
+            return self._knocks > 0
+
+    def _new_exchange(self) -> Exchange | None:
+        return None if self._gate is None else Exchange(self._gate)
+
+    def _knocks_changed(self, n: int) -> None:
+        """From a loop thread: n requests more (or fewer) wait at the gate."""
+        with self._lock:
+            self._knocks += n
+        if n > 0 and self._on_knock is not None:
+            self._on_knock()
 
     def _stop_accepting_locked(self) -> None:
         if self._listener is None:

@@ -120,6 +120,10 @@ class Shim:
             on_refused=self._refused,
             idle_timeout=service.idle_connection_timeout_s,
             on_idle_closed=self._idle_closed,
+            # HTTP: a connection is in use while a request is in flight, so that one left
+            # open in a client's pool does not keep the model loaded (LIFECYCLE.md).
+            http=service.protocol == "http",
+            on_knock=self._wake,
         )
         self._refused_since_log = 0
         self._over_limit_warning = Every(REFUSED_LOG_EVERY_S)
@@ -386,7 +390,7 @@ class Shim:
             if entry is not None and phase is Phase.FALLING_ASLEEP and self.service.sleep:
                 self._fall_asleep(entry.sleep_level or self.service.sleep.level)
                 continue
-            if phase is Phase.RUNNING or self._pending or self._backlog():
+            if phase is Phase.RUNNING or self._pending or self._clients_wait():
                 return None
             timeout_ms = None
             if phase is Phase.SLEEPING and idle_after:
@@ -453,6 +457,11 @@ class Shim:
         notify(f"STATUS=relaying to {self.backend}")
         return None
 
+    def _clients_wait(self) -> bool:
+        """Whether new clients wait in the backlog, or requests of open connections at the
+        relay's closed gate."""
+        return self.relay.knocking or self._backlog()
+
     def _backlog(self) -> bool:
         """Whether clients wait in the listening socket's backlog."""
         poller = select.poll()
@@ -468,7 +477,7 @@ class Shim:
         poller.register(self._wake_r, select.POLLIN)
         poller.register(watch, select.POLLIN)
         polled = False  # whether this thread watches the listener (the relay loops do not)
-        if self._pending and (outcome := self._accept_clients()):
+        if (self._pending or self.relay.knocking) and (outcome := self._accept_clients()):
             return outcome
         while True:
             if self.server.gone.is_set():
@@ -480,7 +489,7 @@ class Shim:
                 else:
                     poller.unregister(self.listener)
             timeout_ms: int | None = None
-            if idle_after and self.relay.active == 0:
+            if idle_after and self.relay.in_use == 0:
                 idle_for = time.monotonic() - self.relay.last_activity
                 if idle_for >= idle_after:
                     if self._stop_for_idleness():
@@ -500,7 +509,7 @@ class Shim:
                 outcome = None
                 if fd == self._wake_r:
                     self._drain_wake_pipe()
-                    if self._pending:
+                    if self._pending or self.relay.knocking:
                         outcome = self._accept_clients()
                 elif fd == watch.fileno():
                     watch.consume()
@@ -528,6 +537,9 @@ class Shim:
             # Draining, asleep or being stopped: the clients stay in the backlog, and
             # the lifecycle says what comes next.
             return Outcome.NOT_ADMITTING
+        # Claimed (or starting, never evicted): the next requests of open connections may
+        # start, and those held back at the gate go on.
+        self.relay.open_gate()
         try:
             while True:
                 if self._pending:
@@ -685,13 +697,19 @@ class Shim:
         published: tuple[int, float] = (-1, 0.0)  # the relay's count and activity then
         last = 0.0
         while True:
-            holding = self._held and self.relay.active == 0
-            self._published.wait(HOLD_S if holding else PUBLISH_INTERVAL_S)
+            # While the claim is held, look every HOLD_S: the last request's end (HTTP) is
+            # not an event here, and the claim must end within about a second of it.
+            self._published.wait(HOLD_S if self._held else PUBLISH_INTERVAL_S)
             self._published.clear()
             time.sleep(max(0.0, last + PUBLISH_GAP_S - time.monotonic()))
-            active, activity = self.relay.active, self.relay.last_activity
-            release = self._held and active == 0 and time.monotonic() - activity >= HOLD_S
-            if (active, activity) == published and not release and not self._claimed_since:
+            in_use, activity = self.relay.in_use, self.relay.last_activity
+            release = self._held and in_use == 0 and time.monotonic() - activity >= HOLD_S
+            if (
+                not release
+                and not self._claimed_since
+                and (in_use == published[0])
+                and (activity == published[1] or time.monotonic() - last < PUBLISH_INTERVAL_S)
+            ):
                 continue
             self._claimed_since = False
             try:
@@ -703,7 +721,7 @@ class Shim:
                 self.log.error(f"could not update the ledger: {error}", event="ledger-failed")
                 continue
             last = time.monotonic()
-            published = (self.relay.active, activity)
+            published = (self.relay.in_use, activity)
 
     def _in_use(self, count: int, activity: float) -> lifecycle.InUse:
         """count clients in use now, and the relay's last activity (its monotonic
@@ -715,17 +733,18 @@ class Shim:
         """The relay's own count, claim given up: a drained model's waiter may evict it as
         soon as its clients are done (the publisher tells later changes)."""
         with contextlib.suppress(OSError, SystemdError, LedgerError):
-            self._tell(self._in_use(self.relay.active, self.relay.last_activity))
+            self._tell(self._in_use(self.relay.in_use, self.relay.last_activity))
         self._published.set()
 
     def _count_to_publish(self) -> int:
         with self._claim_lock:
-            count = self.relay.active + (1 if self._claimed else 0)
+            count = self.relay.in_use + (1 if self._claimed else 0)
             if count == 0 and self._held:
                 if time.monotonic() - self.relay.last_activity < HOLD_S:
                     return 1  # still held: the next client needs no transaction
                 if not self.relay.stop_accepting_if_idle():
-                    return max(1, self.relay.active)  # a relay loop accepted one just now
+                    # A relay loop accepted a client, or a request began, just now.
+                    return max(1, self.relay.in_use)
                 self._held = False
                 self._wake()  # the main thread watches the listener again
             return count

@@ -122,16 +122,44 @@ def http_get(port: int, path: str = "/", timeout: float = 60) -> dict[str, Any]:
     return result
 
 
+# The head of a request whose last line has not been sent: the request is in flight (the
+# model "reads the prompt") until request_on finishes it.
+UNFINISHED_HEAD = b"GET / HTTP/1.1\r\nHost: t\r\n"
+
+
 def open_connection(port: int, timeout: float = 60) -> socket.socket:
-    """A keep-alive connection that has been served once (so it is relayed)."""
-    conn = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    request_on(conn)
+    """A client in use: a keep-alive connection served once, with its next request in
+    flight. (One that has been answered and sits idle does not keep its model loaded:
+    see idle_connection.)"""
+    conn = idle_connection(port, timeout)
+    conn.sendall(UNFINISHED_HEAD)
     return conn
 
 
-def request_on(conn: socket.socket) -> bytes:
-    """One keep-alive request on an open connection; the whole response."""
+def idle_connection(port: int, timeout: float = 60) -> socket.socket:
+    """A keep-alive connection served once and left open, as a client's pool keeps it."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    ask(conn)
+    return conn
+
+
+def ask(conn: socket.socket) -> bytes:
+    """One keep-alive request on a connection with none in flight: the whole answer."""
     conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    return read_answer(conn)
+
+
+def request_on(conn: socket.socket) -> bytes:
+    """Finishes the request in flight on a connection from open_connection: its whole
+    response. The next one is left in flight."""
+    conn.sendall(b"\r\n")
+    data = read_answer(conn)
+    conn.sendall(UNFINISHED_HEAD)
+    return data
+
+
+def read_answer(conn: socket.socket) -> bytes:
+    """The fake model's answer to a GET (a small JSON object)."""
     data = b""
     while b"}" not in data:
         chunk = conn.recv(65536)

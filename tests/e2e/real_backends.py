@@ -32,9 +32,29 @@ def find_llama_server() -> LlamaServer | str:
     )
     if result.returncode != 0:
         return result.stderr.strip() or f"{SCRIPT} --cached exited {result.returncode}"
-    paths = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    paths = cached_paths(result.stdout)
     binary, model = Path(paths["LLAMA_SERVER"]), Path(paths["LLAMA_MODEL"])
     return LlamaServer(binary, model, frozenset({"hello", "world", "proxy", "model"}))
+
+
+def cached_paths(output: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+
+
+def openai_python() -> Path:
+    """A Python that imports the official `openai` client (installed by
+    tools/real-backends in its cache: Debian has no package of it); skips the test (fails it
+    in CI) where there is none."""
+    result = subprocess.run(
+        [str(SCRIPT), "--cached"], capture_output=True, text=True, timeout=60, check=False
+    )
+    python = cached_paths(result.stdout).get("OPENAI_PYTHON") if result.returncode == 0 else None
+    if python is not None:
+        return Path(python)
+    message = "the openai client is not installed: run tools/real-backends (once)"
+    if os.environ.get("LMPROXY_REQUIRE_SANDBOX") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def llama_server() -> LlamaServer:

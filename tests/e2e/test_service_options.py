@@ -11,6 +11,7 @@ from pathlib import Path
 from lmproxy.render import current_interpreter
 from lmproxy.sandbox import Sandbox
 from tests.e2e.helpers import (
+    ask,
     fake_model,
     free_port,
     http_get,
@@ -257,7 +258,7 @@ def test_a_model_on_a_unix_socket_only_those_allowed_reach(
     with socket.socket(socket.AF_UNIX) as client:
         client.settimeout(60)
         client.connect(str(path))
-        assert b'"private"' in request_on(client)
+        assert b'"private"' in ask(client)
     [entry] = status_json(systemd_sandbox)["services"]
     assert entry["listen"] == str(path)
     lmproxy(systemd_sandbox, "uninstall", "--user")

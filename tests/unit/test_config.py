@@ -1398,6 +1398,15 @@ def test_connection_limits_default_to_none_and_take_counts() -> None:
         assert service_problem(**{field: value})[0] == f"$.Services[0].{field}"
 
 
+def test_connections_are_counted_as_http_requests_unless_raw() -> None:
+    assert one_service().protocol == "http"
+    assert one_service(Protocol=None).protocol == "http"
+    assert one_service(Protocol="raw").protocol == "raw"
+    path, message = service_problem(Protocol="tcp")
+    assert path == "$.Services[0].Protocol"
+    assert message == 'expected "http" or "raw", got \'tcp\''
+
+
 def unix_service(**overrides: Any) -> dict[str, Any]:
     service = minimal_service(**overrides)
     del service["ListenPort"]
