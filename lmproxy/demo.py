@@ -2,7 +2,8 @@
 
 It installs them into a real systemd user manager (a private sandboxed one
 when this machine was not booted with systemd), connects to each in turn, and
-shows the lazy start, a model put to sleep for room and woken, the commands
+shows the lazy start, a model put to sleep for room although its client keeps
+its answered connection open (in use means a request in flight), woken again, the commands
 (sleep, start, stop), `lmproxy status` and the logs, then removes everything
 it installed.
 """
@@ -71,11 +72,21 @@ def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
             body = http_get(port)
             say(f"answered after {time.monotonic() - started:.2f} s: {body}")
 
+        pooled: socket.socket | None = None
         try:
             lmproxy("install", "--user", "--config", str(config), "--now")
             lmproxy("status", "--user")
-            client("small-model", small_port, "it starts on demand")
-            client("large-model", large_port, "small-model is put to sleep to make room")
+            say(f"\n# a client connects to small-model on port {small_port}: it starts on demand;")
+            say("# the client keeps its answered connection open, as the OpenAI SDKs' pools do")
+            started = time.monotonic()
+            pooled, body = keep_alive_get(small_port)
+            say(f"answered after {time.monotonic() - started:.2f} s: {body}")
+            client(
+                "large-model",
+                large_port,
+                "small-model is put to sleep to make room (its open connection has no "
+                "request in flight: it does not keep it loaded)",
+            )
             lmproxy("status", "--user")
             client("small-model", small_port, "it wakes (large-model is stopped for room)")
             say("\n# by hand, through the same lifecycle: sleep, start, stop")
@@ -87,6 +98,8 @@ def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
             lmproxy("logs", "small-model")
             lmproxy("logs", "large-model")
         finally:
+            if pooled is not None:
+                pooled.close()
             lmproxy("uninstall", "--user")
 
 
@@ -98,6 +111,16 @@ def http_get(port: int, path: str = "/", timeout: float = 60) -> str:
             chunks.append(data)
     response = b"".join(chunks).decode(errors="replace")
     return response.split("\r\n\r\n", 1)[-1]
+
+
+def keep_alive_get(port: int, timeout: float = 60) -> tuple[socket.socket, str]:
+    """One request on a connection left open afterwards: the connection and the body."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    conn.sendall(b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n")
+    data = b""
+    while b"}" not in data and (chunk := conn.recv(65536)):
+        data += chunk
+    return conn, data.decode(errors="replace").split("\r\n\r\n", 1)[-1]
 
 
 Wrap = Callable[[Sequence[str]], list[str]]

@@ -622,6 +622,7 @@ class _Loop:
             and not out.pending
             and not into.pending
             and not out.eof
+            and not out.knocked
             and (not out.upstream or out.exchange is None or out.exchange.enter())
         ):
             # The common case: a message (a request, a token) on a connection with nothing
@@ -832,6 +833,11 @@ class _Loop:
                     self._give_pipe(d)
                 return moved
             connection = d.exchange
+            if d.knocked:
+                # Held at the gate until _resume (or _detach): its bytes wait in order.
+                if d.pipe_w >= 0:
+                    self._give_pipe(d)
+                return moved
             if connection is not None and d.upstream and not connection.enter():
                 # An idle connection's next request, and the claim has ended: not read
                 # until the shim has claimed again (see _knock).

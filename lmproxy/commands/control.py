@@ -44,11 +44,14 @@ def start(scope: str | None, name: str) -> None:
 
 @click.command()
 @scope_option
-@click.option("--force", is_flag=True, help="Stop it even while clients use it (cutting them).")
+@click.option(
+    "--force", is_flag=True, help="Stop it even while requests are in flight (cutting them)."
+)
 @click.argument("name")
 def stop(scope: str | None, name: str, force: bool) -> None:
-    """Unload NAME now (awake or asleep). Refused while clients use it or while it
-    starts, unless --force. Exits 0 once its backend has stopped."""
+    """Unload NAME now (awake or asleep). Refused while clients use it (a request in
+    flight; for a raw service, an open connection) or while it starts, unless --force.
+    Exits 0 once its backend has stopped."""
     _carry_out(scope, name, lambda c: c.stop(force=force))
 
 
