@@ -83,6 +83,18 @@ def silent(sock: socket.socket) -> bool:
     return False
 
 
+def answered_and_unclaimed(relay: Relay, net: Net) -> tuple[socket.socket, socket.socket]:
+    """A connection answered once and left open, after the claim ended (gate closed)."""
+    client, backend = net.relayed(relay)
+    client.sendall(GET)
+    recv_exactly(backend, len(GET))
+    backend.sendall(OK)
+    recv_exactly(client, len(OK))
+    wait_until(lambda: relay.in_use == 0)
+    assert relay.stop_accepting_if_idle()
+    return client, backend
+
+
 def test_an_answered_connection_left_open_is_not_in_use(relay: Relay, net: Net) -> None:
     client, backend = net.relayed(relay)
     client.sendall(GET)
@@ -177,13 +189,7 @@ def test_no_claim_no_request_the_gate_holds_an_idle_connections_next_one(
 def test_a_client_that_closes_its_idle_connection_at_the_closed_gate_ends_it(
     relay: Relay, net: Net, knocks: Knocks
 ) -> None:
-    client, backend = net.relayed(relay)
-    client.sendall(GET)
-    recv_exactly(backend, len(GET))
-    backend.sendall(OK)
-    recv_exactly(client, len(OK))
-    wait_until(lambda: relay.in_use == 0)
-    assert relay.stop_accepting_if_idle()
+    client, backend = answered_and_unclaimed(relay, net)
     client.close()  # its pool let it go
     wait_until(lambda: relay.active == 0)
     assert knocks.count == 0 and not relay.knocking
@@ -224,13 +230,7 @@ def test_a_held_request_whose_backend_goes_is_given_back_unread(
     relay = Relay(http=True, on_knock=knocks, on_give_back=given_back)
     relay.start()
     try:
-        client, backend = net.relayed(relay)
-        client.sendall(GET)
-        recv_exactly(backend, len(GET))
-        backend.sendall(OK)
-        recv_exactly(client, len(OK))
-        wait_until(lambda: relay.in_use == 0)
-        assert relay.stop_accepting_if_idle()
+        client, backend = answered_and_unclaimed(relay, net)
         client.sendall(GET)
         wait_until(lambda: relay.knocking)
         backend.close()
