@@ -146,6 +146,8 @@ TOP_LEVEL_FIELDS = (
     "ResourcesAvailable",
     "OpenAiApi",
     "ManagementApi",
+    "LogLevel",  # accepted: lmproxy logs to the journal (journalctl -p filters)
+    "ClientRequestBufferLimitBytes",  # accepted: clients wait in the backlog, unbuffered
     "ListenAddress",  # lmproxy
     "SwapAfterWaitingSeconds",  # lmproxy
     "MinLoadedSeconds",  # lmproxy
@@ -448,11 +450,14 @@ class _Fields:
                 self._found[name] = (key, key_path, value)
 
     def get(self, name: str) -> tuple[str, object] | None:
+        """The field's path and value; None when absent or null: large-model-proxy (Go)
+        writes null for every optional field it leaves unset, and reads it as the
+        default, so lmproxy does the same for every field."""
         found = self._found.get(name)
-        return None if found is None else (found[1], found[2])
+        return None if found is None or found[2] is None else (found[1], found[2])
 
     def has(self, name: str) -> bool:
-        return name in self._found
+        return self.get(name) is not None
 
     def path_of(self, name: str) -> str:
         found = self._found.get(name)
@@ -656,6 +661,9 @@ class _Parser:
         )
         min_loaded = self.integer(fields, "MinLoadedSeconds", 0, MAX_SECONDS, DEFAULT_MIN_LOADED_S)
         output_service_logs = self.boolean(fields, "OutputServiceLogs", True)
+        # large-model-proxy's, with no meaning here (README: Coming from large-model-proxy).
+        self.text(fields, "LogLevel")
+        self.integer(fields, "ClientRequestBufferLimitBytes", 0, MAX_RESOURCE_AMOUNT, 0)
         default_service_url = self.optional_text(fields, "DefaultServiceUrl")
         listen_address = self.address(fields, "ListenAddress", DEFAULT_LISTEN_ADDRESS)
         openai_port = self.api_port(fields, "OpenAiApi")
@@ -792,14 +800,10 @@ class _Parser:
             split_args = []
 
         healthcheck_command = self.optional_text(fields, "HealthcheckCommand")
-        healthcheck_interval = self.integer(
-            fields,
-            "HealthcheckIntervalMilliseconds",
-            1,
-            MAX_MILLISECONDS,
-            DEFAULT_HEALTHCHECK_INTERVAL_MS,
-        )
-        if fields.has("HealthcheckIntervalMilliseconds") and healthcheck_command is None:
+        # 0 means the default, as in large-model-proxy.
+        interval = self.integer(fields, "HealthcheckIntervalMilliseconds", 0, MAX_MILLISECONDS, 0)
+        healthcheck_interval = interval or DEFAULT_HEALTHCHECK_INTERVAL_MS
+        if interval > 0 and healthcheck_command is None:
             self.error(
                 fields.path_of("HealthcheckIntervalMilliseconds"),
                 "HealthcheckIntervalMilliseconds is set but there is no HealthcheckCommand",

@@ -516,7 +516,7 @@ BOOL_FIELDS = ["RestartOnConnectionFailure", "ConsiderStoppedOnProcessExit", "Op
 
 
 @pytest.mark.parametrize("field", BOOL_FIELDS)
-@pytest.mark.parametrize("value", [1, 0, "true", None, [], {}, 1.0])
+@pytest.mark.parametrize("value", [1, 0, "true", [], {}, 1.0])
 def test_bool_fields_take_only_booleans(field: str, value: object) -> None:
     path, message = service_problem(**{field: value})
     assert path == f"$.Services[0].{field}"
@@ -531,7 +531,7 @@ def test_output_service_logs_is_a_bool() -> None:
 
 
 INT_FIELDS = {
-    "HealthcheckIntervalMilliseconds": (1, 2**31 - 1),
+    "HealthcheckIntervalMilliseconds": (0, 2**31 - 1),
     "StartupTimeoutMilliseconds": (1, 2**31 - 1),
     "ShutDownAfterInactivitySeconds": (0, 2**31 - 1),
 }
@@ -546,7 +546,8 @@ def test_service_integer_ranges(field: str) -> None:
         "StartupTimeoutMilliseconds": "startup_timeout_ms",
         "ShutDownAfterInactivitySeconds": "shutdown_after_inactivity_s",
     }[field]
-    assert getattr(one_service(**{field: low}, **extra), attribute) == low
+    lowest = 200 if field == "HealthcheckIntervalMilliseconds" else low  # 0: the default
+    assert getattr(one_service(**{field: low}, **extra), attribute) == lowest
     assert getattr(one_service(**{field: high}, **extra), attribute) == high
     for bad in (low - 1, high + 1):
         path, message = service_problem(**{field: bad}, **extra)
@@ -555,7 +556,7 @@ def test_service_integer_ranges(field: str) -> None:
 
 
 @pytest.mark.parametrize("field", INT_FIELDS)
-@pytest.mark.parametrize("value", [True, False, 1.5, 1.0, 1e3, "5", None, [], {}])
+@pytest.mark.parametrize("value", [True, False, 1.5, 1.0, 1e3, "5", [], {}])
 def test_integer_fields_take_only_json_integers(field: str, value: object) -> None:
     path, message = service_problem(**{field: value}, HealthcheckCommand="true")
     assert path == f"$.Services[0].{field}"
@@ -617,7 +618,6 @@ def test_ports_accept_integers_and_digit_strings(field: str, value: object, expe
         "1" * 50,
         80.0,
         True,
-        None,
         [],
         {},
     ],
@@ -1239,17 +1239,78 @@ def test_openai_api_models() -> None:
     )
 
 
-def test_null_is_not_a_value_for_required_or_typed_fields() -> None:
-    for field in ["Name", "Command", "Args", "ProxyTargetHost", "ListenAddress"]:
+NULLABLE_AS_GO_WRITES_THEM = {
+    # large-model-proxy (Go) writes null for every unset optional field and reads it as the
+    # default: the shapes seen in its users' configs.
+    "RestartOnConnectionFailure": ("restart_on_connection_failure", False),
+    "ConsiderStoppedOnProcessExit": ("consider_stopped_on_process_exit", True),
+    "OpenAiApi": ("openai_api", False),
+    "OpenAiApiModels": ("openai_api_models", ()),
+    "ResourceRequirements": ("resource_requirements", {}),
+    "StartupTimeoutMilliseconds": ("startup_timeout_ms", 600_000),
+    "HealthcheckIntervalMilliseconds": ("healthcheck_interval_ms", 200),
+    "ShutDownAfterInactivitySeconds": ("shutdown_after_inactivity_s", 0),
+    "Args": ("args", ""),
+    "ProxyTargetHost": ("proxy_target_host", "localhost"),
+    "ListenAddress": ("listen_address", "127.0.0.1"),
+    "LogFilePath": ("log_file_path", None),
+    "WorkDir": ("work_dir", None),
+    "ServiceUrl": ("service_url", None),
+}
+
+
+@pytest.mark.parametrize("field", NULLABLE_AS_GO_WRITES_THEM)
+def test_null_means_the_default(field: str) -> None:
+    attribute, default = NULLABLE_AS_GO_WRITES_THEM[field]
+    assert getattr(one_service(**{field: None}), attribute) == default
+
+
+def test_null_at_the_top_level_means_the_default() -> None:
+    config = parse(
+        document(
+            minimal_service(),
+            MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds=None,
+            OutputServiceLogs=None,
+            ShutDownAfterInactivitySeconds=None,
+            DefaultServiceUrl=None,
+            OpenAiApi=None,
+            ManagementApi=None,
+            LogLevel=None,
+            ClientRequestBufferLimitBytes=None,
+        )
+    )
+    assert config.max_wait_for_connection_close_s == 1200
+    assert config.output_service_logs is True
+    assert config.openai_api_listen_port is None
+
+
+def test_a_required_field_left_null_is_missing() -> None:
+    for field in ["Name", "Command", "ListenPort", "ProxyTargetPort"]:
         path, message = service_problem(**{field: None})
         assert path == f"$.Services[0].{field}"
-        assert message == "expected a string, got null"
+        assert "required" in message or "needs" in message, message
+
+
+def test_large_model_proxys_log_level_and_request_buffer_are_accepted() -> None:
+    parse(document(minimal_service(), LogLevel="debug", ClientRequestBufferLimitBytes=1 << 20))
+    assert only_problem('{"LogLevel": 3}')[0] == "$.LogLevel"
+    assert only_problem('{"ClientRequestBufferLimitBytes": -1}')[0] == (
+        "$.ClientRequestBufferLimitBytes"
+    )
+
+
+def test_a_healthcheck_interval_of_0_is_the_default_and_needs_no_command() -> None:
+    assert one_service(HealthcheckIntervalMilliseconds=0).healthcheck_interval_ms == 200
+    assert service_problem(HealthcheckIntervalMilliseconds=100) == (
+        "$.Services[0].HealthcheckIntervalMilliseconds",
+        "HealthcheckIntervalMilliseconds is set but there is no HealthcheckCommand",
+    )
 
 
 # --- Shapes and collecting problems -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [{}, "a", 1, None])
+@pytest.mark.parametrize("value", [{}, "a", 1])
 def test_services_must_be_a_list(value: object) -> None:
     path, message = only_problem(json.dumps({"Services": value}))
     assert path == "$.Services"
