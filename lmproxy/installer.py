@@ -46,8 +46,16 @@ SYSTEMD_EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 
 
 def refuse_missing_commands(config: Config) -> None:
-    """Refuses (as a config error) a Command this machine cannot run: better said
-    at install than found out by the first client."""
+    """Refuses (as a config error) a Command this machine cannot run (--strict)."""
+    problems = missing_commands(config)
+    if problems:
+        raise ConfigError(problems)
+
+
+def missing_commands(config: Config) -> list[tuple[str, str]]:
+    """Each Command this machine cannot run now, as (JSON path, why): better said at
+    install than found out by the first client. Not an error by default: the server
+    may be installed later (large-model-proxy accepts such a config too)."""
     problems = []
     for index, service in enumerate(config.services):
         command = service.command
@@ -60,8 +68,12 @@ def refuse_missing_commands(config: Config) -> None:
             problems.append(
                 (f"$.Services[{index}].Command", f"{command!r} is not an executable file{where}")
             )
-    if problems:
-        raise ConfigError(problems)
+    return problems
+
+
+def warn_of_missing_commands(config: Config, warn: Say) -> None:
+    for path, why in missing_commands(config):
+        warn(f"warning: {path}: {why}: its model cannot start until it is installed")
 
 
 def render_for(config: Config, scope: Scope) -> dict[str, str]:
@@ -128,10 +140,16 @@ def plan_install(units: dict[str, str], paths: Paths) -> Plan:
     return Plan(write, tuple(sorted(keep)), remove)
 
 
-def install(config_path: Path, scope: Scope, *, now: bool, say: Say) -> None:
-    """Validates, renders, writes, reloads, enables (and with now, starts)."""
+def install(
+    config_path: Path, scope: Scope, *, now: bool, say: Say, warn: Say, strict: bool = False
+) -> None:
+    """Validates, renders, writes, reloads, enables (and with now, starts). A Command
+    that cannot run here is refused with strict, else warned of."""
     config = load_config(config_path)
-    refuse_missing_commands(config)
+    if strict:
+        refuse_missing_commands(config)
+    else:
+        warn_of_missing_commands(config, warn)
     if scope is Scope.SYSTEM:
         require_root_owned_code()
     config_text = config_path.read_bytes()

@@ -14,19 +14,33 @@ from lmproxy.config import ConfigError
 @config_option
 @scope_option
 @click.option("--now", is_flag=True, help="Also start the sockets (they listen at once).")
-def install(config_path: Path, scope: str | None, now: bool) -> None:
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse a Command that cannot run on this machine (default: warn of it).",
+)
+def install(config_path: Path, scope: str | None, now: bool, strict: bool) -> None:
     """Render units from a config and install them into systemd.
 
     Re-running it with a changed config updates the units in place, removes
     those of services that left the config, and leaves the others running.
-    A bad config is refused (exit 2) and nothing is changed.
+    A bad config is refused (exit 2) and nothing is changed. A Command that
+    cannot run here is warned of (its model's start fails until it is
+    installed), or refused with --strict.
     """
     from lmproxy import installer
     from lmproxy.systemd import SystemdError
     from lmproxy.trust import UntrustedCode
 
     try:
-        installer.install(config_path, resolve_scope(scope), now=now, say=click.echo)
+        installer.install(
+            config_path,
+            resolve_scope(scope),
+            now=now,
+            say=click.echo,
+            warn=lambda line: click.echo(line, err=True),
+            strict=strict,
+        )
     except ConfigError as error:
         refuse_config(error, config_path)
     except (SystemdError, UntrustedCode) as error:

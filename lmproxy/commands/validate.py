@@ -17,15 +17,22 @@ from lmproxy.config import ConfigError, load_config
     is_flag=True,
     help="Check the file alone, not whether its commands exist on this machine.",
 )
-def validate(config_path: Path, syntax_only: bool) -> None:
-    """Check a config, and that its commands exist here; exit 2 naming each bad
-    value's JSON path. Nothing is changed."""
-    from lmproxy.installer import refuse_missing_commands
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse a Command that cannot run on this machine (default: warn of it).",
+)
+def validate(config_path: Path, syntax_only: bool, strict: bool) -> None:
+    """Check a config; exit 2 naming each bad value's JSON path. A Command that
+    cannot run here is warned of (refused with --strict). Nothing is changed."""
+    from lmproxy.installer import refuse_missing_commands, warn_of_missing_commands
 
     try:
         config = load_config(config_path)
-        if not syntax_only:
+        if strict and not syntax_only:
             refuse_missing_commands(config)
+        elif not syntax_only:
+            warn_of_missing_commands(config, lambda line: click.echo(line, err=True))
     except ConfigError as error:
         refuse_config(error, config_path)
         return

@@ -19,6 +19,7 @@ from typing import Any
 
 from lmproxy.sandbox import Sandbox
 from tests.e2e.helpers import (
+    ask,
     fake_model,
     free_port,
     http_get,
@@ -212,7 +213,6 @@ def test_a_raw_service_counts_every_open_connection(
         answer = pool.submit(http_get, newcomer)
         time.sleep(2)
         assert not answer.done()  # the open connection keeps busy loaded
-        pooled.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # still served meanwhile
-        assert b'"busy"' in pooled.recv(65536)
+        assert b'"busy"' in ask(pooled)  # still served meanwhile
         pooled.close()
         assert answer.result(timeout=30)["model"] == "newcomer"
