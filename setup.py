@@ -1,8 +1,9 @@
 """The C part of lmproxy: everything else is declared in pyproject.toml.
 
 lmproxy._fastcopy copies the relay's small messages without the interpreter (see
-lmproxy/_fastcopy.c) and follows their HTTP/1.1 framing (lmproxy/_exchange.c). It is optional: where it cannot be built (no C compiler or no
-Python headers) the install goes on, and the relay does that copy in Python.
+lmproxy/_fastcopy.c) and follows their HTTP/1.1 framing (lmproxy/_exchange.c). It is
+optional: where it cannot be built (no C compiler or no Python headers) the install goes
+on, and the relay does both in Python.
 """
 
 from setuptools import Extension, setup
