@@ -563,13 +563,12 @@ class _Parser:
     # Fields
 
     def text(self, fields: _Fields, name: str, *, null_ok: bool = False) -> str | None:
-        """A string field; None when absent, null (where allowed) or invalid."""
+        """A string field; None when absent, null or invalid. null_ok: an optional one,
+        whose error says that null is welcome too."""
         got = fields.get(name)
         if got is None:
             return None
         path, value = got
-        if value is None and null_ok:
-            return None
         return self.string_value(path, value, "a string or null" if null_ok else "a string")
 
     def optional_text(self, fields: _Fields, name: str) -> str | None:
@@ -589,7 +588,7 @@ class _Parser:
     def choice(self, fields: _Fields, name: str, options: tuple[str, ...]) -> str:
         """One of options (the first when absent or null)."""
         got = fields.get(name)
-        if got is None or got[1] is None:
+        if got is None:
             return options[0]
         path, value = got
         if value not in options:

@@ -691,10 +691,7 @@ class _Loop:
         quiet = not pair.up.pending and not pair.down.pending
         for d in (pair.up, pair.down):
             if quiet and d.copy and not d.eof and not d.rdhup and not d.knocked:
-                if d.exchange is None:
-                    copier.allow(d.src_fd, d.dst_fd)
-                else:
-                    copier.allow(d.src_fd, d.dst_fd, d.exchange, d.upstream)
+                copier.allow(d.src_fd, d.dst_fd, d.exchange, d.upstream)
             else:
                 copier.deny(d.src_fd)
 
@@ -729,10 +726,9 @@ class _Loop:
     def _knock(self, pair: _Pair) -> bool:
         """A request held back at the closed gate: an idle connection's client sent
         something. A FIN (the client closed the connection it kept in its pool) ends the
-        pair here; bytes wait unread until the gate opens (``_resume``) and the shim hears
-        of them, to claim again (or, if the model is going, to let the pair be closed: the
-        client sees the connection reset before any answer, and sends again on a new one).
-        True if the pair was closed."""
+        pair here; bytes wait unread until the gate opens (``_resume``: the shim heard of
+        them and claimed again) or the backend goes (``_detach``). True if the pair was
+        closed."""
         try:
             peeked = pair.client.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
@@ -754,9 +750,6 @@ class _Loop:
         the connection, or the shim closes every pair): the client goes back to the caller
         with its request unread, to be relayed to the backend's next start like a client
         that waited in the backlog. An HTTP client sees its connection carry on."""
-        if pair in self.knocked:
-            self.knocked.discard(pair)
-            self.relay._knocks_changed(-1)
         self._forget(pair)
         self._give_back(pair.client, pair.backend)
 
@@ -833,14 +826,9 @@ class _Loop:
                     self._give_pipe(d)
                 return moved
             connection = d.exchange
-            if d.knocked:
-                # Held at the gate until _resume (or _detach): its bytes wait in order.
-                if d.pipe_w >= 0:
-                    self._give_pipe(d)
-                return moved
-            if connection is not None and d.upstream and not connection.enter():
-                # An idle connection's next request, and the claim has ended: not read
-                # until the shim has claimed again (see _knock).
+            if d.knocked or (connection is not None and d.upstream and not connection.enter()):
+                # An idle connection's next request, and the claim has ended: held, unread,
+                # until _resume (the shim claimed again) or _detach (see _knock).
                 d.knocked = True
                 if d.pipe_w >= 0:
                     self._give_pipe(d)
@@ -954,9 +942,6 @@ class _Loop:
     def _close(self, pair: _Pair) -> None:
         if pair.closed:
             return
-        if pair in self.knocked:
-            self.knocked.discard(pair)
-            self.relay._knocks_changed(-1)
         self._forget(pair)
         for sock in (pair.client, pair.backend):
             with contextlib.suppress(OSError):
@@ -969,6 +954,9 @@ class _Loop:
         pair.closed = True
         self.pairs.discard(pair)
         self.again.discard(pair)
+        if pair in self.knocked:
+            self.knocked.discard(pair)
+            self.relay._knocks_changed(-1)
         if pair.exchange is not None:
             pair.exchange.release()
         assert self.epoll is not None

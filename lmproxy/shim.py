@@ -394,17 +394,24 @@ class Shim:
                 return None
             timeout_ms = None
             if phase is Phase.SLEEPING and idle_after:
-                idle_for = time.monotonic() - self.relay.last_activity
-                if idle_for >= idle_after:
+                timeout_ms = self._idle_left_ms(idle_after)
+                if timeout_ms is None:
                     if self._stop_asleep_for_idleness():
                         return Outcome.IDLE
                     continue
-                timeout_ms = max(1, int((idle_after - idle_for) * 1000))
             for fd, _ in poller.poll(self._poll_ms(timeout_ms)):
                 if fd == self._wake_r:
                     self._drain_wake_pipe()
                 elif fd == watch.fileno():
                     watch.consume()
+
+    def _idle_left_ms(self, idle_after: int) -> int | None:
+        """How long until the relay has been idle for idle_after seconds, in milliseconds
+        (at least 1); None when it has."""
+        idle_for = time.monotonic() - self.relay.last_activity
+        if idle_for >= idle_after:
+            return None
+        return max(1, int((idle_after - idle_for) * 1000))
 
     def _stop_asleep_for_idleness(self) -> bool:
         effects = self._tell(lifecycle.Idle(self.name, time.time()))
@@ -490,12 +497,11 @@ class Shim:
                     poller.unregister(self.listener)
             timeout_ms: int | None = None
             if idle_after and self.relay.in_use == 0:
-                idle_for = time.monotonic() - self.relay.last_activity
-                if idle_for >= idle_after:
+                timeout_ms = self._idle_left_ms(idle_after)
+                if timeout_ms is None:
                     if self._stop_for_idleness():
                         return Outcome.IDLE
                     continue
-                timeout_ms = max(1, int((idle_after - idle_for) * 1000))
             elif idle_after:
                 # Look again after idle_after: if the last connection closed meanwhile, the
                 # rest of the idle time is waited then, so the stop comes on time without a
@@ -707,7 +713,7 @@ class Shim:
             if (
                 not release
                 and not self._claimed_since
-                and (in_use == published[0])
+                and in_use == published[0]
                 and (activity == published[1] or time.monotonic() - last < PUBLISH_INTERVAL_S)
             ):
                 continue

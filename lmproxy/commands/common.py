@@ -56,6 +56,11 @@ def refuse_config(error: ConfigError, path: Path) -> None:
     sys.exit(2)
 
 
+def warn(line: str) -> None:
+    """A warning on stderr: the command goes on."""
+    click.echo(line, err=True)
+
+
 def fail(message: str, status: int = 1) -> None:
     click.echo(f"lmproxy: {message}", err=True)
     sys.exit(status)

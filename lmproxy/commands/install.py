@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from lmproxy.commands.common import config_option, fail, refuse_config, resolve_scope, scope_option
+from lmproxy.commands.common import (
+    config_option,
+    fail,
+    refuse_config,
+    resolve_scope,
+    scope_option,
+    warn,
+)
 from lmproxy.config import ConfigError
 
 
@@ -38,7 +45,7 @@ def install(config_path: Path, scope: str | None, now: bool, strict: bool) -> No
             resolve_scope(scope),
             now=now,
             say=click.echo,
-            warn=lambda line: click.echo(line, err=True),
+            warn=warn,
             strict=strict,
         )
     except ConfigError as error:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from lmproxy.commands.common import config_option, refuse_config
+from lmproxy.commands.common import config_option, refuse_config, warn
 from lmproxy.config import ConfigError, load_config
 
 
@@ -29,10 +29,11 @@ def validate(config_path: Path, syntax_only: bool, strict: bool) -> None:
 
     try:
         config = load_config(config_path)
-        if strict and not syntax_only:
-            refuse_missing_commands(config)
-        elif not syntax_only:
-            warn_of_missing_commands(config, lambda line: click.echo(line, err=True))
+        if not syntax_only:
+            if strict:
+                refuse_missing_commands(config)
+            else:
+                warn_of_missing_commands(config, warn)
     except ConfigError as error:
         refuse_config(error, config_path)
         return
