@@ -23,13 +23,12 @@ def shim_arguments(argv: list[str]) -> tuple[str, str, Path] | None:
 def main() -> None:
     shim = shim_arguments(sys.argv[1:])
     if shim is not None:
-        # Every cold start waits for the shim's imports: this path skips click and
-        # the other verbs. `lmproxy shim --help` and odd spellings go through click.
-        from lmproxy.paths import Scope
-        from lmproxy.shim import main as run_shim
+        # What a shim unit runs by hand: its first stage, as the unit does (see
+        # lmproxy.earlystart). `lmproxy shim --help` and odd spellings go through click.
+        from lmproxy.earlystart import main as first_stage
 
         name, scope, config = shim
-        sys.exit(run_shim(name, Scope(scope), config))
+        first_stage([f"--{scope}", "--config", str(config), name])
     from lmproxy.cli import cli
 
     cli()

@@ -23,7 +23,12 @@ from lmproxy import render, unitnames
 from lmproxy.config import SHIM_USER, Config, ConfigError, load_config
 from lmproxy.files import write_atomically
 from lmproxy.paths import Paths, Scope, paths_for
-from lmproxy.render import current_interpreter, render_environment_files, render_units
+from lmproxy.render import (
+    current_interpreter,
+    render_environment_files,
+    render_start_plan,
+    render_units,
+)
 from lmproxy.systemd import Manager, SystemdError
 from lmproxy.trust import require_root_owned_code
 
@@ -164,6 +169,8 @@ def install(
             manager.disable_unit_files([n for n in plan.remove if _enableable(n)])
         files = {paths.unit_dir / name: (text.encode(), 0o644) for name, text in plan.write.items()}
         files[paths.installed_config] = (config_text, config_mode(scope))
+        plan_text = render_start_plan(config, config_text).encode()
+        files[paths.start_plan] = (plan_text, config_mode(scope))
         files[paths.manifest] = (json.dumps(sorted(units), indent=1).encode(), 0o644)
         environment, stale = _environment_changes(config, paths)
         files.update(environment)
@@ -204,7 +211,8 @@ def uninstall(scope: Scope, *, say: Say) -> None:
                 (paths.unit_dir / name).unlink()
         folder = environment_dir(paths)
         environment = list(folder.glob("*.env")) if folder.is_dir() else []
-        for leftover in (paths.installed_config, paths.manifest, paths.ledger, *environment):
+        leftovers = (paths.installed_config, paths.start_plan, paths.manifest, paths.ledger)
+        for leftover in (*leftovers, *environment):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
         with contextlib.suppress(OSError):

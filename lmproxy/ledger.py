@@ -138,7 +138,8 @@ class Ledger:
             return {}
 
     def _store(self, entries: Mapping[str, Entry]) -> None:
-        data = json.dumps(_encode(entries), indent=1, sort_keys=True).encode()
+        # Compact, as lmproxy.earlystart writes it (json's C encoder: no indent).
+        data = json.dumps(_encode(entries), sort_keys=True, separators=(",", ":")).encode()
         # Status is readable by all; only the owner writes. The runtime dir is a tmpfs.
         write_atomically(self.path, data, 0o644, durable=False)
 

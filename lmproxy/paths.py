@@ -43,6 +43,11 @@ class Paths:
         return self.config_dir / "config.json"
 
     @property
+    def start_plan(self) -> Path:
+        """What the shims' first stage reads (lmproxy.earlystart); beside the config."""
+        return self.config_dir / "start-plan.json"
+
+    @property
     def ledger(self) -> Path:
         return self.runtime_dir / "ledger.json"
 

@@ -8,6 +8,8 @@ cannot inject a directive, a specifier or another unit.
 
 from __future__ import annotations
 
+import binascii
+import json
 import site
 import sys
 from collections.abc import Mapping, Sequence
@@ -16,11 +18,13 @@ from pathlib import Path
 
 import jinja2
 
-from lmproxy import resources, unitnames, unitsyntax
+from lmproxy import earlystart, ledger, resources, unitnames, unitsyntax
 from lmproxy.config import Config, Service
 from lmproxy.paths import Scope
 
 BACKEND_STOP_TIMEOUT_S = 30
+# What a shim unit runs (python3 -c): lmproxy.earlystart reads its arguments from sys.argv.
+FIRST_STAGE = "from lmproxy.earlystart import main; main()"
 # Beside the installed config: the backends' environments, readable by their owner only.
 ENVIRONMENT_DIR = "environment"
 
@@ -54,9 +58,19 @@ class Interpreter:
 
     executable: str
     environment: Mapping[str, str]
+    package_parent: str  # the folder lmproxy's package is in
 
     def module(self, module: str, *args: str) -> list[str]:
         return [self.executable, "-m", module, *args]
+
+    def first_stage(self, *args: str) -> tuple[list[str], dict[str, str]]:
+        """The shim's command and environment: its first stage (lmproxy.earlystart).
+        Every millisecond before its StartUnit is a cold start's: it skips site's
+        start-up (-S; it runs site later), so lmproxy's own folder comes through
+        PYTHONPATH, and runpy's imports (-c rather than -m); -P keeps the working
+        directory off the module path."""
+        argv = [self.executable, "-P", "-S", "-c", FIRST_STAGE, *args]
+        return argv, {**self.environment, "PYTHONPATH": self.package_parent}
 
 
 def current_interpreter() -> Interpreter:
@@ -68,7 +82,7 @@ def current_interpreter() -> Interpreter:
         str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]
     }
     environment = {} if package_parent in site_dirs else {"PYTHONPATH": package_parent}
-    return Interpreter(sys.executable, environment)
+    return Interpreter(sys.executable, environment, package_parent)
 
 
 def environment_dir(config_path: Path) -> Path:
@@ -111,6 +125,20 @@ def render_environment_files(config: Config, interpreter: Interpreter) -> dict[s
     return files
 
 
+def render_start_plan(config: Config, config_bytes: bytes) -> str:
+    """What the shim's first stage (lmproxy.earlystart) reads instead of the config:
+    what is available, what each service needs (as the lifecycle knows them), and the
+    checksum of the config's bytes that it was made from."""
+    plan = {
+        "version": earlystart.PLAN_VERSION,
+        "config_size": len(config_bytes),
+        "config_crc32": binascii.crc32(config_bytes),
+        "available": dict(config.resources_available),
+        "needs": {name: dict(p.needs) for name, p in ledger.profiles(config).items()},
+    }
+    return json.dumps(plan, indent=1, sort_keys=True) + "\n"
+
+
 def _quoted(value: str | None) -> Escaped | None:
     return None if value is None else Escaped(unitsyntax.quote_value(value))
 
@@ -147,8 +175,8 @@ def _values(
     interpreter: Interpreter,
 ) -> dict[str, object]:
     name = service.name
-    shim_argv = interpreter.module(
-        "lmproxy", "shim", scope.systemctl_flag, "--config", str(config_path), name
+    shim_argv, shim_environment = interpreter.first_stage(
+        scope.systemctl_flag, "--config", str(config_path), name
     )
     backend_argv: Sequence[str] = service.argv
     if service.log_file_path:
@@ -169,8 +197,7 @@ def _values(
         "unix_socket": service.listen_path is not None,
         "shim_exec": Escaped(unitsyntax.exec_line(shim_argv)),
         "shim_environment": [
-            Escaped(unitsyntax.environment_assignment(k, v))
-            for k, v in interpreter.environment.items()
+            Escaped(unitsyntax.environment_assignment(k, v)) for k, v in shim_environment.items()
         ],
         "exec_start": Escaped(unitsyntax.exec_line(backend_argv)),
         "exec_stop": Escaped(unitsyntax.exec_line(["/bin/sh", "-c", service.kill_command]))

@@ -44,6 +44,7 @@ from lmproxy.relay import Relay
 from lmproxy.systemd import SystemdError
 
 if TYPE_CHECKING:
+    from lmproxy.earlystart import Early
     from lmproxy.watch import DirectoryWatch, PollingWatch
 
 # How often the ledger learns of relay activity (last used time, for LRU).
@@ -136,6 +137,23 @@ class Shim:
         self._held = False
         self._claim_lock = threading.Lock()
         self._claimed_since = False  # a claim was written since the publisher last wrote
+        # When the first stage (lmproxy.earlystart) sent StartUnit (time.monotonic()).
+        self._start_sent: float | None = None
+
+    def carry_on_from(self, early: Early) -> None:
+        """The first stage reserved and started the backend for the client that came at
+        early.arrived: the lifecycle resumes that start, and the journal says what it did."""
+        self.arrived = early.arrived
+        self._start_sent = early.start_sent
+        reserved = lifecycle.amounts_text(early.needs)
+        self.log.note(lifecycle.Log("reserved", f"reserved {reserved}", self.name))
+        sent_us = int(early.start_sent * 1_000_000)
+        self.log.info(
+            f"started {self.backend} (first stage)",
+            event="started",
+            start_sent_us=sent_us,
+            stage="first",
+        )
 
     # --- edges ------------------------------------------------------------
 
@@ -316,7 +334,8 @@ class Shim:
     def _start(self, *, resume: bool) -> float:
         """Starts the backend and waits until it answers; returns how long that took, in
         milliseconds. resume: a start begun before, which may have started it already."""
-        started = time.monotonic()
+        started = self._start_sent or time.monotonic()
+        self._start_sent = None
         try:
             # A new start: the transaction that said so found the backend not running (or
             # it would have been adopted), so no question to systemd before StartUnit.
@@ -812,11 +831,29 @@ def raise_descriptor_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main(name: str, scope: Scope, config_path: Path) -> int:
+def main(
+    name: str,
+    scope: Scope,
+    config_path: Path,
+    *,
+    early: Early | None = None,
+    early_failure: str | None = None,
+) -> int:
+    """early: what the first stage did (lmproxy.earlystart); early_failure: why it
+    failed, when it did not merely leave the start to the shim."""
     raise_descriptor_limit()
     config = load_config(config_path)
     try:
         service = config.service(name)
     except KeyError:
         raise SystemExit(f"service {name!r} is not in {config_path}") from None
-    return Shim(config, service, scope, inherited_listener()).run()
+    shim = Shim(config, service, scope, inherited_listener())
+    if early_failure is not None:
+        shim.log.warning(
+            f"the first stage could not start {shim.backend} ({early_failure}); "
+            "the shim does it all instead",
+            event="early-failed",
+        )
+    if early is not None:
+        shim.carry_on_from(early)
+    return shim.run()

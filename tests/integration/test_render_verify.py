@@ -49,8 +49,8 @@ BASE = Path("/srv/lmproxy")
 
 PYTHON = "/usr/bin/python3"
 SLEEP = "/bin/sleep"
-INSTALLED = Interpreter(PYTHON, {})
-CHECKOUT = Interpreter(PYTHON, {"PYTHONPATH": "/src"})
+INSTALLED = Interpreter(PYTHON, {}, "/usr/lib/python3/dist-packages")
+CHECKOUT = Interpreter(PYTHON, {"PYTHONPATH": "/src"}, "/src")
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 

@@ -28,14 +28,14 @@ from hypothesis import strategies as st
 from lmproxy import render, resources
 from lmproxy.config import Config, ConfigError, parse_config
 from lmproxy.paths import Scope, paths_for
-from lmproxy.render import Escaped, Interpreter, render_units
+from lmproxy.render import FIRST_STAGE, Escaped, Interpreter, render_units
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "config.json"
 BASE = Path("/srv/lmproxy")  # the directory relative paths in a config are taken from
 
-PLAIN_PYTHON = Interpreter("/usr/bin/python3", {})
-CHECKOUT_PYTHON = Interpreter("/x/python", {"PYTHONPATH": "/src"})
+PLAIN_PYTHON = Interpreter("/usr/bin/python3", {}, "/usr/lib/python3/dist-packages")
+CHECKOUT_PYTHON = Interpreter("/x/python", {"PYTHONPATH": "/src"}, "/src")
 
 USER_CONFIG = paths_for(Scope.USER, {"HOME": "/home/ann"}).installed_config
 SYSTEM_CONFIG = paths_for(Scope.SYSTEM, {}).installed_config
@@ -404,15 +404,18 @@ def test_listen_port_as_string_or_number() -> None:
 
 
 @pytest.mark.parametrize("scope", list(Scope))
-def test_shim_runs_lmproxy_shim_for_its_service(scope: Scope) -> None:
+def test_shim_runs_the_first_stage_for_its_service(scope: Scope) -> None:
     units = render_parsed(example_config(), scope=scope)
     for name in ("llama-server", "automatic1111"):
         shim = units[f"lmproxy-{name}.service"]
+        # -S: no site start-up on the way to a cold start's StartUnit; -P: the working
+        # directory is not on the module path.
         assert exec_argv(shim.value("Service", "ExecStart")) == [
             "/usr/bin/python3",
-            "-m",
-            "lmproxy",
-            "shim",
+            "-P",
+            "-S",
+            "-c",
+            "from lmproxy.earlystart import main; main()",
             f"--{scope.value}",
             "--config",
             str(CONFIG_PATHS[scope]),
@@ -445,14 +448,17 @@ def test_render_for_uses_the_installed_config_and_this_interpreter(
     }
     argv = exec_argv(units["lmproxy-llama-server.service"].value("Service", "ExecStart"))
     assert argv[0] == sys.executable
-    assert argv[1:5] == ["-m", "lmproxy", "shim", "--user"]
+    assert argv[1:6] == ["-P", "-S", "-c", FIRST_STAGE, "--user"]
     assert argv[argv.index("--config") + 1] == str(tmp_path / "xdg" / "lmproxy" / "config.json")
 
 
-def test_shim_gets_no_environment_from_an_installed_interpreter() -> None:
+def test_shim_of_an_installed_interpreter_finds_lmproxy_without_site() -> None:
     units = render_parsed(example_config(), interpreter=PLAIN_PYTHON)
     for name in ("llama-server", "automatic1111"):
-        assert units[f"lmproxy-{name}.service"].values("Service", "Environment") == []
+        shim = units[f"lmproxy-{name}.service"]
+        assert environment(shim.values("Service", "Environment")) == {
+            "PYTHONPATH": "/usr/lib/python3/dist-packages"
+        }
 
 
 def test_shim_gets_the_pythonpath_of_a_checkout() -> None:

@@ -1,0 +1,397 @@
+"""The shim's first stage: a cold model's StartUnit within milliseconds of its client.
+
+systemd runs `python3 -P -S -c "from lmproxy.earlystart import main; main()" --user|--system
+--config PATH NAME` (lmproxy.render) when a client connects to a cold model.
+Everything the shim needs (the config's validation, the lifecycle, jeepney, the
+relay) takes far longer to import than a model server takes to be forked, and none
+of it is needed to decide the common cold start: nothing else waits, nothing is
+drained, the model fits in what is free.
+This stage decides exactly that case, with built-in modules only, and then brings
+in the shim (lmproxy.shim), which resumes the start the way it resumes one begun by
+a shim that died: the model loads while the rest of lmproxy does.
+
+It is an accelerator with no authority of its own: the lifecycle decides
+everything, and `quick_start` only anticipates the one transition it can prove the
+lifecycle would make (tests/unit/test_earlystart.py checks that against
+lmproxy.lifecycle on generated worlds). Anything else (a world that reconciliation
+would change, a waiter, a drain, no room, a ledger or a plan it cannot read, a
+config changed since `lmproxy install`, any error) leaves the ledger as it was and
+the shim does everything, as before.
+
+The plan it reads is written by `lmproxy install` beside the config it was made from
+(`start-plan.json`): the resources available, what each service needs, and the
+checksum of the config's bytes, so that a config edited in place is never planned
+from an old copy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from lmproxy import minibus, unitnames
+
+PLAN_NAME = "start-plan.json"
+PLAN_VERSION = 1
+LEDGER_VERSION = 2  # lmproxy.ledger.FORMAT_VERSION
+MAX_LEDGER_BYTES = 4 * 1024 * 1024  # lmproxy.ledger.MAX_LEDGER_BYTES
+RUNNING_STATES = ("active", "activating", "deactivating", "reloading")  # lmproxy.systemd
+BUS_TIMEOUT_S = 5.0
+DEFAULT_SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
+_PHASES = frozenset(  # lmproxy.world.Phase
+    (
+        "waiting",
+        "starting",
+        "running",
+        "draining",
+        "falling-asleep",
+        "sleeping",
+        "waking",
+        "stopping",
+    )
+)
+_ENTRY_KEYS = frozenset(
+    ("state", "reserved", "in_use", "last_used", "loaded_at", "waiting_since", "sleep_level")
+)
+
+Entries = dict[str, dict[str, object]]
+if False:  # for the type checker only: typing costs a cold start 10 ms to import
+    from typing import ClassVar
+
+
+class Early:
+    """What the first stage did, for the shim to carry on from: it reserved `needs`
+    and sent StartUnit at `start_sent` (time.monotonic())."""
+
+    def __init__(self, arrived: float, needs: dict[str, int], start_sent: float) -> None:
+        self.arrived = arrived
+        self.needs = needs
+        self.start_sent = start_sent
+
+
+class Declined(Exception):  # noqa: N818 (what the caller checks for)
+    """The first stage leaves this start to the shim; the message says why."""
+
+
+# --- the decision: pure, and checked against lmproxy.lifecycle -------------------------------
+
+
+def reserve_if_free(
+    stored: Entries,
+    running: dict[str, bool],
+    *,
+    available: dict[str, int],
+    needs: dict[str, dict[str, int]],
+    name: str,
+    now: float,
+    arrived: float,
+) -> Entries:
+    """The ledger's services after name's client arrived, where the lifecycle's
+    transaction (reconciliation with `running`, then Want) would only reserve name's
+    needs and start it; Declined otherwise.
+
+    stored: the ledger's services, already checked to be as lmproxy.ledger writes them;
+    running: whether each configured service's units run, by unit name, from systemd;
+    needs: what each configured service needs."""
+    if name not in needs or name in stored:
+        raise Declined(f"{name} is not cold in the ledger")
+    for other, entry in stored.items():
+        if other not in needs:
+            raise Declined(f"the ledger holds {other}, no longer configured")
+        if entry["waiting_since"] is not None or entry["state"] == "draining":
+            raise Declined(f"{other} waits or drains")
+    for other in needs:
+        backend = running.get(unitnames.backend_unit(other))
+        shim = running.get(unitnames.shim_unit(other))
+        if backend is None or shim is None:
+            raise Declined(f"systemd did not say whether {other} runs")
+        if not _settled(stored.get(other), backend, shim):
+            raise Declined(f"reconciliation would change {other}")
+    free = dict(available)
+    for entry in stored.values():
+        reserved = entry["reserved"]
+        assert isinstance(reserved, dict)
+        for resource, amount in reserved.items():
+            free[resource] = free.get(resource, 0) - amount
+    if any(amount > free.get(resource, 0) for resource, amount in needs[name].items()):
+        raise Declined(f"{name} does not fit in what is free")
+    entries = dict(stored)
+    entries[name] = {
+        "state": "starting",
+        "reserved": dict(needs[name]),
+        "in_use": 0,
+        "last_used": now,
+        "loaded_at": 0.0,
+        "waiting_since": arrived,
+        "sleep_level": 0,
+    }
+    return entries
+
+
+def _settled(entry: dict[str, object] | None, backend_runs: bool, shim_runs: bool) -> bool:
+    """Whether reconciliation leaves a service's entry (nobody waits for it) as it is."""
+    if entry is None:
+        return not backend_runs
+    state = entry["state"]
+    if not backend_runs:
+        return shim_runs and state == "starting"
+    if state == "waiting":
+        return False
+    return shim_runs or state == "sleeping" or (state == "running" and entry["in_use"] == 0)
+
+
+# --- the ledger, read and written as lmproxy.ledger does --------------------------------------
+
+
+class _Context:
+    """What the C JSON scanner asks of json.JSONDecoder, without importing json (and re)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = None
+    memo: ClassVar[dict[str, str]] = {}
+
+
+def _json_loads(data: bytes) -> object:
+    import _json
+
+    text = data.decode()
+    scan = _json.make_scanner(_Context())  # type: ignore[arg-type]
+    value, end = scan(text, 0)
+    if text[end:].strip():
+        raise ValueError("data after the JSON value")
+    return value
+
+
+def json_dumps(value: object) -> bytes:
+    """As `json.dumps(value, sort_keys=True, separators=(",", ":"))` (lmproxy.ledger)."""
+    import _json
+
+    def unserializable(thing: object) -> object:
+        raise TypeError(f"{thing!r} is not JSON")
+
+    encode = _json.make_encoder(
+        {}, unserializable, _json.encode_basestring_ascii, None, ":", ",", True, False, True
+    )
+    return "".join(encode(value, 0)).encode()
+
+
+def _checked_entries(data: object) -> Entries:
+    """The ledger's services, only if every value has exactly the type lmproxy.ledger
+    writes: then writing them back unchanged is what the ledger would write."""
+    if not isinstance(data, dict) or set(data) != {"version", "services"}:
+        raise Declined("the ledger is not in the expected form")
+    if data["version"] != LEDGER_VERSION or not isinstance(data["services"], dict):
+        raise Declined("the ledger is of another version")
+    for entry in data["services"].values():
+        if not (
+            isinstance(entry, dict)
+            and set(entry) == _ENTRY_KEYS
+            and entry["state"] in _PHASES
+            and _is_amounts(entry["reserved"])
+            and type(entry["in_use"]) is int
+            and type(entry["last_used"]) is float
+            and type(entry["loaded_at"]) is float
+            and (entry["waiting_since"] is None or type(entry["waiting_since"]) is float)
+            and type(entry["sleep_level"]) is int
+        ):
+            raise Declined("a ledger entry is not in the expected form")
+    return data["services"]
+
+
+def _is_amounts(value: object) -> bool:
+    return isinstance(value, dict) and all(type(v) is int for v in value.values())
+
+
+def _open_own(path: str, flags: int, mode: int = 0) -> int:
+    """lmproxy.files.open_own_regular, with the euid as owner: no symlink, no FIFO,
+    nothing but a regular file of ours."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    info = os.fstat(fd)
+    if (info.st_mode & 0o170000) != 0o100000 or info.st_uid != os.geteuid():
+        os.close(fd)
+        raise Declined(f"{path} is not a regular file of ours")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _read_ledger(path: str) -> Entries:
+    try:
+        fd = _open_own(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    try:
+        data = os.read(fd, MAX_LEDGER_BYTES + 1)
+        if len(data) > MAX_LEDGER_BYTES or os.fstat(fd).st_size != len(data):
+            raise Declined("the ledger is too large")
+    finally:
+        os.close(fd)
+    try:
+        return _checked_entries(_json_loads(data))
+    except (ValueError, UnicodeDecodeError):
+        raise Declined("the ledger is unreadable") from None
+
+
+def _write_ledger(folder: str, entries: Entries) -> None:
+    """lmproxy.files.write_atomically (not durable: a tmpfs): a temporary file, renamed."""
+    data = json_dumps({"version": LEDGER_VERSION, "services": entries})
+    temp = f"{folder}/.ledger.json.{os.getpid()}{os.urandom(4).hex()}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.write(fd, data)
+            os.fchmod(fd, 0o644)
+        finally:
+            os.close(fd)
+        os.rename(temp, f"{folder}/ledger.json")
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+# --- the first stage --------------------------------------------------------------------------
+
+
+def read_plan(config_path: str) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """(available, needs by service) from the plan beside config_path, if it was made
+    from the config's bytes as they are now."""
+    import binascii
+
+    folder = config_path.rpartition("/")[0] or "."
+    with open(config_path, "rb") as file:
+        config = file.read()
+    with open(f"{folder}/{PLAN_NAME}", "rb") as file:
+        plan = _json_loads(file.read())
+    if not (isinstance(plan, dict) and plan.get("version") == PLAN_VERSION):
+        raise Declined("the start plan is of another version")
+    made_from = (plan.get("config_size"), plan.get("config_crc32"))
+    if made_from != (len(config), binascii.crc32(config)):
+        raise Declined("the config changed since `lmproxy install` wrote the start plan")
+    available, needs = plan["available"], plan["needs"]
+    if not (_is_amounts(available) and isinstance(needs, dict)):
+        raise Declined("the start plan is not in the expected form")
+    if not all(_is_amounts(n) for n in needs.values()):
+        raise Declined("the start plan is not in the expected form")
+    return available, needs
+
+
+def runtime_dir(system: bool) -> str:
+    """lmproxy.paths.paths_for(scope).runtime_dir."""
+    if system:
+        return "/run/lmproxy"
+    return (os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}") + "/lmproxy"
+
+
+def bus_address(system: bool) -> str:
+    """lmproxy.systemd.bus_address."""
+    if system:
+        return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or DEFAULT_SYSTEM_BUS
+    address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+    if address:
+        return address
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        raise Declined("no session bus address")
+    return f"unix:path={runtime}/bus"
+
+
+def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Early:
+    """Reserves name's needs and sends its backend's StartUnit, if the lifecycle would
+    do only that now; Declined (or any other exception) when it leaves this to the shim."""
+    available, needs = read_plan(config_path)
+    if name not in needs:
+        raise Declined(f"{name} is not in the start plan")
+    units = [u for n in needs for u in (unitnames.backend_unit(n), unitnames.shim_unit(n))]
+    folder = runtime_dir(system)
+    _make_own_dir(folder)
+    bus = minibus.Bus(bus_address(system), BUS_TIMEOUT_S)
+    try:
+        bus.hello()
+        lock = _open_own(f"{folder}/ledger.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            written_before = os.fstat(lock).st_size > 0
+            if written_before and not os.path.exists(f"{folder}/ledger.json"):
+                raise Declined("the ledger is missing (the shim rebuilds it, and says so)")
+            stored = _read_ledger(f"{folder}/ledger.json")
+            (rows,) = bus.call("ListUnitsByPatterns", "asas", ([], units), "a(ssssssouso)")
+            assert isinstance(rows, list)
+            runs = {str(row[0]): row[3] in RUNNING_STATES for row in rows}
+            running = {unit: runs.get(unit, False) for unit in units}
+            now = time.time()
+            entries = reserve_if_free(
+                stored,
+                running,
+                available=available,
+                needs=needs,
+                name=name,
+                now=now,
+                arrived=arrived,
+            )
+            _write_ledger(folder, entries)
+            if not written_before:
+                os.write(lock, b"1")  # lmproxy.ledger: marks that a ledger was written
+        finally:
+            os.close(lock)  # releases the flock
+        start_sent = time.monotonic()
+        bus.call("StartUnit", "ss", (unitnames.backend_unit(name), "replace"), "o")
+    finally:
+        bus.close()
+    return Early(arrived, needs[name], start_sent)
+
+
+def _make_own_dir(path: str) -> None:
+    """lmproxy.ledger's runtime folder: made if missing, and ours."""
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    info = os.lstat(path)
+    if (info.st_mode & 0o170000) != 0o040000 or info.st_uid != os.geteuid():
+        raise Declined(f"{path} is not a folder of ours")
+
+
+# --- the entry point --------------------------------------------------------------------------
+
+
+def arguments(argv: list[str]) -> tuple[bool, str, str] | None:
+    """(system, config, name) from `--user|--system --config PATH NAME` (lmproxy.render)."""
+    if len(argv) == 4 and argv[0] in ("--user", "--system") and argv[1] == "--config":
+        return argv[0] == "--system", argv[2], argv[3]
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs the shim for `argv` (sys.argv's arguments by default), and exits with its status."""
+    arrived = time.time()
+    argv = sys.argv[1:] if argv is None else argv
+    parsed = arguments(argv)
+    early: Early | None = None
+    failure: str | None = None
+    if parsed is not None:
+        try:
+            early = quick_start(*parsed, arrived)
+        except Declined:
+            pass  # the common case for a warm model, or a start that needs more
+        except Exception as error:  # the shim does it all instead, and says so
+            failure = f"{type(error).__name__}: {error}"
+    if sys.flags.no_site:
+        import site
+
+        site.main()  # the rest of lmproxy (jeepney, systemd-python) lives in site-packages
+    from pathlib import Path
+
+    from lmproxy.paths import Scope
+    from lmproxy.shim import main as run_shim
+
+    if parsed is None:
+        from lmproxy.cli import cli
+
+        cli(["shim", *argv])  # says what is wrong with the arguments, and exits
+        sys.exit(2)
+    system, config_path, name = parsed
+    scope = Scope.SYSTEM if system else Scope.USER
+    sys.exit(run_shim(name, scope, Path(config_path), early=early, early_failure=failure))
