@@ -26,7 +26,7 @@ from an old copy.
 
 from __future__ import annotations
 
-import os
+import posix  # os without its imports: all of this runs before a cold model's StartUnit
 import sys
 import time
 
@@ -210,26 +210,26 @@ def _is_amounts(value: object) -> bool:
 def _open_own(path: str, flags: int, mode: int = 0) -> int:
     """lmproxy.files.open_own_regular, with the euid as owner: no symlink, no FIFO,
     nothing but a regular file of ours."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
-    info = os.fstat(fd)
-    if (info.st_mode & 0o170000) != 0o100000 or info.st_uid != os.geteuid():
-        os.close(fd)
+    fd = posix.open(path, flags | posix.O_NOFOLLOW | posix.O_CLOEXEC | posix.O_NONBLOCK, mode)
+    info = posix.fstat(fd)
+    if (info.st_mode & 0o170000) != 0o100000 or info.st_uid != posix.geteuid():
+        posix.close(fd)
         raise Declined(f"{path} is not a regular file of ours")
-    os.set_blocking(fd, True)
+    posix.set_blocking(fd, True)
     return fd
 
 
 def _read_ledger(path: str) -> Entries:
     try:
-        fd = _open_own(path, os.O_RDONLY)
+        fd = _open_own(path, posix.O_RDONLY)
     except FileNotFoundError:
         return {}
     try:
-        data = os.read(fd, MAX_LEDGER_BYTES + 1)
-        if len(data) > MAX_LEDGER_BYTES or os.fstat(fd).st_size != len(data):
+        data = posix.read(fd, MAX_LEDGER_BYTES + 1)
+        if len(data) > MAX_LEDGER_BYTES or posix.fstat(fd).st_size != len(data):
             raise Declined("the ledger is too large")
     finally:
-        os.close(fd)
+        posix.close(fd)
     try:
         return _checked_entries(_json_loads(data))
     except (ValueError, UnicodeDecodeError):
@@ -239,17 +239,18 @@ def _read_ledger(path: str) -> Entries:
 def _write_ledger(folder: str, entries: Entries) -> None:
     """lmproxy.files.write_atomically (not durable: a tmpfs): a temporary file, renamed."""
     data = json_dumps({"version": LEDGER_VERSION, "services": entries})
-    temp = f"{folder}/.ledger.json.{os.getpid()}{os.urandom(4).hex()}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    temp = f"{folder}/.ledger.json.{posix.getpid()}{posix.urandom(4).hex()}.tmp"
+    flags = posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW | posix.O_CLOEXEC
+    fd = posix.open(temp, flags, 0o600)
     try:
         try:
-            os.write(fd, data)
-            os.fchmod(fd, 0o644)
+            posix.write(fd, data)
+            posix.fchmod(fd, 0o644)
         finally:
-            os.close(fd)
-        os.rename(temp, f"{folder}/ledger.json")
+            posix.close(fd)
+        posix.rename(temp, f"{folder}/ledger.json")
     except BaseException:
-        os.unlink(temp)
+        posix.unlink(temp)
         raise
 
 
@@ -279,21 +280,45 @@ def read_plan(config_path: str) -> tuple[dict[str, int], dict[str, dict[str, int
     return available, needs
 
 
+def _environ(name: str) -> str | None:
+    """os.environ.get(name), from posix's bytes."""
+    value = posix.environ.get(name.encode())
+    return None if value is None else value.decode(errors="surrogateescape")
+
+
+def _exists(path: str) -> bool:
+    try:
+        posix.stat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def connect(system: bool) -> minibus.Bus:
+    """To the manager's bus; for a user manager, to its private socket when there is one
+    (as systemctl does): no Hello, and no bus daemon in between."""
+    if not system:
+        private = f"{_environ('XDG_RUNTIME_DIR')}/systemd/private"
+        if _environ("XDG_RUNTIME_DIR") and _exists(private):
+            return minibus.Bus(f"unix:path={private}", BUS_TIMEOUT_S, message_bus=False)
+    return minibus.Bus(bus_address(system), BUS_TIMEOUT_S)
+
+
 def runtime_dir(system: bool) -> str:
     """lmproxy.paths.paths_for(scope).runtime_dir."""
     if system:
         return "/run/lmproxy"
-    return (os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}") + "/lmproxy"
+    return (_environ("XDG_RUNTIME_DIR") or f"/run/user/{posix.getuid()}") + "/lmproxy"
 
 
 def bus_address(system: bool) -> str:
     """lmproxy.systemd.bus_address."""
     if system:
-        return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or DEFAULT_SYSTEM_BUS
-    address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+        return _environ("DBUS_SYSTEM_BUS_ADDRESS") or DEFAULT_SYSTEM_BUS
+    address = _environ("DBUS_SESSION_BUS_ADDRESS")
     if address:
         return address
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    runtime = _environ("XDG_RUNTIME_DIR")
     if not runtime:
         raise Declined("no session bus address")
     return f"unix:path={runtime}/bus"
@@ -308,16 +333,15 @@ def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Ea
     units = [u for n in needs for u in (unitnames.backend_unit(n), unitnames.shim_unit(n))]
     folder = runtime_dir(system)
     _make_own_dir(folder)
-    bus = minibus.Bus(bus_address(system), BUS_TIMEOUT_S)
+    bus = connect(system)
     try:
-        bus.hello()
-        lock = _open_own(f"{folder}/ledger.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock = _open_own(f"{folder}/ledger.lock", posix.O_RDWR | posix.O_CREAT, 0o600)
         try:
             import fcntl
 
             fcntl.flock(lock, fcntl.LOCK_EX)
-            written_before = os.fstat(lock).st_size > 0
-            if written_before and not os.path.exists(f"{folder}/ledger.json"):
+            written_before = posix.fstat(lock).st_size > 0
+            if written_before and not _exists(f"{folder}/ledger.json"):
                 raise Declined("the ledger is missing (the shim rebuilds it, and says so)")
             stored = _read_ledger(f"{folder}/ledger.json")
             (rows,) = bus.call("ListUnitsByPatterns", "asas", ([], units), "a(ssssssouso)")
@@ -336,9 +360,9 @@ def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Ea
             )
             _write_ledger(folder, entries)
             if not written_before:
-                os.write(lock, b"1")  # lmproxy.ledger: marks that a ledger was written
+                posix.write(lock, b"1")  # lmproxy.ledger: marks that a ledger was written
         finally:
-            os.close(lock)  # releases the flock
+            posix.close(lock)  # releases the flock
         start_sent = time.monotonic()
         bus.call("StartUnit", "ss", (unitnames.backend_unit(name), "replace"), "o")
     finally:
@@ -348,9 +372,10 @@ def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Ea
 
 def _make_own_dir(path: str) -> None:
     """lmproxy.ledger's runtime folder: made if missing, and ours."""
-    os.makedirs(path, mode=0o755, exist_ok=True)
-    info = os.lstat(path)
-    if (info.st_mode & 0o170000) != 0o040000 or info.st_uid != os.geteuid():
+    if not _exists(path):
+        posix.mkdir(path, 0o755)  # a shim that loses this race falls back to the full path
+    info = posix.lstat(path)
+    if (info.st_mode & 0o170000) != 0o040000 or info.st_uid != posix.geteuid():
         raise Declined(f"{path} is not a folder of ours")
 
 

@@ -1,10 +1,11 @@
-"""Just enough D-Bus for a cold start's first stage (lmproxy.earlystart): three calls.
+"""Just enough D-Bus for a cold start's first stage (lmproxy.earlystart): two calls.
 
 A cold start waits for everything the shim does before StartUnit, and jeepney's
 import alone costs more than the rest of that path. This client speaks the wire
-protocol for exactly what the first stage asks of systemd: `Hello`, which units
-run (`ListUnitsByPatterns`) and `StartUnit`, on one blocking unix socket, with the
-standard library's built-in modules only. Everything else, and every later call,
+protocol for exactly what the first stage asks of systemd: which units run
+(`ListUnitsByPatterns`) and `StartUnit`, on one blocking unix socket (a message
+bus, after its `Hello`, or systemd's private socket), with the standard library's
+built-in modules only. Everything else, and every later call,
 is lmproxy.systemd's (jeepney). Anything it does not expect raises BusError, and
 the caller falls back to the full path: this module never has the last word.
 
@@ -14,7 +15,7 @@ which is all it writes; it reads either).
 
 from __future__ import annotations
 
-import os
+import posix  # os without its imports: this runs before a cold model's StartUnit
 import select
 import time
 from _socket import AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM
@@ -185,7 +186,9 @@ class _Reader:
 class Bus:
     """One authenticated connection to a message bus (or systemd's private socket)."""
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, *, message_bus: bool = True) -> None:
+        """Connects and authenticates; message_bus: a bus (dbus-daemon, dbus-broker) that
+        wants Hello first, rather than systemd's own private socket."""
         path = _unix_path(address)
         self.deadline = time.monotonic() + timeout
         self.sock = _socket_type(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)
@@ -194,11 +197,15 @@ class Bus:
         try:
             self.sock.settimeout(timeout)
             self.sock.connect(path)
-            uid = str(os.geteuid()).encode().hex()
-            self.sock.sendall(b"\0AUTH EXTERNAL " + uid.encode() + b"\r\n")
+            # Pipelined, as sd-bus does: BEGIN (and Hello) go with AUTH, without waiting
+            # for the server's OK; a server that refuses closes the connection instead.
+            uid = str(posix.geteuid()).encode().hex().encode()
+            self.sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\nBEGIN\r\n")
+            if message_bus:
+                self.send("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                          "org.freedesktop.DBus", "Hello")  # fmt: skip
             if not self._line().startswith(b"OK "):
                 raise BusError("the bus refused EXTERNAL authentication")
-            self.sock.sendall(b"BEGIN\r\n")
         except BaseException:
             self.sock.close()
             raise
@@ -238,12 +245,6 @@ class Bus:
         """A call to systemd's manager, and its reply."""
         serial = self.send(SYSTEMD, MANAGER_PATH, MANAGER, member, signature=signature, args=args)
         return self.reply(serial, reply)
-
-    def hello(self) -> int:
-        """Sends the bus's Hello (needed before any other call on a message bus); its
-        reply is skipped with the other messages the next `reply` passes over."""
-        return self.send("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                         "Hello")  # fmt: skip
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -105,18 +105,21 @@ class FakeBus:
                 data += conn.recv(4096)
             assert data.startswith(b"\0AUTH EXTERNAL " + str(os.geteuid()).encode().hex().encode())
             conn.sendall(b"OK 0123456789abcdef0123456789abcdef\r\n")
-            data = b""
-            while not data.endswith(b"BEGIN\r\n"):
+            while b"BEGIN\r\n" not in data:
                 data += conn.recv(4096)
             parser = Parser()
             serial = 100
-            while chunk := conn.recv(65536):
+            chunk = data.partition(b"BEGIN\r\n")[2]  # the client pipelines its first call
+            while True:
                 parser.add_data(chunk)
                 while (call := parser.get_next_message()) is not None:
                     self.calls.append(call)
                     for message in self.answer(call):
                         serial += 1
                         conn.sendall(message.serialise(serial=serial))
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
 
 
 @pytest.fixture
@@ -144,7 +147,6 @@ def test_calls_to_systemd_over_a_bus(bus_path: Path) -> None:
     fake = FakeBus(bus_path, systemd_answers)
     bus = minibus.Bus(f"unix:path={bus_path}", 5)
     try:
-        bus.hello()
         rows = bus.call("ListUnitsByPatterns", "asas", ([], ["a.service"]), "a(ssssssouso)")
         assert rows == [[tuple(row) for row in ROWS]]
         with pytest.raises(BusError, match=r"NoSuchUnit\] Unit x not found"):
@@ -155,6 +157,17 @@ def test_calls_to_systemd_over_a_bus(bus_path: Path) -> None:
     members = [call.header.fields[3] for call in fake.calls]
     assert members == ["Hello", "ListUnitsByPatterns", "StartUnit"]
     assert fake.calls[1].body == ([], ["a.service"])
+
+
+def test_systemds_private_socket_gets_no_hello(bus_path: Path) -> None:
+    fake = FakeBus(bus_path, systemd_answers)
+    bus = minibus.Bus(f"unix:path={bus_path}", 5, message_bus=False)
+    try:
+        bus.call("ListUnitsByPatterns", "asas", ([], ["a.service"]), "a(ssssssouso)")
+    finally:
+        bus.close()
+    fake.thread.join(5)
+    assert [call.header.fields[3] for call in fake.calls] == ["ListUnitsByPatterns"]
 
 
 def test_an_unexpected_reply_is_a_bus_error(bus_path: Path) -> None:
