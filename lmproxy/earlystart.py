@@ -295,13 +295,17 @@ def _exists(path: str) -> bool:
 
 
 def connect(system: bool) -> minibus.Bus:
-    """To the manager's bus; for a user manager, to its private socket when there is one
-    (as systemctl does): no Hello, and no bus daemon in between."""
-    if not system:
-        private = f"{_environ('XDG_RUNTIME_DIR')}/systemd/private"
-        if _environ("XDG_RUNTIME_DIR") and _exists(private):
+    """To the manager the shim talks to (lmproxy.systemd.bus_address). For a user manager
+    reached through the usual session bus, its private socket instead when there is one,
+    as systemctl does: no Hello, and no bus daemon in between. A bus address set to
+    anything else is the user's choice, and is used as it is."""
+    address = bus_address(system)
+    runtime = _environ("XDG_RUNTIME_DIR")
+    if not system and runtime and address == f"unix:path={runtime}/bus":
+        private = f"{runtime}/systemd/private"
+        if _exists(private):
             return minibus.Bus(f"unix:path={private}", BUS_TIMEOUT_S, message_bus=False)
-    return minibus.Bus(bus_address(system), BUS_TIMEOUT_S)
+    return minibus.Bus(address, BUS_TIMEOUT_S)
 
 
 def runtime_dir(system: bool) -> str:
