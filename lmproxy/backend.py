@@ -62,6 +62,10 @@ class Backend:
     def runs(self) -> bool:
         return self.probe([self.unit]).get(self.unit, False)
 
+    def failed(self) -> bool:
+        """Whether systemd holds the unit failed: its last start (or run) failed."""
+        return self.manager().unit_state(self.unit).active_state == "failed"
+
     # --- systemd jobs -----------------------------------------------------------------
 
     def start(self) -> None:

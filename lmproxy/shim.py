@@ -334,12 +334,22 @@ class Shim:
     def _start(self, *, resume: bool) -> float:
         """Starts the backend and waits until it answers; returns how long that took, in
         milliseconds. resume: a start begun before, which may have started it already."""
+        first_stage = self._start_sent is not None
         started = self._start_sent or time.monotonic()
         self._start_sent = None
         try:
             # A new start: the transaction that said so found the backend not running (or
             # it would have been adopted), so no question to systemd before StartUnit.
             if not (resume and self.server.runs()):
+                if first_stage and self.server.failed():
+                    # The first stage's start failed already: not a second attempt.
+                    raise SystemdError(
+                        "start",
+                        self.backend,
+                        "the start job the first stage queued failed; see"
+                        f" `systemctl {self.scope.systemctl_flag} status {self.backend}`"
+                        " and the unit's journal",
+                    )
                 self.server.start()
             self.server.watch()
             self.server.wait_until_ready(started)

@@ -114,6 +114,8 @@ def test_a_failed_first_stage_start_is_clean(systemd_sandbox: Sandbox, tmp_path:
     assert started_lines(systemd_sandbox, "missing") == ["first"]
     failed = journal(systemd_sandbox, "LMPROXY_SERVICE=missing", "LMPROXY_EVENT=failed")
     assert "cannot serve missing" in failed, failed
+    # One attempt: the shim does not start it a second time after the first stage.
+    assert "the start job the first stage queued failed" in failed, failed
     wait_for(lambda: service_status(systemd_sandbox, "missing")["reserved"] == {}, what="release")
     # The room it reserved is free again: the other model starts without evicting.
     assert http_get(other)["model"] == "other"
