@@ -2,7 +2,8 @@
 
 It installs them into a real systemd user manager (a private sandboxed one
 when this machine was not booted with systemd), connects to each in turn, and
-shows the lazy start, a model put to sleep for room although its client keeps
+shows the lazy start (and how soon after the client's connect its model's
+StartUnit went out), a model put to sleep for room although its client keeps
 its answered connection open (in use means a request in flight), woken again, the commands
 (sleep, start, stop), `lmproxy status` and the logs, then removes everything
 it installed.
@@ -81,6 +82,12 @@ def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
             started = time.monotonic()
             pooled, body = keep_alive_get(small_port)
             say(f"answered after {time.monotonic() - started:.2f} s: {body}")
+            sent = start_sent(wrap, environ, "small-model")
+            if sent is not None:
+                say(
+                    f"# its shim's first stage sent StartUnit {(sent - started) * 1000:.0f} ms"
+                    " after the client connected; the model loaded for the rest"
+                )
             client(
                 "large-model",
                 large_port,
@@ -101,6 +108,18 @@ def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
             if pooled is not None:
                 pooled.close()
             lmproxy("uninstall", "--user")
+
+
+def start_sent(wrap: Wrap, environ: dict[str, str], name: str) -> float | None:
+    """When name's shim last sent StartUnit (CLOCK_MONOTONIC, s), from its journal line."""
+    argv = ["journalctl", "-o", "json", "-n", "1", f"LMPROXY_SERVICE={name}"]
+    argv.append("LMPROXY_EVENT=started")
+    subprocess.run(wrap(["journalctl", "--sync"]), env=environ, capture_output=True, check=False)
+    shown = subprocess.run(wrap(argv), env=environ, capture_output=True, text=True, check=False)
+    try:
+        return int(json.loads(shown.stdout)["LMPROXY_START_SENT_US"]) / 1e6
+    except (ValueError, KeyError):
+        return None
 
 
 def http_get(port: int, path: str = "/", timeout: float = 60) -> str:
