@@ -294,20 +294,6 @@ def _exists(path: str) -> bool:
     return True
 
 
-def connect(system: bool) -> minibus.Bus:
-    """To the manager the shim talks to (lmproxy.systemd.bus_address). For a user manager
-    reached through the usual session bus, its private socket instead when there is one,
-    as systemctl does: no Hello, and no bus daemon in between. A bus address set to
-    anything else is the user's choice, and is used as it is."""
-    address = bus_address(system)
-    runtime = _environ("XDG_RUNTIME_DIR")
-    if not system and runtime and address == f"unix:path={runtime}/bus":
-        private = f"{runtime}/systemd/private"
-        if _exists(private):
-            return minibus.Bus(f"unix:path={private}", BUS_TIMEOUT_S, message_bus=False)
-    return minibus.Bus(address, BUS_TIMEOUT_S)
-
-
 def runtime_dir(system: bool) -> str:
     """lmproxy.paths.paths_for(scope).runtime_dir."""
     if system:
@@ -337,7 +323,9 @@ def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Ea
     units = [u for n in needs for u in (unitnames.backend_unit(n), unitnames.shim_unit(n))]
     folder = runtime_dir(system)
     _make_own_dir(folder)
-    bus = connect(system)
+    # The bus the shim uses (systemd's private socket, which systemctl prefers for a user
+    # manager, measured no faster in bench/coldstart.py, and would be a second way in).
+    bus = minibus.Bus(bus_address(system), BUS_TIMEOUT_S)
     try:
         lock = _open_own(f"{folder}/ledger.lock", posix.O_RDWR | posix.O_CREAT, 0o600)
         try:

@@ -3,10 +3,9 @@
 A cold start waits for everything the shim does before StartUnit, and jeepney's
 import alone costs more than the rest of that path. This client speaks the wire
 protocol for exactly what the first stage asks of systemd: which units run
-(`ListUnitsByPatterns`) and `StartUnit`, on one blocking unix socket (a message
-bus, after its `Hello`, or systemd's private socket), with the standard library's
-built-in modules only. Everything else, and every later call,
-is lmproxy.systemd's (jeepney). Anything it does not expect raises BusError, and
+(`ListUnitsByPatterns`) and `StartUnit`, after the bus's `Hello`, on one blocking
+unix socket, with the standard library's built-in modules only. Everything else,
+and every later call, is lmproxy.systemd's (jeepney). Anything it does not expect raises BusError, and
 the caller falls back to the full path: this module never has the last word.
 
 Wire format: the D-Bus specification, "Message Protocol" (little-endian only,
@@ -184,11 +183,10 @@ class _Reader:
 
 
 class Bus:
-    """One authenticated connection to a message bus (or systemd's private socket)."""
+    """One authenticated connection to a message bus."""
 
-    def __init__(self, address: str, timeout: float, *, message_bus: bool = True) -> None:
-        """Connects and authenticates; message_bus: a bus (dbus-daemon, dbus-broker) that
-        wants Hello first, rather than systemd's own private socket."""
+    def __init__(self, address: str, timeout: float) -> None:
+        """Connects, authenticates and says Hello (a bus wants it before any call)."""
         path = _unix_path(address)
         self.deadline = time.monotonic() + timeout
         self.sock = _socket_type(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)
@@ -197,13 +195,12 @@ class Bus:
         try:
             self.sock.settimeout(timeout)
             self.sock.connect(path)
-            # Pipelined, as sd-bus does: BEGIN (and Hello) go with AUTH, without waiting
-            # for the server's OK; a server that refuses closes the connection instead.
+            # Pipelined, as sd-bus does: BEGIN and Hello go with AUTH, without waiting for
+            # the bus's OK; a bus that refuses closes the connection instead.
             uid = str(posix.geteuid()).encode().hex().encode()
             self.sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\nBEGIN\r\n")
-            if message_bus:
-                self.send("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                          "org.freedesktop.DBus", "Hello")  # fmt: skip
+            self.send("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                      "org.freedesktop.DBus", "Hello")  # fmt: skip
             if not self._line().startswith(b"OK "):
                 raise BusError("the bus refused EXTERNAL authentication")
         except BaseException:

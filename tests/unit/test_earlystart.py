@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lmproxy import earlystart, lifecycle, minibus
+from lmproxy import earlystart, lifecycle
 from lmproxy.config import parse_config
 from lmproxy.earlystart import Declined
 from lmproxy.ledger import Ledger, _encode
@@ -272,36 +271,3 @@ def test_what_the_first_stage_copies_is_what_lmproxy_has() -> None:
     assert earlystart.MAX_LEDGER_BYTES == ledger.MAX_LEDGER_BYTES
     assert earlystart.DEFAULT_SYSTEM_BUS == systemd.DEFAULT_SYSTEM_BUS
     assert set(RUNNING_ENTRY) == earlystart._ENTRY_KEYS
-
-
-def test_a_user_manager_is_reached_on_its_private_socket_unless_told_otherwise(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """As systemctl does; but a bus address the user set elsewhere is the shim's too, and
-    both must fail alike when it is wrong."""
-    chosen: list[tuple[str, bool]] = []
-
-    class Recorded:
-        def __init__(self, address: str, timeout: float, *, message_bus: bool = True) -> None:
-            chosen.append((address, message_bus))
-
-    monkeypatch.setattr(minibus, "Bus", Recorded)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
-    monkeypatch.delenv("DBUS_SESSION_BUS_ADDRESS", raising=False)
-    earlystart.connect(False)  # no private socket: the session bus
-    (tmp_path / "systemd").mkdir()
-    socket.socket(socket.AF_UNIX).bind(str(tmp_path / "systemd" / "private"))
-    earlystart.connect(False)
-    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", f"unix:path={tmp_path}/bus")
-    earlystart.connect(False)
-    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", "unix:path=/elsewhere/bus")
-    earlystart.connect(False)
-    earlystart.connect(True)
-    private = f"unix:path={tmp_path}/systemd/private"
-    assert chosen == [
-        (f"unix:path={tmp_path}/bus", True),
-        (private, False),
-        (private, False),
-        ("unix:path=/elsewhere/bus", True),
-        (earlystart.DEFAULT_SYSTEM_BUS, True),
-    ]

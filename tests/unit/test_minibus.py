@@ -159,17 +159,6 @@ def test_calls_to_systemd_over_a_bus(bus_path: Path) -> None:
     assert fake.calls[1].body == ([], ["a.service"])
 
 
-def test_systemds_private_socket_gets_no_hello(bus_path: Path) -> None:
-    fake = FakeBus(bus_path, systemd_answers)
-    bus = minibus.Bus(f"unix:path={bus_path}", 5, message_bus=False)
-    try:
-        bus.call("ListUnitsByPatterns", "asas", ([], ["a.service"]), "a(ssssssouso)")
-    finally:
-        bus.close()
-    fake.thread.join(5)
-    assert [call.header.fields[3] for call in fake.calls] == ["ListUnitsByPatterns"]
-
-
 def test_an_unexpected_reply_is_a_bus_error(bus_path: Path) -> None:
     FakeBus(bus_path, lambda call: [new_method_return(call, "s", ("surprise",))])
     bus = minibus.Bus(f"unix:path={bus_path}", 5)
