@@ -5,8 +5,9 @@ import alone costs more than the rest of that path. This client speaks the wire
 protocol for exactly what the first stage asks of systemd: which units run
 (`ListUnitsByPatterns`) and `StartUnit`, after the bus's `Hello`, on one blocking
 unix socket, with the standard library's built-in modules only. Everything else,
-and every later call, is lmproxy.systemd's (jeepney). Anything it does not expect raises BusError, and
-the caller falls back to the full path: this module never has the last word.
+and every later call, is lmproxy.systemd's (jeepney). Anything it does not expect
+raises BusError, and the caller falls back to the full path: this module never
+has the last word.
 
 Wire format: the D-Bus specification, "Message Protocol" (little-endian only,
 which is all it writes; it reads either).
