@@ -374,7 +374,7 @@ def start_lmproxy(source: Path, folder: Path, delay: float, stack: contextlib.Ex
     services = [service_config(port, target, stamps, delay)]
     config.write_text(json.dumps({"Services": services}, indent=2))
     sandbox = sandbox_module.start(folder / "sandbox")
-    stack.callback(stop_sandbox, sandbox)
+    stack.callback(sandbox.stop)
     env = sandbox.env({"PYTHONPATH": str(source)})
     # -P: not the working directory first on the path, which would be this checkout.
     install = [sys.executable, "-P", "-m", "lmproxy", "install", "--user"]
@@ -396,17 +396,6 @@ def start_lmproxy(source: Path, folder: Path, delay: float, stack: contextlib.Ex
     proxy = Lmproxy(label, port, stamps, source=source, sandbox=sandbox, about=about)
     proxy.wait_cold()
     return proxy
-
-
-def stop_sandbox(sandbox: Sandbox) -> None:
-    """Stops the manager and removes its cgroups, which Sandbox.stop can leave behind while
-    the journald it killed has not quite gone."""
-    sandbox.stop()
-    deadline = time.monotonic() + 5
-    while any(c.is_dir() for c in sandbox.cgroups) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        for cgroup in sandbox.cgroups:
-            sandbox_module.remove_cgroup(cgroup)
 
 
 @contextlib.contextmanager

@@ -211,16 +211,21 @@ def private_cgroups(name: str) -> list[Path]:
     return created
 
 
-def remove_cgroup(cgroup: Path) -> None:
-    """Removes a cgroup and the ones systemd left inside it (empty by now)."""
-    if not cgroup.is_dir():
-        return
-    for child in sorted(cgroup.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if child.is_dir():
-            with contextlib.suppress(OSError):
-                child.rmdir()
-    with contextlib.suppress(OSError):
-        cgroup.rmdir()
+def remove_cgroup(cgroup: Path, *, within_s: float = 5.0) -> None:
+    """Removes a cgroup and the ones systemd left inside it. Processes killed a moment ago
+    leave their cgroups a moment later (journald, after its SIGKILL): it tries again until
+    they are gone, for at most within_s."""
+    deadline = time.monotonic() + within_s
+    while cgroup.is_dir():
+        for child in sorted(cgroup.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        with contextlib.suppress(OSError):
+            cgroup.rmdir()
+        if not cgroup.is_dir() or time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
 
 
 def _accepts(path: Path) -> bool:
