@@ -92,7 +92,8 @@ def reserve_if_free(
     needs and start it; Declined otherwise.
 
     stored: the ledger's services, already checked to be as lmproxy.ledger writes them;
-    running: whether each configured service's units run, by unit name, from systemd;
+    running: whether each configured service's units run, by unit name, from systemd
+    (every one of them);
     needs: what each configured service needs."""
     if name not in needs or name in stored:
         raise Declined(f"{name} is not cold in the ledger")
@@ -102,10 +103,8 @@ def reserve_if_free(
         if entry["waiting_since"] is not None or entry["state"] == "draining":
             raise Declined(f"{other} waits or drains")
     for other in needs:
-        backend = running.get(unitnames.backend_unit(other))
-        shim = running.get(unitnames.shim_unit(other))
-        if backend is None or shim is None:
-            raise Declined(f"systemd did not say whether {other} runs")
+        backend = running[unitnames.backend_unit(other)]
+        shim = running[unitnames.shim_unit(other)]
         if not _settled(stored.get(other), backend, shim):
             raise Declined(f"reconciliation would change {other}")
     free = dict(available)
@@ -399,16 +398,16 @@ def main(argv: list[str] | None = None) -> None:
         import site
 
         site.main()  # the rest of lmproxy (jeepney, systemd-python) lives in site-packages
-    from pathlib import Path
-
-    from lmproxy.paths import Scope
-    from lmproxy.shim import main as run_shim
-
     if parsed is None:
         from lmproxy.cli import cli
 
         cli(["shim", *argv])  # says what is wrong with the arguments, and exits
         sys.exit(2)
+    from pathlib import Path
+
+    from lmproxy.paths import Scope
+    from lmproxy.shim import main as run_shim
+
     system, config_path, name = parsed
     scope = Scope.SYSTEM if system else Scope.USER
     sys.exit(run_shim(name, scope, Path(config_path), early=early, early_failure=failure))
