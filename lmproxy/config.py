@@ -111,6 +111,9 @@ class Config:
     openai_api_listen_port: int | None
     management_api_listen_port: int | None
     default_service_url: str | None
+    # Where relative paths were resolved, and where a service without WorkDir runs: the
+    # directory `lmproxy install` ran in, as large-model-proxy's are where it started.
+    base_dir: str
 
     def service(self, name: str) -> Service:
         for service in self.services:
@@ -215,9 +218,10 @@ _RESOURCE_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . : -, starting with a l
 # --- Entry points ------------------------------------------------------------------------------
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, base_dir: Path | None = None) -> Config:
     """Read and validate the config file at `path`; relative paths in it are taken
-    relative to the file's directory."""
+    relative to `base_dir` (default: the current directory, where large-model-proxy
+    resolves them)."""
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -226,16 +230,17 @@ def load_config(path: Path) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError([("$", f"the config file is not valid UTF-8: {error}")]) from None
-    return parse_config(text.removeprefix("\ufeff"), path.absolute().parent)
+    return parse_config(text.removeprefix("\ufeff"), base_dir)
 
 
 def parse_config(text: str, base_dir: Path | None = None) -> Config:
     """Validate config text (JSON with optional comments and trailing commas).
 
     Relative WorkDir, LogFilePath and Command paths are resolved against `base_dir`
-    (default: the current directory). Raises ConfigError listing every problem found.
+    (default: the current directory), which also becomes `Config.base_dir`.
+    Raises ConfigError listing every problem found.
     """
-    base = os.path.abspath(base_dir if base_dir is not None else os.getcwd())
+    base = _absolute(os.getcwd(), str(base_dir) if base_dir is not None else ".")
     root = _decode(text)
     parser = _Parser(base)
     if not isinstance(root, _JsonObject):
@@ -683,6 +688,10 @@ class _Parser:
                 self.error(path, f"expected an array of services, got {_show(value)}")
         self.check_names(entries)
         self.check_ports(entries)
+        try:
+            unitsyntax.path_value(self.base_dir)
+        except ValueError as error:
+            self.error("$", f"relative paths cannot be taken from this directory: {error}")
 
         return Config(
             resources_available=self.resources,
@@ -696,6 +705,7 @@ class _Parser:
             openai_api_listen_port=openai_port,
             management_api_listen_port=management_port,
             default_service_url=default_service_url,
+            base_dir=self.base_dir,
         )
 
     def api_port(self, fields: _Fields, name: str) -> int | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from lmproxy import render, unitnames
 from lmproxy.config import SHIM_USER, Config, ConfigError, load_config
 from lmproxy.files import write_atomically
+from lmproxy.origin import render_origin
 from lmproxy.paths import Paths, Scope, paths_for
 from lmproxy.render import (
     current_interpreter,
@@ -146,11 +147,19 @@ def plan_install(units: dict[str, str], paths: Paths) -> Plan:
 
 
 def install(
-    config_path: Path, scope: Scope, *, now: bool, say: Say, warn: Say, strict: bool = False
+    config_path: Path,
+    scope: Scope,
+    *,
+    now: bool,
+    say: Say,
+    warn: Say,
+    strict: bool = False,
+    base_dir: Path | None = None,
 ) -> None:
     """Validates, renders, writes, reloads, enables (and with now, starts). A Command
-    that cannot run here is refused with strict, else warned of."""
-    config = load_config(config_path)
+    that cannot run here is refused with strict, else warned of. Relative paths resolve
+    in base_dir (default: the current directory), which is recorded (lmproxy.origin)."""
+    config = load_config(config_path, base_dir)
     if strict:
         refuse_missing_commands(config)
     else:
@@ -171,6 +180,7 @@ def install(
         files[paths.installed_config] = (config_text, config_mode(scope))
         plan_text = render_start_plan(config, config_text).encode()
         files[paths.start_plan] = (plan_text, config_mode(scope))
+        files[paths.origin] = (render_origin(config, config_path).encode(), config_mode(scope))
         files[paths.manifest] = (json.dumps(sorted(units), indent=1).encode(), 0o644)
         environment, stale = _environment_changes(config, paths)
         files.update(environment)
@@ -211,7 +221,13 @@ def uninstall(scope: Scope, *, say: Say) -> None:
                 (paths.unit_dir / name).unlink()
         folder = environment_dir(paths)
         environment = list(folder.glob("*.env")) if folder.is_dir() else []
-        leftovers = (paths.installed_config, paths.start_plan, paths.manifest, paths.ledger)
+        leftovers = (
+            paths.installed_config,
+            paths.start_plan,
+            paths.origin,
+            paths.manifest,
+            paths.ledger,
+        )
         for leftover in (*leftovers, *environment):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()

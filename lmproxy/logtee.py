@@ -3,7 +3,8 @@
 Used as a backend's ExecStart when the config sets LogFilePath: the journal
 keeps the output (stdout goes there) and the file gets it too, as
 large-model-proxy users expect. Signals are passed on to the command, and its
-exit status becomes ours, so systemd sees the model server's own fate.
+exit status (or the signal that killed it) becomes ours, so systemd sees the model
+server's own fate.
 
 The file is opened as the backend's user, root included, so it is opened with
 care: a symbolic link or a hard link planted where the log goes would otherwise make
@@ -47,7 +48,18 @@ def main(argv: list[str]) -> int:
         _write_all(out, chunk)
         _write_all(log_fd, chunk)
     status = child.wait()
-    return 128 - status if status < 0 else status  # killed by a signal: like a shell
+    if status < 0:
+        die_by_signal(-status)
+    return status
+
+
+def die_by_signal(signum: int) -> None:
+    """Ends this process by the signal that ended the command: systemd counts a main
+    process killed by SIGTERM as a clean stop, but not an exit status of 143."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    sys.exit(128 + signum)  # a signal whose default is not to end a process
 
 
 class UnsafeLog(Exception):  # noqa: N818 (it is what the caller reports)

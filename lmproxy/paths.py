@@ -48,6 +48,11 @@ class Paths:
         return self.config_dir / "start-plan.json"
 
     @property
+    def origin(self) -> Path:
+        """Where relative paths in the installed config resolve (lmproxy.origin)."""
+        return self.config_dir / "origin.json"
+
+    @property
     def ledger(self) -> Path:
         return self.runtime_dir / "ledger.json"
 

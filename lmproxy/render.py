@@ -61,7 +61,8 @@ class Interpreter:
     package_parent: str  # the folder lmproxy's package is in
 
     def module(self, module: str, *args: str) -> list[str]:
-        return [self.executable, "-m", module, *args]
+        """-P: the unit's working directory (a models folder) stays off the module path."""
+        return [self.executable, "-P", "-m", module, *args]
 
     def first_stage(self, *args: str) -> tuple[list[str], dict[str, str]]:
         """The shim's command and environment: its first stage (lmproxy.earlystart).
@@ -139,6 +140,15 @@ def render_start_plan(config: Config, config_bytes: bytes) -> str:
     return json.dumps(plan, indent=1, sort_keys=True) + "\n"
 
 
+def _working_directory(work_dir: str | None, base_dir: str) -> Escaped:
+    """WorkingDirectory=: the service's WorkDir, or else the config's base directory
+    with "-": a unit whose user cannot enter it (a home directory, a model user under
+    the system manager) then runs in its default rather than not at all."""
+    if work_dir is not None:
+        return Escaped(unitsyntax.path_value(work_dir))
+    return Escaped("-" + unitsyntax.path_value(base_dir))
+
+
 def _quoted(value: str | None) -> Escaped | None:
     return None if value is None else Escaped(unitsyntax.quote_value(value))
 
@@ -154,7 +164,7 @@ def render_units(
     env = _environment()
     units: dict[str, str] = {}
     for service in config.services:
-        values = _values(service, scope, config_path, interpreter)
+        values = _values(service, scope, config_path, interpreter, config.base_dir)
         units[unitnames.socket_unit(service.name)] = env.get_template("socket.j2").render(values)
         units[unitnames.shim_unit(service.name)] = env.get_template("shim.service.j2").render(
             values
@@ -173,6 +183,7 @@ def _values(
     scope: Scope,
     config_path: Path,
     interpreter: Interpreter,
+    base_dir: str,
 ) -> dict[str, object]:
     name = service.name
     shim_argv, shim_environment = interpreter.first_stage(
@@ -203,7 +214,10 @@ def _values(
         "exec_stop": Escaped(unitsyntax.exec_line(["/bin/sh", "-c", service.kill_command]))
         if service.kill_command
         else None,
-        "work_dir": Escaped(unitsyntax.path_value(service.work_dir)) if service.work_dir else None,
+        "work_dir": _working_directory(service.work_dir, base_dir),
+        # The shim's shell commands (HealthcheckCommand, SleepCommand, WakeCommand) run
+        # where large-model-proxy runs them: where it was started.
+        "shim_work_dir": _working_directory(None, base_dir),
         "environment_file": Escaped(unitsyntax.path_value(str(environment_path)))
         if backend_environment(service, interpreter)
         else None,

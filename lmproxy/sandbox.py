@@ -96,14 +96,14 @@ class Sandbox:
             merged.update(extra)
         return merged
 
-    def command(self, argv: Sequence[str]) -> list[str]:
+    def command(self, argv: Sequence[str], cwd: Path | None = None) -> list[str]:
         """argv, made to run inside the sandbox's mount namespace (needed for journalctl),
-        in this process's working directory (nsenter would use the manager's)."""
+        in cwd or this process's working directory (nsenter would use the manager's)."""
         return [
             "nsenter",
             f"--target={self.manager_pid}",
             "--mount",
-            f"--wd={os.getcwd()}",
+            f"--wd={cwd or os.getcwd()}",
             "--",
             *argv,
         ]

@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING
 
 from lmproxy import eviction, lifecycle
 from lmproxy.backend import JOB_TIMEOUT_S, Backend
-from lmproxy.config import Config, Service, load_config
+from lmproxy.config import Config, Service
 from lmproxy.journal import Logger
 from lmproxy.ledger import Ledger, LedgerError, profiles
 from lmproxy.lifecycle import Effect, Event, Phase
+from lmproxy.origin import load_installed_config
 from lmproxy.paths import Scope, paths_for
 from lmproxy.readiness import ReadinessError
 from lmproxy.relay import Relay
@@ -852,7 +853,7 @@ def main(
     """early: what the first stage did (lmproxy.earlystart); early_failure: why it
     failed, when it did not merely leave the start to the shim."""
     raise_descriptor_limit()
-    config = load_config(config_path)
+    config = load_installed_config(config_path)
     try:
         service = config.service(name)
     except KeyError:

@@ -48,6 +48,17 @@ def config_option(function: F) -> F:
     )(function)
 
 
+def base_dir_option(function: F) -> F:
+    return click.option(
+        "--base-dir",
+        "base_dir",
+        type=click.Path(path_type=Path, file_okay=False, exists=True),
+        default=None,
+        help="Where relative paths in the config resolve, and where a service without "
+        "WorkDir runs (default: the current directory, as large-model-proxy does).",
+    )(function)
+
+
 def refuse_config(error: ConfigError, path: Path) -> None:
     """Prints every problem with its JSON path and exits with status 2."""
     click.echo(f"lmproxy: {path} is not a valid config; nothing was changed:", err=True)

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import click
 
 from lmproxy.commands.common import fail, refuse_config, resolve_scope, scope_option
-from lmproxy.config import ConfigError, load_config
+from lmproxy.config import ConfigError
+from lmproxy.origin import load_installed_config
 from lmproxy.paths import paths_for
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ def _carry_out(scope: str | None, name: str, request: Callable[[Control], None])
     if not config_path.exists():
         fail(f"nothing installed for the {resolved.value} manager ({config_path} is missing)")
     try:
-        config = load_config(config_path)
+        config = load_installed_config(config_path)
     except ConfigError as error:
         refuse_config(error, config_path)
         return

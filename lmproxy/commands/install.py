@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from lmproxy.commands.common import (
+    base_dir_option,
     config_option,
     fail,
     refuse_config,
@@ -19,6 +20,7 @@ from lmproxy.config import ConfigError
 
 @click.command()
 @config_option
+@base_dir_option
 @scope_option
 @click.option("--now", is_flag=True, help="Also start the sockets (they listen at once).")
 @click.option(
@@ -26,14 +28,18 @@ from lmproxy.config import ConfigError
     is_flag=True,
     help="Refuse a Command that cannot run on this machine (default: warn of it).",
 )
-def install(config_path: Path, scope: str | None, now: bool, strict: bool) -> None:
+def install(
+    config_path: Path, base_dir: Path | None, scope: str | None, now: bool, strict: bool
+) -> None:
     """Render units from a config and install them into systemd.
 
     Re-running it with a changed config updates the units in place, removes
     those of services that left the config, and leaves the others running.
     A bad config is refused (exit 2) and nothing is changed. A Command that
     cannot run here is warned of (its model's start fails until it is
-    installed), or refused with --strict.
+    installed), or refused with --strict. Relative paths in the config resolve
+    in the current directory (or --base-dir), which is recorded: a service
+    without WorkDir runs there, as under large-model-proxy.
     """
     from lmproxy import installer
     from lmproxy.systemd import SystemdError
@@ -47,6 +53,7 @@ def install(config_path: Path, scope: str | None, now: bool, strict: bool) -> No
             say=click.echo,
             warn=warn,
             strict=strict,
+            base_dir=base_dir,
         )
     except ConfigError as error:
         refuse_config(error, config_path)

@@ -7,12 +7,20 @@ from pathlib import Path
 
 import click
 
-from lmproxy.commands.common import config_option, fail, refuse_config, resolve_scope, scope_option
+from lmproxy.commands.common import (
+    base_dir_option,
+    config_option,
+    fail,
+    refuse_config,
+    resolve_scope,
+    scope_option,
+)
 from lmproxy.config import ConfigError, load_config
 
 
 @click.command()
 @config_option
+@base_dir_option
 @scope_option
 @click.option(
     "--output",
@@ -21,7 +29,7 @@ from lmproxy.config import ConfigError, load_config
     required=True,
     help="Folder to write the unit files to (created if missing).",
 )
-def render(config_path: Path, scope: str | None, output: Path) -> None:
+def render(config_path: Path, base_dir: Path | None, scope: str | None, output: Path) -> None:
     """Write the systemd units for a config to a folder, for packagers and the curious.
 
     Backends' environments go to environment/NAME.env in the folder, readable by you
@@ -29,7 +37,7 @@ def render(config_path: Path, scope: str | None, output: Path) -> None:
     from lmproxy.installer import environment_files_for, render_for
 
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, base_dir)
         units = render_for(config, resolve_scope(scope))
     except ConfigError as error:
         refuse_config(error, config_path)

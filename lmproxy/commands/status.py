@@ -7,7 +7,8 @@ import json
 import click
 
 from lmproxy.commands.common import fail, refuse_config, resolve_scope, scope_option
-from lmproxy.config import ConfigError, load_config
+from lmproxy.config import ConfigError
+from lmproxy.origin import load_installed_config
 from lmproxy.paths import paths_for
 
 
@@ -26,7 +27,7 @@ def status(scope: str | None, as_json: bool) -> None:
     if not config_path.exists():
         fail(f"nothing installed for the {resolved.value} manager ({config_path} is missing)")
     try:
-        services, resources = core.collect(load_config(config_path), resolved)
+        services, resources = core.collect(load_installed_config(config_path), resolved)
     except ConfigError as error:
         refuse_config(error, config_path)
         return

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
-from lmproxy.commands.common import config_option, refuse_config, warn
+from lmproxy.commands.common import base_dir_option, config_option, refuse_config, warn
 from lmproxy.config import ConfigError, load_config
 
 
 @click.command()
 @config_option
+@base_dir_option
 @click.option(
     "--syntax-only",
     is_flag=True,
@@ -22,13 +23,13 @@ from lmproxy.config import ConfigError, load_config
     is_flag=True,
     help="Refuse a Command that cannot run on this machine (default: warn of it).",
 )
-def validate(config_path: Path, syntax_only: bool, strict: bool) -> None:
+def validate(config_path: Path, base_dir: Path | None, syntax_only: bool, strict: bool) -> None:
     """Check a config; exit 2 naming each bad value's JSON path. A Command that
     cannot run here is warned of (refused with --strict). Nothing is changed."""
     from lmproxy.installer import refuse_missing_commands, warn_of_missing_commands
 
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, base_dir)
         if not syntax_only:
             if strict:
                 refuse_missing_commands(config)

@@ -72,11 +72,14 @@ def lmproxy_command() -> list[str]:
     return shlex.split(installed) if installed else [sys.executable, "-m", "lmproxy"]
 
 
-def lmproxy(sandbox: Sandbox, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def lmproxy(
+    sandbox: Sandbox, *args: str, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Runs the lmproxy CLI inside the sandbox (so journalctl sees its journal)."""
+    # A checkout is found from anywhere, as an installed lmproxy is.
     return subprocess.run(
-        sandbox.command([*lmproxy_command(), *args]),
-        env=sandbox.env(),
+        sandbox.command([*lmproxy_command(), *args], cwd),
+        env=sandbox.env(dict(current_interpreter().environment)),
         capture_output=True,
         text=True,
         timeout=timeout,

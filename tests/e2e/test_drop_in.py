@@ -5,6 +5,7 @@ healthcheck interval of 0 (its default)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from lmproxy.sandbox import Sandbox
@@ -96,3 +97,65 @@ def test_a_command_that_cannot_run_here_is_warned_of_and_its_start_fails_cleanly
         failed = journal(systemd_sandbox, f"LMPROXY_SERVICE={name}", "LMPROXY_EVENT=failed")
         assert f"cannot serve {name}" in failed, failed
         wait_for(lambda: service_status(systemd_sandbox, name)["reserved"] == {})  # noqa: B023
+
+
+def test_relative_paths_resolve_where_install_ran_and_the_model_runs_there(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """large-model-proxy resolves relative paths where it was started, and runs a service
+    without WorkDir there: lmproxy takes the directory `lmproxy install` ran in (not the
+    config file's), records it, and the shim and backend run there."""
+    models, configs, elsewhere = tmp_path / "models", tmp_path / "configs", tmp_path / "else"
+    for folder in (models, configs, elsewhere):
+        folder.mkdir()
+    (models / "name.txt").write_text("from-the-install-dir")
+    (models / "healthy").write_text("")
+    (models / "logs").mkdir()
+    script = models / "serve.sh"
+    port = free_port()
+    # The backend reads a relative path in its working directory, as a model file would be.
+    script.write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" -m lmproxy.fakemodel --port {port + 10000} '
+        '--name "$(cat name.txt)"\n'
+    )
+    script.chmod(0o755)
+    service = fake_model("relative", port, Command="./serve.sh", Args="")
+    service["LogFilePath"] = "logs/relative.log"
+    service["HealthcheckCommand"] = "test -f healthy"  # runs in the shim, in the same place
+    config = write_config(configs / "config.json", [service])
+
+    result = lmproxy(
+        systemd_sandbox, "install", "--user", "--config", str(config), "--now", cwd=models
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert http_get(port)["model"] == "from-the-install-dir"
+    assert (models / "logs" / "relative.log").is_file()
+    # Commands that read the installed copy later do so from anywhere.
+    status = lmproxy(systemd_sandbox, "status", "--user", "--json", cwd=elsewhere)
+    assert status.returncode == 0, status.stderr
+    assert service_status(systemd_sandbox, "relative")["state"] == "running"
+
+    # --base-dir names another directory; the install record follows it.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "name.txt").write_text("from-base-dir")
+    (other / "healthy").write_text("")
+    (other / "logs").mkdir()
+    (other / "serve.sh").write_text(script.read_text())
+    (other / "serve.sh").chmod(0o755)
+    result = lmproxy(
+        systemd_sandbox,
+        "install",
+        "--user",
+        "--config",
+        str(config),
+        "--base-dir",
+        str(other),
+        cwd=elsewhere,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    stopped = lmproxy(systemd_sandbox, "stop", "--user", "relative")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    wait_for(lambda: service_status(systemd_sandbox, "relative")["state"] == "cold")
+    assert http_get(port)["model"] == "from-base-dir"
+    assert (other / "logs" / "relative.log").is_file()

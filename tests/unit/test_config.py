@@ -112,6 +112,7 @@ def test_minimal_config_gets_every_default() -> None:
         openai_api_listen_port=None,
         management_api_listen_port=None,
         default_service_url=None,
+        base_dir=str(BASE),
     )
 
 
@@ -320,7 +321,7 @@ def test_readme_openai_only_service_is_refused() -> None:
 
 
 def test_example_config_file_parses() -> None:
-    config = load_config(EXAMPLE)
+    config = load_config(EXAMPLE, EXAMPLE.parent)
     assert len(config.services) == 2
     assert {s.name for s in config.services} == {"llama-server", "automatic1111"}
     for service in config.services:
@@ -331,17 +332,35 @@ def test_example_config_file_parses() -> None:
 # --- load_config -------------------------------------------------------------------------------
 
 
-def test_load_config_resolves_relative_paths_against_the_file_directory(tmp_path: Path) -> None:
+def test_load_config_resolves_relative_paths_where_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As large-model-proxy does: against the working directory, not the file's."""
     path = tmp_path / "conf" / "config.json"
     path.parent.mkdir()
     path.write_text(
         "\ufeff"
         + document(minimal_service(WorkDir="work", LogFilePath="../logs/x.log", Command="./run"))
     )
-    service = load_config(path).services[0]
-    assert service.work_dir == str(tmp_path / "conf" / "work")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    config = load_config(path)
+    assert config.base_dir == str(tmp_path / "here")
+    service = config.services[0]
+    assert service.work_dir == str(tmp_path / "here" / "work")
     assert service.log_file_path == str(tmp_path / "logs" / "x.log")
-    assert service.command == str(tmp_path / "conf" / "work" / "run")
+    assert service.command == str(tmp_path / "here" / "work" / "run")
+    elsewhere = load_config(path, tmp_path / "conf").services[0]
+    assert elsewhere.work_dir == str(tmp_path / "conf" / "work")
+
+
+def test_base_dir_that_no_unit_can_carry_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document(minimal_service()), Path("/srv/a\nb"))
+    [(path, message)] = caught.value.problems
+    assert path == "$"
+    assert "relative paths cannot be taken from this directory" in message
+    assert "control character" in message
 
 
 def test_load_config_missing_file(tmp_path: Path) -> None:

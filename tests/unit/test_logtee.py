@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,27 @@ def test_the_output_goes_to_the_file_and_the_status_is_the_commands(
     assert status == 3
     assert log.read_text() == "before\nhello\n"
     assert capfd.readouterr().out == "hello\n"
+
+
+def test_a_command_killed_by_a_signal_kills_the_tee_by_it(folder: Path) -> None:
+    """systemd counts a main process that SIGTERM ended as stopped cleanly; an exit
+    status of 143 would make a backend stopped by its shim "failed"."""
+    tee = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmproxy.logtee",
+            str(folder / "m.log"),
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo up; kill -TERM $$",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    assert tee.returncode == -signal.SIGTERM
+    assert (folder / "m.log").read_text() == "up\n"
 
 
 def test_a_planted_symlink_is_not_followed(folder: Path, tmp_path: Path) -> None:

@@ -502,7 +502,7 @@ def test_example_backends() -> None:
         exec_start = backend.value("Service", "ExecStart")
         if "LogFilePath" in entry:
             log = str(BASE / entry["LogFilePath"])
-            argv = ["/usr/bin/python3", "-m", "lmproxy.logtee", log, "--", *argv]
+            argv = ["/usr/bin/python3", "-P", "-m", "lmproxy.logtee", log, "--", *argv]
         # Plain values: a POSIX shell's reading of the line gives the argv back.
         assert shlex.split(exec_start) == argv
         assert backend.value("Service", "Type") == "exec"
@@ -535,8 +535,21 @@ def test_backend_without_args_runs_the_bare_command() -> None:
 
 def test_backend_minimal_has_no_optional_settings() -> None:
     backend = render_parsed(make_config(service()))["lmproxy-backend@llm.service"]
-    for key in ("WorkingDirectory", "EnvironmentFile", "User", "RemainAfterExit", "ExecStop"):
+    for key in ("EnvironmentFile", "User", "RemainAfterExit", "ExecStop"):
         assert not backend.has("Service", key), key
+
+
+def test_without_work_dir_backend_and_shim_run_in_the_base_dir() -> None:
+    """Where large-model-proxy would run them: where it was started. "-": a directory
+    the unit's user cannot enter leaves it in its default instead of failing."""
+    units = render_parsed(make_config(service()))
+    for unit in ("lmproxy-backend@llm.service", "lmproxy-llm.service"):
+        assert units[unit].value("Service", "WorkingDirectory") == "-/srv/lmproxy", unit
+    with_work_dir = render_parsed(make_config(service(WorkDir="/opt/m")))
+    backend = with_work_dir["lmproxy-backend@llm.service"]
+    assert backend.value("Service", "WorkingDirectory") == "/opt/m"
+    shim = with_work_dir["lmproxy-llm.service"]
+    assert shim.value("Service", "WorkingDirectory") == "-/srv/lmproxy"
 
 
 def test_backend_user_only_when_set() -> None:
@@ -608,6 +621,7 @@ def test_log_file_path_runs_the_command_through_logtee(interpreter: Interpreter)
     backend = render_parsed(config, interpreter=interpreter)["lmproxy-backend@llm.service"]
     assert exec_argv(backend.value("Service", "ExecStart")) == [
         interpreter.executable,
+        "-P",
         "-m",
         "lmproxy.logtee",
         "/srv/lmproxy/logs/llm.log",
@@ -759,8 +773,8 @@ def test_hostile_log_file_path_reaches_the_tee_unchanged() -> None:
     config = make_config(service(**HOSTILE_FIELDS))
     backend = render_parsed(config)["lmproxy-backend@llm.service"]
     argv = exec_argv(backend.value("Service", "ExecStart"))
-    assert argv[:5] == ["/usr/bin/python3", "-m", "lmproxy.logtee", HOSTILE_LOG, "--"]
-    assert argv[5:] == [HOSTILE_COMMAND, *shlex.split(HOSTILE_ARGS)]
+    assert argv[:6] == ["/usr/bin/python3", "-P", "-m", "lmproxy.logtee", HOSTILE_LOG, "--"]
+    assert argv[6:] == [HOSTILE_COMMAND, *shlex.split(HOSTILE_ARGS)]
 
 
 # Values systemd's unit syntax cannot carry: parse_config must refuse them, naming the field,
@@ -876,7 +890,7 @@ def test_any_valid_values_keep_the_shape_and_reach_the_program(
     backend = hostile_units["lmproxy-backend@llm.service"]
     argv = ["/opt/bin/serve", *shlex.split(args)]
     if log is not None:
-        argv = ["/usr/bin/python3", "-m", "lmproxy.logtee", log, "--", *argv]
+        argv = ["/usr/bin/python3", "-P", "-m", "lmproxy.logtee", log, "--", *argv]
     assert exec_argv(backend.value("Service", "ExecStart")) == argv
     assert backend_environment(make_config(service(**hostile))) == env
     if work_dir is not None:
