@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmproxy import unitsyntax
+from lmproxy import unitnames, unitsyntax
 
 
 class ConfigError(ValueError):
@@ -197,7 +197,6 @@ SLEEP_LEVELS = (1, 2)
 API_FIELDS = ("ListenPort",)
 
 # All used with fullmatch().
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _RESOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -208,10 +207,7 @@ _SOCKET_MODE_RE = re.compile(r"0?[0-7]{3}")
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
-_NAME_RULE = (
-    "1 to 63 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit "
-    "(it becomes part of systemd unit names)"
-)
+MAX_NAME_LENGTH = 255
 _RESOURCE_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . : -, starting with a letter or digit"
 
 
@@ -765,9 +761,8 @@ class _Parser:
         if name is None:
             if not fields.has("Name"):
                 self.error(fields.path_of("Name"), "Name is required")
-        elif not _NAME_RE.fullmatch(name):
-            self.error(fields.path_of("Name"), f"invalid Name {_show(name)}: {_NAME_RULE}")
-            name = None
+        else:
+            name = self.service_name(fields, name)
 
         listen_path, socket_user, socket_group, socket_mode = self.unix_socket(fields)
         listen_port = self.port(
@@ -914,6 +909,24 @@ class _Parser:
             target_port=target_port,
             service=service,
         )
+
+    def service_name(self, fields: _Fields, name: str) -> str | None:
+        """Any name, as large-model-proxy takes it: its units get a unit-safe form of it
+        (unitnames.component), while status, logs and the APIs show it as written."""
+        problem = None
+        if not name:
+            problem = "Name must not be empty"
+        elif len(name) > MAX_NAME_LENGTH:
+            problem = f"Name is longer than {MAX_NAME_LENGTH} characters"
+        else:
+            try:  # where the name is written verbatim: each unit's Description=
+                unitsyntax.inner_value(name)
+            except ValueError as error:
+                problem = f"Name {_show(name)} is not usable in a systemd unit: {error}"
+        if problem is not None:
+            self.error(fields.path_of("Name"), problem)
+            return None
+        return name
 
     def unix_socket(self, fields: _Fields) -> tuple[str | None, str | None, str | None, str | None]:
         """ListenPath and who may connect to it: SocketUser, SocketGroup, SocketMode."""
@@ -1111,6 +1124,7 @@ class _Parser:
 
     def check_names(self, entries: list[_Entry]) -> None:
         first_with_name: dict[str, _Entry] = {}
+        first_with_unit: dict[str, _Entry] = {}
         for entry in entries:
             if entry.name is None:
                 continue
@@ -1123,6 +1137,15 @@ class _Parser:
                 )
                 continue
             first_with_name[entry.name] = entry
+            unit = unitnames.component(entry.name)
+            clash = first_with_unit.setdefault(unit, entry)
+            if clash is not entry:
+                self.error(
+                    entry.fields.path_of("Name"),
+                    f"the names {_show(clash.name)} ($.Services[{clash.index}]) and "
+                    f"{_show(entry.name)} both give the unit name {unitnames.shim_unit(unit)!r}: "
+                    "rename one of them",
+                )
 
     def check_ports(self, entries: list[_Entry]) -> None:
         paths: dict[str, _Entry] = {}

@@ -98,7 +98,7 @@ def environment_file(config_path: Path, service: str) -> Path:
     Not Environment= lines: unit files are readable by every local user, and systemd
     publishes Environment= over D-Bus to anyone who asks (`systemctl show`), where
     EnvironmentFile= shows only this path."""
-    return environment_dir(config_path) / f"{service}.env"
+    return environment_dir(config_path) / f"{unitnames.component(service)}.env"
 
 
 def backend_environment(service: Service, interpreter: Interpreter) -> dict[str, str]:
@@ -197,7 +197,8 @@ def _values(
         )
     environment_path = environment_file(config_path, name)
     return {
-        "name": Escaped(unitsyntax.quote_value(name)),
+        # Written only between other text ("Description=lmproxy: NAME shim").
+        "name": Escaped(unitsyntax.inner_value(name)),
         "config_path": Escaped(unitsyntax.quote_value(str(config_path))),
         "socket": Escaped(unitnames.socket_unit(name)),
         "backend": Escaped(unitnames.backend_unit(name)),

@@ -272,12 +272,17 @@ def environment_file_line(key: str, value: str) -> str:
     return f'{key}="{escaped}"\n'
 
 
-def _check_verbatim(s: str, what: str) -> None:
-    """Checks for a value that systemd takes verbatim up to the end of the line."""
+def _check_line_chars(s: str, what: str) -> None:
+    """Checks for text that must stay on its line."""
     _check_chars(s, what)
     for ch in s:
         if unicodedata.category(ch) in {"Cc", "Zl", "Zp"}:
             raise ValueError(f"{what} contains the control character {ch!r}")
+
+
+def _check_verbatim(s: str, what: str) -> None:
+    """Checks for a value that systemd takes verbatim up to the end of the line."""
+    _check_line_chars(s, what)
     if s != s.strip(_SYSTEMD_WHITESPACE):
         raise ValueError(f"{what} has leading or trailing whitespace, which systemd strips")
     escaped = False
@@ -305,6 +310,15 @@ def quote_value(s: str) -> str:
     if not s:
         raise ValueError("the value is empty (an empty assignment resets the setting)")
     _check_verbatim(s, "the value")
+    return _check_length(s.replace("%", "%%"), "the value")
+
+
+def inner_value(s: str) -> str:
+    """``s`` for the middle of a verbatim value such as ``Description=`` (text the
+    template writes surrounds it, so its ends may be spaces or a backslash): ``%``
+    becomes ``%%``. Raises ``ValueError`` for what no line can carry (NUL, control
+    characters, line separators, surrogates, noncharacters)."""
+    _check_line_chars(s, "the value")
     return _check_length(s.replace("%", "%%"), "the value")
 
 

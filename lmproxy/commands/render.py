@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from lmproxy import unitnames
 from lmproxy.commands.common import (
     base_dir_option,
     config_option,
@@ -51,7 +52,7 @@ def render(config_path: Path, base_dir: Path | None, scope: str | None, output: 
         (output / name).write_text(text)
         click.echo(str(output / name))
     for name, text in sorted(environment.items()):
-        path = output / "environment" / f"{name}.env"
+        path = output / "environment" / f"{unitnames.component(name)}.env"
         path.parent.mkdir(mode=0o700, exist_ok=True)
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

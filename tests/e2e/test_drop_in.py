@@ -159,3 +159,62 @@ def test_relative_paths_resolve_where_install_ran_and_the_model_runs_there(
     wait_for(lambda: service_status(systemd_sandbox, "relative")["state"] == "cold")
     assert http_get(port)["model"] == "from-base-dir"
     assert (other / "logs" / "relative.log").is_file()
+
+
+def test_any_service_name_installs_serves_evicts_and_shows_as_written(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Names large-model-proxy takes (its README's own, and others seen in configs): each
+    gets units of its own; status, logs and the journal show the name as written."""
+    names = [
+        "Qwen/Qwen2.5-7B-Instruct",
+        "Service TWO2\ufe0f\u20e3 \u0414\u0432\u0430",
+        "{Service 3}",
+        "$-_.+!*'(),\u043f\u0440\u043e\u0432\u0435\u0440\u043a\u0430-2/",
+    ]
+    ports = [free_port() for _ in names]
+    # Each needs 16000 of 24000: every start evicts the one before.
+    services = [
+        fake_model(name, port, needs={"VRAM": 16000}, extra_args="")
+        for name, port in zip(names, ports, strict=True)
+    ]
+    for service, port in zip(services, ports, strict=True):
+        service["Args"] = f"-m lmproxy.fakemodel --name svc{port} --port {port + 10000} --delay 0.1"
+    install(systemd_sandbox, write_config(tmp_path / "names.json", services))
+
+    for name, port in zip(names, ports, strict=True):
+        assert http_get(port)["model"] == f"svc{port}"
+        assert service_status(systemd_sandbox, name)["state"] == "running"
+    states = {name: service_status(systemd_sandbox, name)["state"] for name in names}
+    assert states[names[-1]] == "running"
+    assert all(states[name] == "cold" for name in names[:-1]), states
+
+    table = lmproxy(systemd_sandbox, "status", "--user")
+    assert table.returncode == 0, table.stderr
+    for name in names:
+        assert name in table.stdout
+    logs = lmproxy(systemd_sandbox, "logs", names[0])
+    assert logs.returncode == 0, logs.stderr
+    assert f"svc{ports[0]}: model loaded" in logs.stdout  # the backend's own output
+    assert "reserved 16000 VRAM" in logs.stdout  # the shim's decisions
+    assert f"{names[0]} ready after" in logs.stdout
+    assert f"evicting {names[0]} to free room" in journal(
+        systemd_sandbox, f"LMPROXY_SERVICE={names[1]}"
+    )
+
+
+def test_two_names_with_one_unit_name_are_refused_and_nothing_changes(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    from lmproxy import unitnames
+
+    first = "a/b"
+    twin = unitnames.component(first)
+    config = write_config(
+        tmp_path / "twins.json",
+        [fake_model(first, free_port()), fake_model(twin, free_port())],
+    )
+    result = lmproxy(systemd_sandbox, "install", "--user", "--config", str(config), "--now")
+    assert result.returncode == 2
+    assert f"'a/b' ($.Services[0]) and {twin!r} both give the unit name" in result.stderr
+    assert "nothing was changed" in result.stderr

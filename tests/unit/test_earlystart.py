@@ -15,14 +15,14 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lmproxy import earlystart, lifecycle
+from lmproxy import earlystart, lifecycle, unitnames
 from lmproxy.config import parse_config
 from lmproxy.earlystart import Declined
 from lmproxy.ledger import Ledger, _encode
 from lmproxy.lifecycle import Entry, Phase, Profile, SleepProfile
 from lmproxy.render import render_start_plan
 
-NAMES = ("a", "b", "c")
+NAMES = ("a", "Qwen/Qwen2.5-7B", "Service TWO2\ufe0f\u20e3 \u0414\u0432\u0430")  # any name
 RESOURCES = ("VRAM", "RAM")
 NOW, ARRIVED = 1000.5, 1000.25
 
@@ -55,7 +55,7 @@ class Probe:
 
 
 def units_of(names: Sequence[str]) -> list[str]:
-    return [u for n in names for u in (f"lmproxy-backend@{n}.service", f"lmproxy-{n}.service")]
+    return [u for n in names for u in (unitnames.backend_unit(n), unitnames.shim_unit(n))]
 
 
 def write_ledger(folder: Path, stored: dict[str, Entry], available: dict[str, int]) -> None:
@@ -153,7 +153,7 @@ def test_the_first_stage_acts_in_the_common_cold_start() -> None:
             "c": Entry(Phase.SLEEPING, {"VRAM": 2}, last_used=3.0, loaded_at=1.0),
         }
     )["services"]
-    running = {u: not u.startswith("lmproxy-backend@a") for u in units_of(NAMES)}
+    running = {u: not u.startswith("lmproxy-backend@a") for u in units_of(("a", "b", "c"))}
     needs = {"a": {"VRAM": 14}, "b": {"VRAM": 8}, "c": {"VRAM": 8}}
     after = earlystart.reserve_if_free(
         stored, running, available={"VRAM": 24}, needs=needs, name="a", now=NOW, arrived=ARRIVED

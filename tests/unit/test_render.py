@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmproxy import render, resources
+from lmproxy import render, resources, unitnames
 from lmproxy.config import Config, ConfigError, parse_config
 from lmproxy.paths import Scope, paths_for
 from lmproxy.render import FIRST_STAGE, Escaped, Interpreter, render_units
@@ -1070,3 +1070,43 @@ def test_socket_owners_need_the_system_manager() -> None:
     assert refused.value.problems == [
         ("$.Services[0].SocketGroup", "SocketGroup needs the system manager (--system)")
     ]
+
+
+# --- Any service name (large-model-proxy takes any string) ----------------------------------
+
+
+def _takes(name: str) -> bool:
+    try:
+        make_config(service(name))
+    except ConfigError:
+        return False
+    return True
+
+
+_names = (st.text(CONFIG_CHARS | st.characters(), min_size=1, max_size=40)).filter(_takes)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(name=_names, scope=st.sampled_from(list(Scope)))
+def test_any_name_gets_units_of_its_own_that_carry_it_unchanged(name: str, scope: Scope) -> None:
+    """Whatever the name, its units have lmproxy's shape, their names are unit-safe and
+    the backend's alone matches polkit's rule, and the name reaches the shim and each
+    Description as written: no name can inject a directive or reach another unit."""
+    units = render_parsed(make_config(service(name)), scope=scope)
+    plain = render_parsed(make_config(service("llm")), scope=scope)
+    part = unitnames.component(name)
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", part)
+    as_llm = dict(zip(unitnames.units_of(name), unitnames.units_of("llm"), strict=True))
+    renamed = {as_llm.get(key, key): unit for key, unit in units.items()}
+    same_shape(renamed, plain)
+    socket, shim, backend = unitnames.units_of(name)
+    assert {socket, shim, backend} <= units.keys()
+    assert re.fullmatch(r"lmproxy-backend@[A-Za-z0-9:_.\\-]+\.service", backend)
+    assert not unitnames.is_backend_unit(shim)
+    for unit, what in ((socket, "listening socket"), (shim, "shim"), (backend, "backend")):
+        description = unspecify(units[unit].value("Unit", "Description"))
+        assert description == f"lmproxy: {name} {what}"
+    assert exec_argv(units[shim].value("Service", "ExecStart"))[-1] == name
+    assert unitnames.syslog_identifier(name) == unspecify(
+        units[backend].value("Service", "SyslogIdentifier")
+    )

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from lmproxy import unitnames
 
-NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", fullmatch=True)
+PLAIN = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", fullmatch=True)
+NAMES = PLAIN | st.text(min_size=1, max_size=300)
 
 
 def polkit_backend_pattern() -> re.Pattern[str]:
@@ -37,3 +38,29 @@ def test_a_service_named_like_a_backend_gets_a_shim_polkit_does_not_match() -> N
     pattern = polkit_backend_pattern()
     for name in ("c-backend", "backend", "backend-c", "backend.c"):
         assert not pattern.fullmatch(unitnames.shim_unit(name)), name
+
+
+@given(PLAIN)
+def test_a_plain_name_is_its_own_unit_name(name: str) -> None:
+    """Names lmproxy took before any other keep their units across an upgrade."""
+    assert unitnames.component(name) == name
+    assert unitnames.shim_unit(name) == f"lmproxy-{name}.service"
+
+
+@given(st.text(min_size=1, max_size=300))
+def test_any_name_maps_to_a_unit_safe_stable_component(name: str) -> None:
+    part = unitnames.component(name)
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", part)
+    assert part == unitnames.component(name)
+    if not unitnames.is_plain(name):
+        assert re.fullmatch(r".+-[0-9a-f]{8}", part)
+    for unit in unitnames.units_of(name):
+        assert not set(unit) & set("*?[]\\@/ ") or unit.startswith("lmproxy-backend@")
+
+
+def test_names_users_write_get_readable_unit_names() -> None:
+    assert unitnames.component("Qwen/Qwen2.5-7B-Instruct") == "Qwen_Qwen2.5-7B-Instruct-1bb1e77d"
+    assert unitnames.component("{Service 3}") == "Service_3-8c9d9468"
+    assert unitnames.component("\u043f\u0440\u043e\u0432\u0435\u0440\u043a\u0430") == (
+        "service-e778c6d8"
+    )
