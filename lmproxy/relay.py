@@ -246,7 +246,17 @@ class _Direction:
 
 
 class _Pair:
-    __slots__ = ("backend", "client", "closed", "deadline", "down", "exchange", "fds", "up")
+    __slots__ = (
+        "backend",
+        "client",
+        "client_left",
+        "closed",
+        "deadline",
+        "down",
+        "exchange",
+        "fds",
+        "up",
+    )
 
     def __init__(
         self, client: socket.socket, backend: socket.socket, connection: Exchange | None
@@ -260,6 +270,8 @@ class _Pair:
         self.up.other, self.down.other = self.down, self.up
         self.closed = False
         self.deadline = 0.0  # while the backend connects: when to give the client back
+        # The client sent its FIN: the pair no longer counts as in use (see _client_left).
+        self.client_left = False
 
 
 class _Loop:
@@ -816,6 +828,8 @@ class _Loop:
                     return moved  # the backend closed: the held request goes elsewhere
                 # Half-close: everything before the FIN has been delivered; pass the FIN on.
                 if not d.shut:
+                    if d.upstream:
+                        self._client_left(d)
                     d.dst.shutdown(socket.SHUT_WR)
                     d.shut = True
                 return moved
@@ -867,6 +881,32 @@ class _Loop:
                 d.pending = n
                 if connection is not None:
                     connection.unseen(d.upstream, n)
+
+    def _client_left(self, up: _Direction) -> None:
+        """The client has closed its side (FIN), every byte it sent delivered: its pair no
+        longer keeps the model in use, for eviction and idle stop alike, as when
+        large-model-proxy ends such a connection. The answer still flows to it: a client
+        that only half-closed after its request (HTTP/1.0-style tools, `nc -N`) gets it,
+        unless the model is stopped first. A client that closed for good refuses the
+        answer's first bytes with a reset, which ends the pair."""
+        entry = self.fds.get(up.src_fd)
+        if entry is None:
+            return
+        pair = entry[0]
+        pair.client_left = True
+        connection = up.exchange
+        if connection is not None:
+            # No request can follow a FIN: the framing has nothing left to decide, and the
+            # connection must never count again (settle() would count it while in flight).
+            connection.release()
+            up.exchange = None
+            assert up.other is not None
+            up.other.exchange = None
+            pair.exchange = None
+        else:
+            self.relay._client_left()
+        self.changed = True
+        self._allow(pair)
 
     def _copy(self, d: _Direction) -> int:
         """The first read of a wakeup, copied: the bytes read. Leaves src not readable when it
@@ -946,7 +986,9 @@ class _Loop:
         for sock in (pair.client, pair.backend):
             with contextlib.suppress(OSError):
                 sock.close()
-        self.relay._closed(self, 1)
+        # A raw pair whose client left stops being counted as such in the same step.
+        left = 1 if pair.client_left and self.relay._gate is None else 0
+        self.relay._closed(self, 1, left=left)
         self.changed = True
 
     def _forget(self, pair: _Pair) -> None:
@@ -1128,6 +1170,7 @@ class Relay:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0
+        self._left = 0  # raw: open pairs whose client has sent its FIN
         self._started = False
         self._stopped = False
         self._publishing = False
@@ -1234,7 +1277,7 @@ class Relay:
             if self._gate is not None:
                 if not self._gate.close_if_idle():
                     return False
-            elif self._active:
+            elif self._active - self._left:
                 return False
             self._stop_accepting_locked()
             return True
@@ -1255,11 +1298,18 @@ class Relay:
 
     @property
     def in_use(self) -> int:
-        """Pairs in use: for HTTP, those with a request in flight; else every open pair."""
+        """Pairs in use: for HTTP, those with a request in flight; else every open pair.
+        Never a pair whose client has closed its side (see _Loop._client_left)."""
         if self._gate is not None:
             return self._gate.in_flight
         with self._lock:
-            return self._active
+            return self._active - self._left
+
+    def _client_left(self) -> None:
+        """From a loop thread, raw pairs only: one more open pair whose client left (it
+        stops counting in _closed)."""
+        with self._lock:
+            self._left += 1
 
     @property
     def knocking(self) -> bool:
@@ -1375,12 +1425,14 @@ class Relay:
         self._closed(None, len(adds), counted=True)
         self._publish()
 
-    def _closed(self, loop: _Loop | None, n: int, *, counted: bool = False) -> None:
-        """Count ``n`` pairs as closed. The caller publishes the change."""
+    def _closed(self, loop: _Loop | None, n: int, *, counted: bool = False, left: int = 0) -> None:
+        """Count ``n`` pairs as closed, ``left`` of them counted in ``_left``. The caller
+        publishes the change."""
         with self._lock:
             if loop is not None and not counted:
                 loop.count -= n
             self._active -= n
+            self._left -= left
             if self._active == 0:
                 self._idle.notify_all()
 

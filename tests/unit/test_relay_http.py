@@ -124,6 +124,33 @@ def test_a_slow_prompt_and_a_paused_stream_are_in_use_until_the_last_byte(
     wait_until(lambda: relay.in_use == 0)
 
 
+def test_a_client_that_sends_its_fin_stops_counting_and_still_gets_the_answer(
+    relay: Relay, net: Net
+) -> None:
+    """A FIN frees the model at once (large-model-proxy ends such a connection), yet a
+    client that only half-closed after its request (`nc -N`) is answered in full; the
+    connection never counts again, whatever the answer's framing does."""
+    client, backend = net.relayed(relay)
+    request = post(b'{"prompt": "long"}')
+    client.sendall(request)
+    assert recv_exactly(backend, len(request)) == request
+    wait_until(lambda: relay.in_use == 1)
+    client.shutdown(socket.SHUT_WR)
+    assert backend.recv(1) == b""  # the FIN is passed on
+    wait_until(lambda: relay.in_use == 0)
+    assert relay.active == 1  # still open: the answer may come
+    assert relay.stop_accepting_if_idle()
+    backend.sendall(STREAM_HEAD + TOKEN)
+    assert recv_exactly(client, len(STREAM_HEAD + TOKEN)) == STREAM_HEAD + TOKEN
+    assert relay.in_use == 0
+    backend.sendall(TOKEN + LAST)
+    assert recv_exactly(client, len(TOKEN + LAST)) == TOKEN + LAST
+    backend.close()
+    assert client.recv(1) == b""
+    assert relay.wait_idle(5)
+    assert relay.in_use == 0
+
+
 def test_large_bodies_are_spliced_within_their_length_and_followed(relay: Relay, net: Net) -> None:
     """Bodies of a known length move unseen (spliced), and the framing still finds the
     next message after them."""
