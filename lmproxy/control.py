@@ -21,12 +21,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 from lmproxy import lifecycle, unitnames
 from lmproxy.backend import JOB_TIMEOUT_S
 from lmproxy.config import SHIM_USER, Config, Service
 from lmproxy.journal import Logger
-from lmproxy.ledger import Ledger, LedgerError, profiles
+from lmproxy.ledger import Ledger, LedgerError, installed_generation, profiles
 from lmproxy.lifecycle import Entry, Phase
 from lmproxy.paths import Scope, paths_for
 from lmproxy.systemd import Manager, SystemdError
@@ -44,7 +46,16 @@ class ControlError(Exception):
 
 
 class Control:
-    def __init__(self, config: Config, scope: Scope, name: str, say: Say) -> None:
+    def __init__(
+        self,
+        config: Config,
+        scope: Scope,
+        name: str,
+        say: Say,
+        *,
+        generation: int = 0,
+        installed_config: Path | None = None,
+    ) -> None:
         try:
             self.service = config.service(name)
         except KeyError:
@@ -63,6 +74,10 @@ class Control:
             profiles(config),
             self.manager.running,
             self.log.note,
+            generation=generation,
+            refresh=None
+            if installed_config is None
+            else partial(installed_generation, installed_config),
         )
 
     def close(self) -> None:
@@ -214,28 +229,36 @@ def _reachable(service: Service) -> str:
 
 
 def run(
-    config: Config, scope: Scope, name: str, request: Callable[[Control], None], say: Say
+    config: Config,
+    scope: Scope,
+    name: str,
+    request: Callable[[Control], None],
+    say: Say,
+    *,
+    generation: int = 0,
+    installed_config: Path | None = None,
 ) -> int:
     """Carries out request; 0 once done, 1 with the reason on stderr otherwise. In
-    system mode, as the shims' user (its ledger, its permission to manage the units)."""
-    if scope is Scope.SYSTEM:
-        return as_shim_user(lambda: _run(config, scope, name, request, say))
-    return _run(config, scope, name, request, say)
+    system mode, as the shims' user (its ledger, its permission to manage the units).
+    generation, installed_config: the install the config came from (lmproxy.ledger)."""
 
-
-def _run(
-    config: Config, scope: Scope, name: str, request: Callable[[Control], None], say: Say
-) -> int:
-    try:
-        control = Control(config, scope, name, say)
+    def carry_out() -> int:
         try:
-            request(control)
-        finally:
-            control.close()
-    except (ControlError, SystemdError, LedgerError, OSError) as error:
-        print(f"lmproxy: {error}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+            control = Control(
+                config, scope, name, say, generation=generation, installed_config=installed_config
+            )
+            try:
+                request(control)
+            finally:
+                control.close()
+        except (ControlError, SystemdError, LedgerError, OSError) as error:
+            print(f"lmproxy: {error}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+
+    if scope is Scope.SYSTEM:
+        return as_shim_user(carry_out)
+    return carry_out()
 
 
 def as_shim_user(work: Callable[[], int]) -> int:

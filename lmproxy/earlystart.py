@@ -33,7 +33,7 @@ import time
 from lmproxy import minibus, unitnames
 
 PLAN_NAME = "start-plan.json"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: with the generation
 LEDGER_VERSION = 2  # lmproxy.ledger.FORMAT_VERSION
 MAX_LEDGER_BYTES = 4 * 1024 * 1024  # lmproxy.ledger.MAX_LEDGER_BYTES
 RUNNING_STATES = ("active", "activating", "deactivating", "reloading")  # lmproxy.systemd
@@ -51,6 +51,7 @@ _PHASES = frozenset(  # lmproxy.world.Phase
         "stopping",
     )
 )
+_LEDGER_KEYS = frozenset(("version", "generation", "services"))
 _ENTRY_KEYS = frozenset(
     ("state", "reserved", "in_use", "last_used", "loaded_at", "waiting_since", "sleep_level")
 )
@@ -179,13 +180,17 @@ def json_dumps(value: object) -> bytes:
     return "".join(encode(value, 0)).encode()
 
 
-def _checked_entries(data: object) -> Entries:
-    """The ledger's services, only if every value has exactly the type lmproxy.ledger
-    writes: then writing them back unchanged is what the ledger would write."""
-    if not isinstance(data, dict) or set(data) != {"version", "services"}:
+def _checked_ledger(data: object) -> tuple[Entries, int]:
+    """The ledger's services and generation, only if every value has exactly the type
+    lmproxy.ledger writes: then writing them back unchanged is what the ledger would
+    write. No generation: a ledger from before they were recorded (0)."""
+    if not isinstance(data, dict) or not {"version", "services"} <= set(data) <= _LEDGER_KEYS:
         raise Declined("the ledger is not in the expected form")
     if data["version"] != LEDGER_VERSION or not isinstance(data["services"], dict):
         raise Declined("the ledger is of another version")
+    generation = data.get("generation", 0)
+    if type(generation) is not int or generation < 0:
+        raise Declined("the ledger's generation is not in the expected form")
     for entry in data["services"].values():
         if not (
             isinstance(entry, dict)
@@ -199,7 +204,7 @@ def _checked_entries(data: object) -> Entries:
             and type(entry["sleep_level"]) is int
         ):
             raise Declined("a ledger entry is not in the expected form")
-    return data["services"]
+    return data["services"], generation
 
 
 def _is_amounts(value: object) -> bool:
@@ -218,11 +223,11 @@ def _open_own(path: str, flags: int, mode: int = 0) -> int:
     return fd
 
 
-def _read_ledger(path: str) -> Entries:
+def _read_ledger(path: str) -> tuple[Entries, int]:
     try:
         fd = _open_own(path, posix.O_RDONLY)
     except FileNotFoundError:
-        return {}
+        return {}, 0
     try:
         data = posix.read(fd, MAX_LEDGER_BYTES + 1)
         if len(data) > MAX_LEDGER_BYTES or posix.fstat(fd).st_size != len(data):
@@ -230,14 +235,14 @@ def _read_ledger(path: str) -> Entries:
     finally:
         posix.close(fd)
     try:
-        return _checked_entries(_json_loads(data))
+        return _checked_ledger(_json_loads(data))
     except (ValueError, UnicodeDecodeError):
         raise Declined("the ledger is unreadable") from None
 
 
-def _write_ledger(folder: str, entries: Entries) -> None:
+def _write_ledger(folder: str, entries: Entries, generation: int) -> None:
     """lmproxy.files.write_atomically (not durable: a tmpfs): a temporary file, renamed."""
-    data = json_dumps({"version": LEDGER_VERSION, "services": entries})
+    data = json_dumps({"version": LEDGER_VERSION, "generation": generation, "services": entries})
     temp = f"{folder}/.ledger.json.{posix.getpid()}{posix.urandom(4).hex()}.tmp"
     flags = posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW | posix.O_CLOEXEC
     fd = posix.open(temp, flags, 0o600)
@@ -256,9 +261,20 @@ def _write_ledger(folder: str, entries: Entries) -> None:
 # --- the first stage --------------------------------------------------------------------------
 
 
-def read_plan(config_path: str) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    """(available, needs by service) from the plan beside config_path, if it was made
-    from the config's bytes as they are now."""
+class Plan:
+    """What `lmproxy install` wrote for the first stage (lmproxy.render.render_start_plan)."""
+
+    def __init__(
+        self, available: dict[str, int], needs: dict[str, dict[str, int]], generation: int
+    ) -> None:
+        self.available = available
+        self.needs = needs
+        self.generation = generation
+
+
+def read_plan(config_path: str) -> Plan:
+    """The plan beside config_path, if it was made from the config's bytes as they are
+    now."""
     import binascii
 
     folder = config_path.rpartition("/")[0] or "."
@@ -271,12 +287,12 @@ def read_plan(config_path: str) -> tuple[dict[str, int], dict[str, dict[str, int
     made_from = (plan.get("config_size"), plan.get("config_crc32"))
     if made_from != (len(config), binascii.crc32(config)):
         raise Declined("the config changed since `lmproxy install` wrote the start plan")
-    available, needs = plan["available"], plan["needs"]
-    if not (_is_amounts(available) and isinstance(needs, dict)):
+    available, needs, generation = plan["available"], plan["needs"], plan.get("generation")
+    if not (_is_amounts(available) and isinstance(needs, dict) and type(generation) is int):
         raise Declined("the start plan is not in the expected form")
     if not all(_is_amounts(n) for n in needs.values()):
         raise Declined("the start plan is not in the expected form")
-    return available, needs
+    return Plan(available, needs, generation)
 
 
 def _environ(name: str) -> str | None:
@@ -316,7 +332,8 @@ def bus_address(system: bool) -> str:
 def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Early:
     """Reserves name's needs and sends its backend's StartUnit, if the lifecycle would
     do only that now; Declined (or any other exception) when it leaves this to the shim."""
-    available, needs = read_plan(config_path)
+    plan = read_plan(config_path)
+    needs = plan.needs
     if name not in needs:
         raise Declined(f"{name} is not in the start plan")
     units = [u for n in needs for u in (unitnames.backend_unit(n), unitnames.shim_unit(n))]
@@ -334,7 +351,9 @@ def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Ea
             written_before = posix.fstat(lock).st_size > 0
             if written_before and not _exists(f"{folder}/ledger.json"):
                 raise Declined("the ledger is missing (the shim rebuilds it, and says so)")
-            stored = _read_ledger(f"{folder}/ledger.json")
+            stored, generation = _read_ledger(f"{folder}/ledger.json")
+            if generation > plan.generation:
+                raise Declined("a newer install wrote the ledger (the shim reads its config)")
             (rows,) = bus.call("ListUnitsByPatterns", "asas", ([], units), "a(ssssssouso)")
             assert isinstance(rows, list)
             runs = {str(row[0]): row[3] in RUNNING_STATES for row in rows}
@@ -343,13 +362,13 @@ def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Ea
             entries = reserve_if_free(
                 stored,
                 running,
-                available=available,
+                available=plan.available,
                 needs=needs,
                 name=name,
                 now=now,
                 arrived=arrived,
             )
-            _write_ledger(folder, entries)
+            _write_ledger(folder, entries, plan.generation)
             if not written_before:
                 posix.write(lock, b"1")  # lmproxy.ledger: marks that a ledger was written
         finally:

@@ -22,7 +22,7 @@ from pathlib import Path
 from lmproxy import render, unitnames
 from lmproxy.config import SHIM_USER, Config, ConfigError, load_config
 from lmproxy.files import write_atomically
-from lmproxy.origin import render_origin
+from lmproxy.origin import next_generation, render_origin
 from lmproxy.paths import Paths, Scope, paths_for
 from lmproxy.render import (
     current_interpreter,
@@ -178,9 +178,11 @@ def install(
             manager.disable_unit_files([n for n in plan.remove if _enableable(n)])
         files = {paths.unit_dir / name: (text.encode(), 0o644) for name, text in plan.write.items()}
         files[paths.installed_config] = (config_text, config_mode(scope))
-        plan_text = render_start_plan(config, config_text).encode()
+        generation = next_generation(paths.installed_config)
+        plan_text = render_start_plan(config, config_text, generation).encode()
         files[paths.start_plan] = (plan_text, config_mode(scope))
-        files[paths.origin] = (render_origin(config, config_path).encode(), config_mode(scope))
+        origin = render_origin(config, config_path, generation).encode()
+        files[paths.origin] = (origin, config_mode(scope))
         files[paths.manifest] = (json.dumps(sorted(units), indent=1).encode(), 0o644)
         environment, stale = _environment_changes(config, paths)
         files.update(environment)

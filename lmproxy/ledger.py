@@ -10,6 +10,14 @@ Transactions hold an exclusive flock on a separate lock file, and replace the
 data file by rename, so that readers without the lock (`lmproxy status`) and
 a crash half-way through a write never see a torn file; waiters watch for that
 rename (lmproxy.watch).
+
+Every shim acts on the same config generation. `lmproxy install` gives each install
+a generation (origin.json), and the ledger records the newest one that wrote it. A
+shim started before a reinstall would otherwise reconcile with the services and
+resources it knows: drop the entry of a service the new config added (to be adopted
+again with no connections and never used: the first LRU victim, however busy) and
+plan with the old ResourcesAvailable. Such a shim reads the installed config again
+(`refresh`) before it touches a ledger of a newer generation.
 """
 
 from __future__ import annotations
@@ -37,6 +45,20 @@ MAX_LEDGER_BYTES = 4 * 1024 * 1024
 # Which of these units run now; one D-Bus call for all of them.
 Probe = Callable[[Sequence[str]], Mapping[str, bool]]
 Logger = Callable[[Log], None]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What a ledger's users know of the config: its install's generation, what is
+    available and what each service needs."""
+
+    number: int
+    available: Mapping[str, int]
+    profiles: Mapping[str, Profile]
+
+
+# The installed config as it is now (read again from disk).
+Refresh = Callable[[], Generation]
 
 
 class LedgerError(RuntimeError):
@@ -70,9 +92,13 @@ class Ledger:
         log: Logger,
         *,
         time: Callable[[], float] = _time.time,
+        generation: int = 0,
+        refresh: Refresh | None = None,
     ) -> None:
         """profiles: what the lifecycle knows of every configured service, by name;
-        log: told each line reconciliation has for the journal."""
+        log: told each line reconciliation has for the journal; generation: the config's
+        install generation; refresh: reads the installed config again, for a ledger
+        that a newer generation wrote."""
         self.runtime_dir = runtime_dir
         self.path = runtime_dir / "ledger.json"
         self.lock_path = runtime_dir / "ledger.lock"
@@ -81,6 +107,8 @@ class Ledger:
         self.probe = probe
         self.log = log
         self.time = time
+        self.generation = generation
+        self.refresh = refresh
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -92,10 +120,12 @@ class Ledger:
             present = self.path.exists()
             if not present and os.fstat(lock_fd).st_size > 0:
                 self._note(f"ledger {self.path} was missing; rebuilt it from systemd's unit states")
-            stored = self._load()
+            stored, generation = self._load_with_generation()
+            if generation > self.generation:
+                self._catch_up(generation)
             txn = Transaction(self._reconciled(stored))
             yield txn
-            if txn.entries != stored or not present:
+            if txn.entries != stored or not present or generation != self.generation:
                 self._store(txn.entries)
                 if os.fstat(lock_fd).st_size == 0:
                     os.write(lock_fd, b"1")  # marks that a ledger was written before
@@ -109,20 +139,42 @@ class Ledger:
         with self.transaction():
             pass
 
+    def _catch_up(self, generation: int) -> None:
+        """A newer install wrote the ledger: act on its config, never on this one's."""
+        fresh = None
+        if self.refresh is not None:
+            try:
+                fresh = self.refresh()
+            except Exception as error:  # a config broken since: say so below
+                self._note(f"could not read the installed config again: {error}")
+        if fresh is None or fresh.number < generation:
+            raise LedgerError(
+                f"{self.path} was written for a newer install of the config (generation "
+                f"{generation}) than this shim's ({self.generation}), which it cannot read"
+            )
+        self._note(
+            f"the config was installed again (generation {fresh.number}): "
+            "acting on the new one's services and resources"
+        )
+        self.generation = fresh.number
+        self.available = dict(fresh.available)
+        self.profiles = dict(fresh.profiles)
+
     def snapshot(self) -> dict[str, Entry]:
         """The ledger as last written, without locking or reconciling (for status)."""
-        return self._load(quiet=True)
+        return self._load_with_generation(quiet=True)[0]
 
-    def _load(self, *, quiet: bool = False) -> dict[str, Entry]:
-        """quiet: a read-only look (status): another user's ledger may be read
-        (root reads the system shims'), never written."""
+    def _load_with_generation(self, *, quiet: bool = False) -> tuple[dict[str, Entry], int]:
+        """The entries and the generation that wrote them (0: none yet). quiet: a
+        read-only look (status): another user's ledger may be read (root reads the
+        system shims'), never written."""
         try:
             # Read-only, it belongs to whoever owns the runtime directory (the
             # shims' user, when root looks at the system manager's ledger).
             owner = self.runtime_dir.stat().st_uid if quiet else os.geteuid()
             fd = _open_owned(self.path, os.O_RDONLY, 0, owner=owner)
         except FileNotFoundError:
-            return {}
+            return {}, 0
         with os.fdopen(fd, "rb") as file:
             if os.fstat(file.fileno()).st_size > MAX_LEDGER_BYTES:
                 raise LedgerError(f"{self.path} is larger than {MAX_LEDGER_BYTES} bytes")
@@ -135,11 +187,12 @@ class Ledger:
                     f"ledger {self.path} was unreadable ({error}); "
                     "rebuilt it from systemd's unit states"
                 )
-            return {}
+            return {}, 0
 
     def _store(self, entries: Mapping[str, Entry]) -> None:
         # Compact, as lmproxy.earlystart writes it (json's C encoder: no indent).
-        data = json.dumps(_encode(entries), sort_keys=True, separators=(",", ":")).encode()
+        document = _encode(entries, self.generation)
+        data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
         # Status is readable by all; only the owner writes. The runtime dir is a tmpfs.
         write_atomically(self.path, data, 0o644, durable=False)
 
@@ -169,9 +222,10 @@ class Ledger:
         return world
 
 
-def _encode(entries: Mapping[str, Entry]) -> dict[str, Any]:
+def _encode(entries: Mapping[str, Entry], generation: int = 0) -> dict[str, Any]:
     return {
         "version": FORMAT_VERSION,
+        "generation": generation,
         "services": {
             name: {
                 "state": entry.phase.value,
@@ -187,9 +241,12 @@ def _encode(entries: Mapping[str, Entry]) -> dict[str, Any]:
     }
 
 
-def _decode(data: Any) -> dict[str, Entry]:
+def _decode(data: Any) -> tuple[dict[str, Entry], int]:
     if data.get("version") != FORMAT_VERSION:
         raise ValueError(f"unknown ledger version {data.get('version')!r}")
+    generation = data.get("generation", 0)  # none before generations were recorded
+    if type(generation) is not int or generation < 0:
+        raise ValueError(f"bad generation {generation!r}")
     entries = {}
     for name, raw in data["services"].items():
         reserved = {str(k): int(v) for k, v in raw["reserved"].items()}
@@ -203,7 +260,7 @@ def _decode(data: Any) -> dict[str, Entry]:
             None if since is None else float(since),
             int(raw.get("sleep_level", 0)),
         )
-    return entries
+    return entries, generation
 
 
 def _make_private_dir(path: Path) -> None:
@@ -239,3 +296,12 @@ def profiles(config: Config) -> dict[str, Profile]:
         )
         for s in config.services
     }
+
+
+def installed_generation(installed_config: Path) -> Generation:
+    """The installed config as it is now: a Ledger's `refresh`."""
+    from lmproxy.origin import load_installed
+
+    installed = load_installed(installed_config)
+    config = installed.config
+    return Generation(installed.generation, config.resources_available, profiles(config))

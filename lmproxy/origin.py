@@ -6,11 +6,16 @@ counterpart is the directory `lmproxy install` ran in (or its --base-dir): the
 installer records it beside the installed copy of the config, and everything that
 reads that copy later (the shims, status, start and stop) resolves paths the same
 way, whatever directory it runs in itself.
+
+The record also numbers the install: its generation, which grows with every install
+(lmproxy.ledger: every shim acts on the newest one).
 """
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmproxy.config import Config, ConfigError, load_config
@@ -22,28 +27,69 @@ def origin_path(installed_config: Path) -> Path:
     return installed_config.with_name(ORIGIN_FILE)
 
 
-def render_origin(config: Config, source: Path) -> str:
+@dataclass(frozen=True)
+class Origin:
+    base_dir: Path
+    generation: int  # 0: an install from before generations were recorded
+
+
+@dataclass(frozen=True)
+class Installed:
+    config: Config
+    generation: int
+
+
+def render_origin(config: Config, source: Path, generation: int) -> str:
     """The record written beside the installed config."""
-    record = {"base_dir": config.base_dir, "source": str(source.absolute())}
+    record = {
+        "base_dir": config.base_dir,
+        "generation": generation,
+        "source": str(source.absolute()),
+    }
     return json.dumps(record, indent=1, sort_keys=True) + "\n"
 
 
-def installed_base_dir(installed_config: Path) -> Path:
-    """The base directory recorded at install. An install made before lmproxy recorded
-    one resolved paths against the config file's own directory."""
+def next_generation(installed_config: Path) -> int:
+    """A generation above the installed one's, and above any before it: the clock's
+    nanoseconds, so that it grows also after the record was deleted by hand."""
+    try:
+        previous = read_origin(installed_config).generation
+    except ConfigError:
+        previous = 0
+    return max(time.time_ns(), previous + 1)
+
+
+def read_origin(installed_config: Path) -> Origin:
+    """The install record. An install made before lmproxy recorded one resolved paths
+    against the config file's own directory."""
     path = origin_path(installed_config)
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
-        return installed_config.absolute().parent
+        return Origin(installed_config.absolute().parent, 0)
     except (OSError, ValueError) as error:
         raise ConfigError([(str(path), f"cannot read the install record: {error}")]) from None
-    base = record.get("base_dir") if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        raise ConfigError([(str(path), "the install record is not an object")])
+    base = record.get("base_dir")
     if not isinstance(base, str) or not base.startswith("/"):
         raise ConfigError([(str(path), "the install record names no absolute base_dir")])
-    return Path(base)
+    generation = record.get("generation", 0)
+    if type(generation) is not int or generation < 0:
+        raise ConfigError([(str(path), "the install record's generation is not a count")])
+    return Origin(Path(base), generation)
+
+
+def installed_base_dir(installed_config: Path) -> Path:
+    return read_origin(installed_config).base_dir
+
+
+def load_installed(installed_config: Path) -> Installed:
+    """The installed config, its relative paths resolved as they were at install, and
+    its generation."""
+    origin = read_origin(installed_config)
+    return Installed(load_config(installed_config, origin.base_dir), origin.generation)
 
 
 def load_installed_config(installed_config: Path) -> Config:
-    """The installed config, its relative paths resolved as they were at install."""
-    return load_config(installed_config, installed_base_dir(installed_config))
+    return load_installed(installed_config).config

@@ -126,12 +126,14 @@ def render_environment_files(config: Config, interpreter: Interpreter) -> dict[s
     return files
 
 
-def render_start_plan(config: Config, config_bytes: bytes) -> str:
+def render_start_plan(config: Config, config_bytes: bytes, generation: int = 0) -> str:
     """What the shim's first stage (lmproxy.earlystart) reads instead of the config:
-    what is available, what each service needs (as the lifecycle knows them), and the
-    checksum of the config's bytes that it was made from."""
+    what is available, what each service needs (as the lifecycle knows them), the
+    checksum of the config's bytes that it was made from, and the install's
+    generation (lmproxy.ledger)."""
     plan = {
         "version": earlystart.PLAN_VERSION,
+        "generation": generation,
         "config_size": len(config_bytes),
         "config_crc32": binascii.crc32(config_bytes),
         "available": dict(config.resources_available),

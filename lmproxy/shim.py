@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,9 +37,9 @@ from lmproxy import eviction, lifecycle
 from lmproxy.backend import JOB_TIMEOUT_S, Backend
 from lmproxy.config import Config, Service
 from lmproxy.journal import Logger
-from lmproxy.ledger import Ledger, LedgerError, profiles
+from lmproxy.ledger import Ledger, LedgerError, installed_generation, profiles
 from lmproxy.lifecycle import Effect, Event, Phase
-from lmproxy.origin import load_installed_config
+from lmproxy.origin import load_installed
 from lmproxy.paths import Scope, paths_for
 from lmproxy.readiness import ReadinessError
 from lmproxy.relay import Relay
@@ -95,7 +96,16 @@ class StartError(Exception):
 
 
 class Shim:
-    def __init__(self, config: Config, service: Service, scope: Scope, listener: socket.socket):
+    def __init__(
+        self,
+        config: Config,
+        service: Service,
+        scope: Scope,
+        listener: socket.socket,
+        *,
+        generation: int = 0,
+        installed_config: Path | None = None,
+    ):
         self.config = config
         self.service = service
         self.name = service.name
@@ -110,6 +120,10 @@ class Shim:
             profiles(config),
             self.server.probe,
             self.log.note,
+            generation=generation,
+            refresh=None
+            if installed_config is None
+            else partial(installed_generation, installed_config),
         )
         # When the oldest client not relayed yet came: the shim starts for a client.
         self.arrived = time.time()
@@ -853,12 +867,20 @@ def main(
     """early: what the first stage did (lmproxy.earlystart); early_failure: why it
     failed, when it did not merely leave the start to the shim."""
     raise_descriptor_limit()
-    config = load_installed_config(config_path)
+    installed = load_installed(config_path)
+    config = installed.config
     try:
         service = config.service(name)
     except KeyError:
         raise SystemExit(f"service {name!r} is not in {config_path}") from None
-    shim = Shim(config, service, scope, inherited_listener())
+    shim = Shim(
+        config,
+        service,
+        scope,
+        inherited_listener(),
+        generation=installed.generation,
+        installed_config=config_path,
+    )
     if early_failure is not None:
         shim.log.warning(
             f"the first stage could not start {shim.backend} ({early_failure}); "

@@ -11,7 +11,7 @@ import click
 
 from lmproxy.commands.common import fail, refuse_config, resolve_scope, scope_option
 from lmproxy.config import ConfigError
-from lmproxy.origin import load_installed_config
+from lmproxy.origin import load_installed
 from lmproxy.paths import paths_for
 
 if TYPE_CHECKING:
@@ -26,11 +26,21 @@ def _carry_out(scope: str | None, name: str, request: Callable[[Control], None])
     if not config_path.exists():
         fail(f"nothing installed for the {resolved.value} manager ({config_path} is missing)")
     try:
-        config = load_installed_config(config_path)
+        installed = load_installed(config_path)
     except ConfigError as error:
         refuse_config(error, config_path)
         return
-    sys.exit(control.run(config, resolved, name, request, click.echo))
+    sys.exit(
+        control.run(
+            installed.config,
+            resolved,
+            name,
+            request,
+            click.echo,
+            generation=installed.generation,
+            installed_config=config_path,
+        )
+    )
 
 
 @click.command()

@@ -58,10 +58,12 @@ def units_of(names: Sequence[str]) -> list[str]:
     return [u for n in names for u in (unitnames.backend_unit(n), unitnames.shim_unit(n))]
 
 
-def write_ledger(folder: Path, stored: dict[str, Entry], available: dict[str, int]) -> None:
+def write_ledger(
+    folder: Path, stored: dict[str, Entry], available: dict[str, int], generation: int = 0
+) -> None:
     """A ledger as a shim's transaction leaves it."""
     folder.mkdir()
-    ledger = Ledger(folder, available, {}, Probe(set()), lambda _line: None)
+    ledger = Ledger(folder, available, {}, Probe(set()), lambda _line: None, generation=generation)
     ledger._store(stored)
     (folder / "ledger.lock").write_bytes(b"1")
 
@@ -78,8 +80,8 @@ def worlds(draw: st.DrawFn) -> tuple[dict[str, Profile], dict[str, Entry], set[s
         likely = name in stored
         backend = draw(st.sampled_from([likely, likely, likely, not likely]))
         shim = draw(st.sampled_from([True, True, False]))
-        running |= {f"lmproxy-backend@{name}.service"} if backend else set()
-        running |= {f"lmproxy-{name}.service"} if shim else set()
+        running |= {unitnames.backend_unit(name)} if backend else set()
+        running |= {unitnames.shim_unit(name)} if shim else set()
     return configured, stored, running
 
 
@@ -102,25 +104,36 @@ STARTING_WITHOUT_SHIM: tuple[dict[str, Profile], dict[str, Entry], set[str]] = (
 )
 
 
+# The ledger's generation and the plan's (lmproxy.ledger: every shim acts on the newest).
+generations = st.tuples(st.integers(0, 2), st.integers(0, 2))
+
+
 @settings(max_examples=1000, deadline=None)
-@given(world=worlds(), available=amounts)
-@example(world=DRAINING_WITH_NOBODY_WAITING, available={"VRAM": 24})
-@example(world=IN_USE_WITHOUT_SHIM, available={"VRAM": 24})
-@example(world=STARTING_WITHOUT_SHIM, available={"VRAM": 24})
+@given(world=worlds(), available=amounts, generation=generations)
+@example(world=DRAINING_WITH_NOBODY_WAITING, available={"VRAM": 24}, generation=(0, 0))
+@example(world=IN_USE_WITHOUT_SHIM, available={"VRAM": 24}, generation=(0, 0))
+@example(world=STARTING_WITHOUT_SHIM, available={"VRAM": 24}, generation=(0, 0))
 def test_where_the_first_stage_starts_the_shim_would_write_the_same_ledger(
-    world: tuple[dict[str, Profile], dict[str, Entry], set[str]], available: dict[str, int]
+    world: tuple[dict[str, Profile], dict[str, Entry], set[str]],
+    available: dict[str, int],
+    generation: tuple[int, int],
 ) -> None:
     configured, stored, running = world
+    written_by, planned = generation
     name = sorted(configured)[0]
     with tempfile.TemporaryDirectory() as tmp:
         shim_dir, early_dir = Path(tmp, "shim"), Path(tmp, "early")
-        write_ledger(shim_dir, stored, available)
-        write_ledger(early_dir, stored, available)
+        write_ledger(shim_dir, stored, available, written_by)
+        write_ledger(early_dir, stored, available, written_by)
         needs = {n: dict(p.needs) for n, p in configured.items()}
         probe = {u: u in running for u in units_of(list(configured))}
+        read, read_generation = earlystart._read_ledger(str(early_dir / "ledger.json"))
+        assert read_generation == written_by
+        if written_by > planned:
+            return  # a newer install wrote it: quick_start declines (the shim reads again)
         try:
             early = earlystart.reserve_if_free(
-                earlystart._read_ledger(str(early_dir / "ledger.json")),
+                read,
                 probe,
                 available=available,
                 needs=needs,
@@ -130,11 +143,17 @@ def test_where_the_first_stage_starts_the_shim_would_write_the_same_ledger(
             )
         except Declined:
             return
-        earlystart._write_ledger(str(early_dir), early)
+        earlystart._write_ledger(str(early_dir), early, planned)
 
         said: list[lifecycle.Log] = []
         ledger = Ledger(
-            shim_dir, available, configured, Probe(running), said.append, time=lambda: NOW
+            shim_dir,
+            available,
+            configured,
+            Probe(running),
+            said.append,
+            time=lambda: NOW,
+            generation=planned,
         )
         with ledger.transaction() as txn:
             effects = txn.tell(lifecycle.Want(name, NOW, ARRIVED))
@@ -181,6 +200,8 @@ RUNNING_ENTRY = _encode({"a": Entry(Phase.RUNNING, {})})["services"]["a"]
     [
         {"version": 1, "services": {}},
         {"version": 2, "services": {}, "extra": 1},
+        {"version": 2, "services": {}, "generation": 1.0},
+        {"version": 2, "services": {}, "generation": -1},
         {"version": 2, "services": {"a": {"state": "running"}}},
         {"version": 2, "services": {"a": {**RUNNING_ENTRY, "in_use": 1.0}}},
         {"version": 2, "services": {"a": {**RUNNING_ENTRY, "state": "odd"}}},
@@ -203,7 +224,7 @@ def test_a_ledger_that_is_not_ours_is_left_to_the_shim(tmp_path: Path) -> None:
     (tmp_path / "ledger.json").symlink_to(target)
     with pytest.raises(OSError):
         earlystart._read_ledger(str(tmp_path / "ledger.json"))
-    assert earlystart._read_ledger(str(tmp_path / "missing.json")) == {}
+    assert earlystart._read_ledger(str(tmp_path / "missing.json")) == ({}, 0)
 
 
 ledger_values = st.recursive(
@@ -235,11 +256,12 @@ CONFIG = """{"ResourcesAvailable": {"VRAM": 24000, "RAM": 64},
 def test_the_plan_is_read_only_for_the_config_it_was_made_from(tmp_path: Path) -> None:
     config_path = tmp_path / "config.json"
     config_path.write_text(CONFIG)
-    plan = render_start_plan(parse_config(CONFIG, tmp_path), CONFIG.encode())
+    plan = render_start_plan(parse_config(CONFIG, tmp_path), CONFIG.encode(), 7)
     (tmp_path / earlystart.PLAN_NAME).write_text(plan)
-    available, needs = earlystart.read_plan(str(config_path))
-    assert available == {"VRAM": 24000, "RAM": 64}
-    assert needs == {"a": {"VRAM": 20000}, "b": {}}
+    read = earlystart.read_plan(str(config_path))
+    assert read.available == {"VRAM": 24000, "RAM": 64}
+    assert read.needs == {"a": {"VRAM": 20000}, "b": {}}
+    assert read.generation == 7
     config_path.write_text(CONFIG.replace("20000", "20001"))
     with pytest.raises(Declined, match="config changed"):
         earlystart.read_plan(str(config_path))

@@ -13,7 +13,14 @@ import pytest
 
 from lmproxy import eviction, lifecycle
 from lmproxy.config import parse_config
-from lmproxy.ledger import MAX_LEDGER_BYTES, Ledger, LedgerError, Transaction, profiles
+from lmproxy.ledger import (
+    MAX_LEDGER_BYTES,
+    Generation,
+    Ledger,
+    LedgerError,
+    Transaction,
+    profiles,
+)
 from lmproxy.lifecycle import Entry, Phase, Profile
 
 NEEDS = {"a": {"VRAM": 10}, "b": {"VRAM": 14}, "c": {"VRAM": 20}}
@@ -342,3 +349,97 @@ def test_the_starvation_bound_is_at_most_half_the_give_up_time() -> None:
     found = profiles(parse_config(text, Path("/etc/lmproxy")))
     assert (found["a"].starvation_bound_s, found["b"].starvation_bound_s) == (2, 1)
     assert found["a"].give_up_s == 4
+
+
+# --- Config generations: every shim acts on the newest install ------------------------------
+
+
+def test_a_shim_of_an_older_install_acts_on_the_new_one(tmp_path: Path) -> None:
+    """A reinstall added d (busy) and more VRAM. A shim started from the old config
+    would drop d (unconfigured for it: re-adopted later, idle and never used, the first
+    LRU victim) and plan with 24 VRAM; it reads the installed config again instead."""
+    systemd = FakeSystemd()
+    systemd.running = {"lmproxy-d.service", "lmproxy-backend@d.service"}
+    new_profiles = {**PROFILES, "d": Profile({"VRAM": 20})}
+    new = Ledger(
+        tmp_path / "run",
+        {"VRAM": 48},
+        new_profiles,
+        systemd.probe,
+        lambda _: None,
+        time=lambda: 100.0,
+        generation=2,
+    )
+    with new.transaction() as txn:
+        put(txn, "d", Entry(Phase.RUNNING, {"VRAM": 20}, 3, 99.0, 50.0))
+    assert json.loads((tmp_path / "run" / "ledger.json").read_text())["generation"] == 2
+
+    refreshed: list[int] = []
+
+    def refresh() -> Generation:
+        refreshed.append(1)
+        return Generation(2, {"VRAM": 48}, new_profiles)
+
+    messages: list[str] = []
+    old = Ledger(
+        tmp_path / "run",
+        AVAILABLE,
+        PROFILES,
+        systemd.probe,
+        lambda line: messages.append(line.message),
+        time=lambda: 100.0,
+        generation=1,
+        refresh=refresh,
+    )
+    with old.transaction() as txn:
+        assert txn.entries["d"] == Entry(Phase.RUNNING, {"VRAM": 20}, 3, 99.0, 50.0)
+        # b fits beside d in the new 48, not in the old 24.
+        assert lifecycle.Start() in txn.tell(lifecycle.Want("b", 100.0, 100.0))
+    assert refreshed == [1]
+    assert old.generation == 2
+    assert any("installed again (generation 2)" in m for m in messages)
+    assert not any("dropped" in m for m in messages)
+    assert old.snapshot()["d"].in_use == 3
+
+
+def test_a_ledger_of_a_newer_install_that_cannot_be_read_again_is_refused(
+    tmp_path: Path,
+) -> None:
+    systemd = FakeSystemd()
+    newer = Ledger(
+        tmp_path / "run", AVAILABLE, PROFILES, systemd.probe, lambda _: None, generation=5
+    )
+    with newer.transaction() as txn:
+        txn.tell(lifecycle.Want("a", 1.0, 1.0))
+    before = (tmp_path / "run" / "ledger.json").read_bytes()
+
+    def broken() -> Generation:
+        raise ValueError("the installed config is not valid")
+
+    for refresh in (None, broken, lambda: Generation(4, AVAILABLE, PROFILES)):
+        stale = Ledger(
+            tmp_path / "run",
+            AVAILABLE,
+            {},
+            systemd.probe,
+            lambda _: None,
+            generation=3,
+            refresh=refresh,
+        )
+        refused = pytest.raises(LedgerError, match=r"newer install of the config \(generation 5\)")
+        with refused, stale.transaction():
+            pass
+        assert (tmp_path / "run" / "ledger.json").read_bytes() == before
+
+
+def test_a_newer_install_records_its_generation_and_a_ledger_without_one_is_read(
+    tmp_path: Path,
+) -> None:
+    systemd = FakeSystemd()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ledger.json").write_text(json.dumps({"version": 2, "services": {}}))
+    ledger = Ledger(run, AVAILABLE, PROFILES, systemd.probe, lambda _: None, generation=9)
+    with ledger.transaction():
+        pass  # nothing changed but the generation: written, so older shims learn of it
+    assert json.loads((run / "ledger.json").read_text())["generation"] == 9

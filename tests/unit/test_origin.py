@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from lmproxy.config import ConfigError, parse_config
-from lmproxy.origin import installed_base_dir, load_installed_config, origin_path, render_origin
+from lmproxy.origin import (
+    installed_base_dir,
+    load_installed,
+    load_installed_config,
+    next_generation,
+    origin_path,
+    render_origin,
+)
 
 CONFIG = {
     "Services": [
@@ -37,8 +44,9 @@ def test_the_installed_config_resolves_where_install_ran(
     models = tmp_path / "models"
     monkeypatch.chdir(tmp_path)
     config = parse_config(json.dumps(CONFIG), models)
-    origin_path(installed).write_text(render_origin(config, Path("config.json")))
+    origin_path(installed).write_text(render_origin(config, Path("config.json"), 42))
     monkeypatch.chdir(installed.parent)  # wherever the reader runs
+    assert load_installed(installed).generation == 42
     loaded = load_installed_config(installed)
     assert loaded.base_dir == str(models)
     assert loaded.services[0].command == str(models / "serve")
@@ -47,13 +55,33 @@ def test_the_installed_config_resolves_where_install_ran(
 
 
 def test_an_install_without_a_record_resolves_beside_the_config(installed: Path) -> None:
-    """What lmproxy did before it recorded the directory."""
+    """What lmproxy did before it recorded the directory (and generations)."""
     assert installed_base_dir(installed) == installed.parent
     assert load_installed_config(installed).base_dir == str(installed.parent)
+    assert load_installed(installed).generation == 0
+
+
+def test_each_install_has_a_greater_generation(installed: Path) -> None:
+    config = parse_config(json.dumps(CONFIG), installed.parent)
+    first = next_generation(installed)
+    origin_path(installed).write_text(render_origin(config, installed, first))
+    assert next_generation(installed) > first
+    far = 2**62  # a clock set back cannot make a generation go back either
+    origin_path(installed).write_text(render_origin(config, installed, far))
+    assert next_generation(installed) == far + 1
 
 
 @pytest.mark.parametrize(
-    "record", ["{", "[]", '{"base_dir": 3}', '{"base_dir": "relative/dir"}', "{}"]
+    "record",
+    [
+        "{",
+        "[]",
+        '{"base_dir": 3}',
+        '{"base_dir": "relative/dir"}',
+        "{}",
+        '{"base_dir": "/srv", "generation": -1}',
+        '{"base_dir": "/srv", "generation": "1"}',
+    ],
 )
 def test_a_damaged_record_is_a_config_error_naming_it(installed: Path, record: str) -> None:
     origin_path(installed).write_text(record)
