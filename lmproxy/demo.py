@@ -25,6 +25,8 @@ from lmproxy import sandbox
 from lmproxy.render import current_interpreter
 
 GPU = "VRAM-GPU-0"
+# Any name, as large-model-proxy's README writes it: its units get a unit-safe form.
+LARGE = "Qwen/Qwen2.5-7B-Instruct"
 
 
 def demo_config(small_port: int, large_port: int) -> dict[str, object]:
@@ -47,7 +49,7 @@ def demo_config(small_port: int, large_port: int) -> dict[str, object]:
     small["Sleep"] = {"Level": 1, "ResourceRequirements": {"RAM": 12000}}
     return {
         "ResourcesAvailable": {GPU: 24000, "RAM": 32000},
-        "Services": [small, model("large-model", large_port, 20000, 1.5)],
+        "Services": [small, model(LARGE, large_port, 20000, 1.5)],
     }
 
 
@@ -89,21 +91,21 @@ def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
                     " after the client connected; the model loaded for the rest"
                 )
             client(
-                "large-model",
+                LARGE,
                 large_port,
                 "small-model is put to sleep to make room (its open connection has no "
                 "request in flight: it does not keep it loaded)",
             )
             lmproxy("status", "--user")
-            client("small-model", small_port, "it wakes (large-model is stopped for room)")
+            client("small-model", small_port, f"it wakes ({LARGE} is stopped for room)")
             say("\n# by hand, through the same lifecycle: sleep, start, stop")
             lmproxy("sleep", "--user", "small-model")
-            lmproxy("start", "--user", "large-model")
-            lmproxy("stop", "--user", "large-model")
+            lmproxy("start", "--user", LARGE)
+            lmproxy("stop", "--user", LARGE)
             lmproxy("status", "--user")
             say("\n# what happened, from the journal")
             lmproxy("logs", "small-model")
-            lmproxy("logs", "large-model")
+            lmproxy("logs", LARGE)
         finally:
             if pooled is not None:
                 pooled.close()
