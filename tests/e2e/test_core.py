@@ -243,7 +243,7 @@ def test_bad_config_changes_nothing(systemd_sandbox: Sandbox, tmp_path: Path) ->
     before = {p.name: p.read_text() for p in unit_dir.iterdir() if p.is_file()}
     bad = write_config(
         tmp_path / "bad.json",
-        [fake_model("good", free_port(), needs={"VRAM": 99999}), fake_model("x y", free_port())],
+        [fake_model("good", free_port(), needs={"VRAM": 99999}), fake_model("", free_port())],
     )
 
     result = lmproxy(systemd_sandbox, "install", "--user", "--config", str(bad), "--now")

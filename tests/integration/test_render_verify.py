@@ -31,6 +31,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from lmproxy import unitnames
 from lmproxy.config import Config, ConfigError, parse_config
 from lmproxy.installer import refuse_missing_commands
 from lmproxy.paths import Scope, paths_for
@@ -462,7 +463,7 @@ def test_any_config_is_refused_naming_a_path_or_verifies(document: dict[str, Any
         # Exactly the units asked for: three per service and the two static ones.
         assert len(units) == 3 * len(config.services) + 2
         for service in config.services:
-            backend = units[f"lmproxy-backend@{service.name}.service"]
+            backend = units[unitnames.backend_unit(service.name)]
             exec_start = [line for line in backend.splitlines() if line.startswith("ExecStart=")]
             assert len(exec_start) == 1
             if service.log_file_path is None:
