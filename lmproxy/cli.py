@@ -10,6 +10,7 @@ from lmproxy.commands.demo import demo
 from lmproxy.commands.install import install, uninstall
 from lmproxy.commands.logs import logs
 from lmproxy.commands.render import render
+from lmproxy.commands.run import run
 from lmproxy.commands.shim import shim
 from lmproxy.commands.status import status
 from lmproxy.commands.validate import validate
@@ -29,6 +30,7 @@ def cli() -> None:
 for command in (
     install,
     uninstall,
+    run,
     render,
     validate,
     status,

@@ -155,10 +155,12 @@ def install(
     warn: Say,
     strict: bool = False,
     base_dir: Path | None = None,
-) -> None:
+    run_pid: int | None = None,
+) -> Config:
     """Validates, renders, writes, reloads, enables (and with now, starts). A Command
     that cannot run here is refused with strict, else warned of. Relative paths resolve
-    in base_dir (default: the current directory), which is recorded (lmproxy.origin)."""
+    in base_dir (default: the current directory), which is recorded (lmproxy.origin),
+    with run_pid for `lmproxy run`'s install."""
     config = load_config(config_path, base_dir)
     if strict:
         refuse_missing_commands(config)
@@ -181,7 +183,7 @@ def install(
         generation = next_generation(paths.installed_config)
         plan_text = render_start_plan(config, config_text, generation).encode()
         files[paths.start_plan] = (plan_text, config_mode(scope))
-        origin = render_origin(config, config_path, generation).encode()
+        origin = render_origin(config, config_path, generation, run_pid).encode()
         files[paths.origin] = (origin, config_mode(scope))
         files[paths.manifest] = (json.dumps(sorted(units), indent=1).encode(), 0o644)
         environment, stale = _environment_changes(config, paths)
@@ -205,6 +207,7 @@ def install(
             f"{scope.systemctl_flag} start {unitnames.TARGET}`"
         )
     )
+    return config
 
 
 def uninstall(scope: Scope, *, say: Say) -> None:

@@ -31,6 +31,7 @@ def origin_path(installed_config: Path) -> Path:
 class Origin:
     base_dir: Path
     generation: int  # 0: an install from before generations were recorded
+    run_pid: int | None = None  # made by `lmproxy run` in this process, to be undone
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,15 @@ class Installed:
     generation: int
 
 
-def render_origin(config: Config, source: Path, generation: int) -> str:
+def render_origin(config: Config, source: Path, generation: int, run_pid: int | None = None) -> str:
     """The record written beside the installed config."""
-    record = {
+    record: dict[str, object] = {
         "base_dir": config.base_dir,
         "generation": generation,
         "source": str(source.absolute()),
     }
+    if run_pid is not None:
+        record["run_pid"] = run_pid
     return json.dumps(record, indent=1, sort_keys=True) + "\n"
 
 
@@ -77,7 +80,10 @@ def read_origin(installed_config: Path) -> Origin:
     generation = record.get("generation", 0)
     if type(generation) is not int or generation < 0:
         raise ConfigError([(str(path), "the install record's generation is not a count")])
-    return Origin(Path(base), generation)
+    run_pid = record.get("run_pid")
+    if run_pid is not None and (type(run_pid) is not int or run_pid <= 0):
+        raise ConfigError([(str(path), "the install record's run_pid is not a process id")])
+    return Origin(Path(base), generation, run_pid)
 
 
 def installed_base_dir(installed_config: Path) -> Path:
