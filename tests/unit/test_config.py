@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from lmproxy import unitnames
 from lmproxy.config import (
     SERVICE_FIELDS,
+    SLEEP_FIELDS,
     TOP_LEVEL_FIELDS,
     Config,
     ConfigError,
@@ -1421,7 +1423,17 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_field_lists_are_documented_names() -> None:
     assert "WorkDir" in SERVICE_FIELDS
     assert "ListenAddress" in TOP_LEVEL_FIELDS
-    assert len(set(map(str.lower, SERVICE_FIELDS))) == len(SERVICE_FIELDS)
+    for fields in (SERVICE_FIELDS, TOP_LEVEL_FIELDS, SLEEP_FIELDS):
+        assert len(set(map(str.lower, fields))) == len(fields)
+
+
+def test_every_field_of_the_settings_tables_is_in_the_readme() -> None:
+    """The README's config tables document every field lmproxy reads, and no other."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    config_section = readme[readme.index("\n## Config\n") : readme.index("### `lmproxy status")]
+    documented = set(re.findall(r"`([A-Z][A-Za-z]+)(?:\.ListenPort)?`", config_section))
+    for name in (*TOP_LEVEL_FIELDS, *SERVICE_FIELDS, *SLEEP_FIELDS):
+        assert name in documented, f"{name} is read but not in README's Config section"
 
 
 # --- Fuzzing -----------------------------------------------------------------------------------

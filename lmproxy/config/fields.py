@@ -1,0 +1,321 @@
+"""The readers of the fields that are read in their own way: names, sockets, commands,
+paths, resources, users. Each is named in a table of lmproxy.config.settings."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from lmproxy import unitsyntax
+from lmproxy.config.jsonc import JsonObject, child, show
+from lmproxy.config.kinds import (
+    DEFAULT_HEALTHCHECK_INTERVAL_MS,
+    DEFAULT_LISTEN_ADDRESS,
+    DEFAULT_PROXY_TARGET_HOST,
+    MAX_MILLISECONDS,
+    MAX_NAME_LENGTH,
+    MAX_RESOURCE_AMOUNT,
+    MAX_SECONDS,
+    SHIM_USER,
+    ConfigReader,
+    Defaults,
+    ReadOne,
+    Values,
+    given,
+)
+from lmproxy.config.reader import Fields, absolute, ip_literal
+
+# All used with fullmatch().
+_RESOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SOCKET_MODE_RE = re.compile(r"0?[0-7]{3}")
+_RESOURCE_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . : -, starting with a letter or digit"
+
+
+def service_name(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
+    """Any name, as large-model-proxy takes it: its units get a unit-safe form of it
+    (unitnames.component), while status, logs and the APIs show it as written."""
+    name = r.text(f, "Name")
+    if name is None:
+        if not f.has("Name"):
+            r.error(f.path_of("Name"), "Name is required")
+        return {"name": None}
+    problem = None
+    if not name:
+        problem = "Name must not be empty"
+    elif len(name) > MAX_NAME_LENGTH:
+        problem = f"Name is longer than {MAX_NAME_LENGTH} characters"
+    else:
+        try:  # where the name is written verbatim: each unit's Description=
+            unitsyntax.inner_value(name)
+        except ValueError as error:
+            problem = f"Name {show(name)} is not usable in a systemd unit: {error}"
+    if problem is not None:
+        r.error(f.path_of("Name"), problem)
+        return {"name": None}
+    return {"name": name}
+
+
+def unix_socket(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
+    """ListenPath and who may connect to it: SocketUser, SocketGroup, SocketMode."""
+    path = r.optional_text(f, "ListenPath")
+    if path is not None:
+        r.unit_safe(f, "ListenPath", lambda: unitsyntax.listen_stream_path(path))
+    owners = [
+        r.account(f, "SocketUser", "a user name"),
+        r.account(f, "SocketGroup", "a group name"),
+    ]
+    mode = r.optional_text(f, "SocketMode")
+    if mode is not None and not _SOCKET_MODE_RE.fullmatch(mode):
+        r.error(
+            f.path_of("SocketMode"),
+            f'invalid SocketMode {show(mode)}: expected an octal mode such as "0660"',
+        )
+        mode = None
+    for name, value in (
+        ("SocketUser", owners[0]),
+        ("SocketGroup", owners[1]),
+        ("SocketMode", mode),
+    ):
+        if value is not None and path is None:
+            r.error(f.path_of(name), f"{name} needs a ListenPath")
+    return {
+        "listen_path": path,
+        "socket_user": owners[0],
+        "socket_group": owners[1],
+        "socket_mode": mode,
+    }
+
+
+def listen_port(r: ConfigReader, f: Fields, v: Values, _d: Defaults | None) -> Values:
+    by_path = v["listen_path"] is not None
+    port = r.port(
+        f,
+        "ListenPort",
+        required=None
+        if by_path
+        else (
+            "ListenPort is required (or ListenPath, for a unix socket): lmproxy has no "
+            "OpenAI API router yet, so a service without either would be unreachable"
+        ),
+    )
+    if port is not None and by_path:
+        r.error(
+            f.path_of("ListenPath"),
+            "a service listens on a ListenPort or on a ListenPath, not both",
+        )
+    return {"listen_port": port}
+
+
+def listen_address(r: ConfigReader, f: Fields, name: str, _v: Values, d: Defaults | None) -> object:
+    return r.address(f, name, given(d).listen_address if d is not None else DEFAULT_LISTEN_ADDRESS)
+
+
+def proxy_target_host(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
+    host = r.text(f, "ProxyTargetHost")
+    if host is None:
+        return {
+            "proxy_target_host": None if f.has("ProxyTargetHost") else DEFAULT_PROXY_TARGET_HOST
+        }
+    if host == "":
+        return {"proxy_target_host": DEFAULT_PROXY_TARGET_HOST}
+    address = ip_literal(host)
+    if address is not None:
+        return {"proxy_target_host": address}
+    if _HOSTNAME_RE.fullmatch(host):
+        return {"proxy_target_host": host}
+    r.error(
+        f.path_of("ProxyTargetHost"),
+        f"expected a host name or an IP address (no brackets, no port), got {show(host)}",
+    )
+    return {"proxy_target_host": None}
+
+
+def required_port(message: str) -> ReadOne:
+    return lambda r, f, name, _v, _d: r.port(f, name, required=message)
+
+
+def path(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
+    """A path; a relative one is taken from the base directory (where install ran)."""
+    value = r.optional_text(f, name)
+    return None if value is None else absolute(r.base_dir, value)
+
+
+def log_file_path(r: ConfigReader, f: Fields, name: str, v: Values, d: Defaults | None) -> object:
+    value = path(r, f, name, v, d)
+    if value == "/":
+        r.error(f.path_of(name), "LogFilePath must name a file, not '/'")
+    return value
+
+
+def command(r: ConfigReader, f: Fields, v: Values, _d: Defaults | None) -> Values:
+    """Command: a bare name (systemd looks it up in PATH), or a path, relative to WorkDir
+    (where large-model-proxy's child would find it) or else to the base directory."""
+    text = r.text(f, "Command")
+    if text is None:
+        if not f.has("Command"):
+            r.error(f.path_of("Command"), "Command is required")
+        return {"command": None}
+    if not text.strip():
+        r.error(f.path_of("Command"), f"Command must not be empty, got {show(text)}")
+        return {"command": None}
+    if "/" not in text:
+        return {"command": text}
+    work_dir = v["work_dir"]
+    assert work_dir is None or isinstance(work_dir, str)
+    return {"command": absolute(work_dir or r.base_dir, text)}
+
+
+def args(r: ConfigReader, f: Fields, v: Values, _d: Defaults | None) -> Values:
+    """Args: one string, split like a POSIX shell would (no shell runs)."""
+    text = r.text(f, "Args") or ""
+    try:
+        split = shlex.split(text, posix=True)
+    except ValueError as error:
+        r.error(f.path_of("Args"), f"cannot split {show(text)} like a POSIX shell: {error}")
+        split = []
+    command_value = v["command"]
+    argv = None if command_value is None else (command_value, *split)
+    return {"args": text, "argv": argv}
+
+
+def healthcheck_interval(r: ConfigReader, f: Fields, v: Values, _d: Defaults | None) -> Values:
+    """0 means the default, as in large-model-proxy; a positive one needs a command."""
+    name = "HealthcheckIntervalMilliseconds"
+    interval = r.integer(f, name, 0, MAX_MILLISECONDS, 0)
+    if interval > 0 and v["healthcheck_command"] is None:
+        r.error(f.path_of(name), f"{name} is set but there is no HealthcheckCommand")
+    return {"healthcheck_interval_ms": interval or DEFAULT_HEALTHCHECK_INTERVAL_MS}
+
+
+def service_shutdown(
+    r: ConfigReader, f: Fields, name: str, _v: Values, d: Defaults | None
+) -> object:
+    """0 (or absent) takes the top level's."""
+    own = r.integer(f, name, 0, MAX_SECONDS, 0)
+    return own if own > 0 else given(d).shutdown_s
+
+
+def models(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
+    got = f.get(name)
+    if got is None:
+        return ()
+    where, value = got
+    if not isinstance(value, list):
+        r.error(where, f"expected an array of strings, got {show(value)}")
+        return ()
+    found = []
+    for index, item in enumerate(value):
+        model = r.string_value(f"{where}[{index}]", item)
+        if model is not None:
+            found.append(model)
+    return tuple(found)
+
+
+def requirements(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
+    got = r.object_field(f, name)
+    return {} if got is None else amounts(r, *got)
+
+
+def amounts(r: ConfigReader, where: str, obj: JsonObject) -> dict[str, int]:
+    """Resource amounts, each in ResourcesAvailable and at most what it says."""
+    needs: dict[str, int] = {}
+    for key, value in obj.pairs:
+        key_path = child(where, key)
+        if key in needs:
+            r.error(key_path, f"duplicate resource {show(key)}")
+            continue
+        amount = r.int_value(key_path, value, 0, MAX_RESOURCE_AMOUNT)
+        if amount is None:
+            continue
+        needs[key] = amount
+        if not r.resources_known or key in r.bad_resources:
+            continue  # already reported at ResourcesAvailable
+        available = r.resources.get(key)
+        if available is None:
+            r.error(key_path, f"resource {show(key)} is not in ResourcesAvailable")
+        elif amount > available:
+            r.error(key_path, f"needs {amount} of {show(key)} but only {available} is available")
+    return needs
+
+
+def environment(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
+    got = r.object_field(f, name)
+    if got is None:
+        return {}
+    where, obj = got
+    variables: dict[str, str] = {}
+    for key, value in obj.pairs:
+        key_path = child(where, key)
+        if key in variables:
+            r.error(key_path, f"duplicate variable {show(key)}")
+        elif not _ENV_NAME_RE.fullmatch(key):
+            r.error(
+                key_path,
+                f"invalid variable name {show(key)}: expected letters, digits and '_', "
+                "not starting with a digit",
+            )
+        else:
+            text = r.string_value(key_path, value)
+            if text is not None:
+                variables[key] = text
+    return variables
+
+
+def user(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
+    name = r.account(f, "User", "a user name")
+    allow_root = r.boolean(f, "AllowRoot", False)
+    if name == SHIM_USER:
+        r.error(
+            f.path_of("User"),
+            f"User {show(name)} is the shims' own user: a model server running as it "
+            "could start and stop every model (polkit) and rewrite the resource ledger; "
+            "leave User out (models then run as lmproxy-model) or name another user",
+        )
+    elif name == "root" and not allow_root:
+        r.error(
+            f.path_of("User"),
+            'User "root" runs a network-facing model server with every privilege; '
+            'if that is really meant, say so with "AllowRoot": true in this service',
+        )
+    return {"user": name}
+
+
+def resources_available(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
+    got = f.get("ResourcesAvailable")
+    if got is None:
+        return {"resources_available": r.resources}
+    where, value = got
+    if not isinstance(value, JsonObject):
+        r.error(where, f"expected an object of resource amounts, got {show(value)}")
+        r.resources_known = False
+        return {"resources_available": r.resources}
+    for key, amount in value.pairs:
+        key_path = child(where, key)
+        if key in r.resources or key in r.bad_resources:
+            r.error(key_path, f"duplicate resource {show(key)}")
+            continue
+        if not _RESOURCE_RE.fullmatch(key):
+            r.error(key_path, f"invalid resource name {show(key)}: {_RESOURCE_RULE}")
+            r.bad_resources.add(key)
+            continue
+        if isinstance(amount, JsonObject):
+            r.error(
+                key_path,
+                "expected an integer amount, got an object "
+                "(resources with a CheckCommand are not supported)",
+            )
+            r.bad_resources.add(key)
+            continue
+        checked = r.int_value(key_path, amount, 0, MAX_RESOURCE_AMOUNT)
+        if checked is None:
+            r.bad_resources.add(key)
+        else:
+            r.resources[key] = checked
+    return {"resources_available": r.resources}
+
+
+def accepted(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
+    """LogLevel: a string, read and checked, with no meaning here."""
+    return r.text(f, name)

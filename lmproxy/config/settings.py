@@ -1,0 +1,196 @@
+"""Every field lmproxy reads, in one table per object: its name, where its value goes, and
+how it is read (the order of each table is the order of reading, and of the problems
+reported). Adding a field is one entry here and the attribute it fills in
+lmproxy.config.model; README's field tables document each one.
+
+A `Setting` reads one field, or a few that only make sense together (ListenPath and its
+socket's owner and mode), and returns the attributes they fill; what the settings before
+it returned is passed along, for the fields that depend on another (Command on WorkDir).
+Simple values are read by lmproxy.config.kinds, the others by lmproxy.config.fields.
+"""
+
+from __future__ import annotations
+
+from lmproxy.config.fields import (
+    accepted,
+    args,
+    command,
+    environment,
+    healthcheck_interval,
+    listen_address,
+    listen_port,
+    log_file_path,
+    models,
+    path,
+    proxy_target_host,
+    required_port,
+    requirements,
+    resources_available,
+    service_name,
+    service_shutdown,
+    unix_socket,
+    user,
+)
+from lmproxy.config.kinds import (
+    DEFAULT_MAX_WAIT_FOR_CONNECTION_CLOSE_S,
+    DEFAULT_MIN_LOADED_S,
+    DEFAULT_SHUTDOWN_AFTER_INACTIVITY_S,
+    DEFAULT_STARTUP_TIMEOUT_MS,
+    DEFAULT_SWAP_AFTER_WAITING_S,
+    MAX_CONNECTIONS,
+    MAX_MILLISECONDS,
+    MAX_RESOURCE_AMOUNT,
+    MAX_SECONDS,
+    PROTOCOLS,
+    SLEEP_LEVELS,
+    ConfigReader,
+    Defaults,
+    Setting,
+    Values,
+    boolean,
+    choice,
+    field,
+    integer,
+    names,
+    optional_text,
+)
+from lmproxy.config.model import Sleep
+from lmproxy.config.reader import Fields
+
+
+def sleep(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
+    got = r.object_field(f, name)
+    if got is None:
+        return None
+    sleep_fields = Fields(r, got[1], got[0], names(SLEEP_SETTINGS))
+    values: Values = {}
+    for setting in SLEEP_SETTINGS:
+        values.update(setting.read(r, sleep_fields, values, None))
+    sleep_command, wake_command = values["sleep_command"], values["wake_command"]
+    if (sleep_command is None) != (wake_command is None):
+        given, missing = (
+            ("SleepCommand", "WakeCommand")
+            if wake_command is None
+            else ("WakeCommand", "SleepCommand")
+        )
+        r.error(
+            sleep_fields.path_of(given),
+            f"{given} is set but {missing} is not: give both (commands), or neither "
+            "(vLLM's sleep API on ProxyTargetHost:ProxyTargetPort)",
+        )
+    for command_name, value in (("SleepCommand", sleep_command), ("WakeCommand", wake_command)):
+        if isinstance(value, str) and not value.strip():
+            r.error(sleep_fields.path_of(command_name), f"{command_name} must not be blank")
+    return Sleep(**values)  # type: ignore[arg-type]
+
+
+def api_port(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
+    """An API's object: {"ListenPort": ...}; its port, or None."""
+    got = r.object_field(f, name)
+    if got is None:
+        return None
+    return r.port(Fields(r, got[1], got[0], names(API_SETTINGS)), "ListenPort")
+
+
+# --- The tables ------------------------------------------------------------------------------
+
+SLEEP_SETTINGS: tuple[Setting, ...] = (
+    field("Level", "level", integer(SLEEP_LEVELS[0], SLEEP_LEVELS[-1], 1)),
+    field("ResourceRequirements", "holds", requirements),
+    field("SleepCommand", "sleep_command", optional_text),
+    field("WakeCommand", "wake_command", optional_text),
+)
+
+API_SETTINGS: tuple[Setting, ...] = (field("ListenPort", None, lambda *_: None),)
+
+# Read before the services, which take their defaults and resources from them.
+TOP_LEVEL_SETTINGS: tuple[Setting, ...] = (
+    field(
+        "ShutDownAfterInactivitySeconds",
+        "shutdown_after_inactivity_s",
+        integer(0, MAX_SECONDS, DEFAULT_SHUTDOWN_AFTER_INACTIVITY_S),
+    ),
+    field(
+        "MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds",
+        "max_wait_for_connection_close_s",
+        integer(0, MAX_SECONDS, DEFAULT_MAX_WAIT_FOR_CONNECTION_CLOSE_S),
+    ),
+    field(
+        "SwapAfterWaitingSeconds",
+        "swap_after_waiting_s",
+        integer(0, MAX_SECONDS, DEFAULT_SWAP_AFTER_WAITING_S),
+        lmproxy=True,
+    ),
+    field(
+        "MinLoadedSeconds",
+        "min_loaded_s",
+        integer(0, MAX_SECONDS, DEFAULT_MIN_LOADED_S),
+        lmproxy=True,
+    ),
+    field("OutputServiceLogs", "output_service_logs", boolean(True)),
+    # large-model-proxy's, with no meaning here (README: Coming from large-model-proxy).
+    field("LogLevel", None, accepted),
+    field("ClientRequestBufferLimitBytes", None, integer(0, MAX_RESOURCE_AMOUNT, 0)),
+    field("DefaultServiceUrl", "default_service_url", optional_text),
+    field("ListenAddress", "listen_address", listen_address, lmproxy=True),
+    field("OpenAiApi", "openai_api_listen_port", api_port),
+    field("ManagementApi", "management_api_listen_port", api_port),
+    Setting(("ResourcesAvailable",), resources_available),
+    Setting(("Services",), lambda *_: {}),  # read by lmproxy.config.parser, one by one
+)
+
+SERVICE_SETTINGS: tuple[Setting, ...] = (
+    Setting(("Name",), service_name),
+    Setting(("ListenPath", "SocketUser", "SocketGroup", "SocketMode"), unix_socket, lmproxy=True),
+    Setting(("ListenPort",), listen_port),
+    field("ListenAddress", "listen_address", listen_address, lmproxy=True),
+    Setting(("ProxyTargetHost",), proxy_target_host),
+    field("ProxyTargetPort", "proxy_target_port", required_port("ProxyTargetPort is required")),
+    field("WorkDir", "work_dir", path),
+    field("LogFilePath", "log_file_path", log_file_path),
+    Setting(("Command",), command),
+    Setting(("Args",), args),
+    field("HealthcheckCommand", "healthcheck_command", optional_text),
+    Setting(("HealthcheckIntervalMilliseconds",), healthcheck_interval),
+    field(
+        "StartupTimeoutMilliseconds",
+        "startup_timeout_ms",
+        integer(1, MAX_MILLISECONDS, DEFAULT_STARTUP_TIMEOUT_MS),
+    ),
+    field("ShutDownAfterInactivitySeconds", "shutdown_after_inactivity_s", service_shutdown),
+    field("KillCommand", "kill_command", optional_text),
+    field("RestartOnConnectionFailure", "restart_on_connection_failure", boolean(False)),
+    field("ConsiderStoppedOnProcessExit", "consider_stopped_on_process_exit", boolean(True)),
+    field("OpenAiApi", "openai_api", boolean(False)),
+    field("OpenAiApiModels", "openai_api_models", models),
+    field("ServiceUrl", "service_url", optional_text),
+    field("ResourceRequirements", "resource_requirements", requirements),
+    field("Sleep", "sleep", sleep, lmproxy=True),
+    field("Environment", "environment", environment, lmproxy=True),
+    Setting(("User", "AllowRoot"), user, lmproxy=True),
+    field("MaxConnections", "max_connections", integer(0, MAX_CONNECTIONS, 0), lmproxy=True),
+    field(
+        "IdleConnectionTimeoutSeconds",
+        "idle_connection_timeout_s",
+        integer(0, MAX_SECONDS, 0),
+        lmproxy=True,
+    ),
+    field(
+        "SwapAfterWaitingSeconds",
+        "swap_after_waiting_s",
+        integer(0, MAX_SECONDS, lambda d: d.swap_after_waiting_s),
+        lmproxy=True,
+    ),
+    field(
+        "MinLoadedSeconds",
+        "min_loaded_s",
+        integer(0, MAX_SECONDS, lambda d: d.min_loaded_s),
+        lmproxy=True,
+    ),
+    field("Protocol", "protocol", choice(PROTOCOLS), lmproxy=True),
+)
+
+TOP_LEVEL_FIELDS = names(TOP_LEVEL_SETTINGS)
+SERVICE_FIELDS = names(SERVICE_SETTINGS)
+SLEEP_FIELDS = names(SLEEP_SETTINGS)
+API_FIELDS = names(API_SETTINGS)
