@@ -26,11 +26,9 @@ from lmproxy.config.kinds import (
 from lmproxy.config.reader import Fields, absolute, ip_literal
 
 # All used with fullmatch().
-_RESOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SOCKET_MODE_RE = re.compile(r"0?[0-7]{3}")
-_RESOURCE_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . : -, starting with a letter or digit"
 
 
 def service_name(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
@@ -280,40 +278,6 @@ def user(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
             'if that is really meant, say so with "AllowRoot": true in this service',
         )
     return {"user": name}
-
-
-def resources_available(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
-    got = f.get("ResourcesAvailable")
-    if got is None:
-        return {"resources_available": r.resources}
-    where, value = got
-    if not isinstance(value, JsonObject):
-        r.error(where, f"expected an object of resource amounts, got {show(value)}")
-        r.resources_known = False
-        return {"resources_available": r.resources}
-    for key, amount in value.pairs:
-        key_path = child(where, key)
-        if key in r.resources or key in r.bad_resources:
-            r.error(key_path, f"duplicate resource {show(key)}")
-            continue
-        if not _RESOURCE_RE.fullmatch(key):
-            r.error(key_path, f"invalid resource name {show(key)}: {_RESOURCE_RULE}")
-            r.bad_resources.add(key)
-            continue
-        if isinstance(amount, JsonObject):
-            r.error(
-                key_path,
-                "expected an integer amount, got an object "
-                "(resources with a CheckCommand are not supported)",
-            )
-            r.bad_resources.add(key)
-            continue
-        checked = r.int_value(key_path, amount, 0, MAX_RESOURCE_AMOUNT)
-        if checked is None:
-            r.bad_resources.add(key)
-        else:
-            r.resources[key] = checked
-    return {"resources_available": r.resources}
 
 
 def accepted(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:

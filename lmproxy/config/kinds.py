@@ -4,6 +4,7 @@ the readers of simple values that most fields use."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ DEFAULT_SWAP_AFTER_WAITING_S = 5
 DEFAULT_MIN_LOADED_S = 0
 DEFAULT_HEALTHCHECK_INTERVAL_MS = 200
 DEFAULT_STARTUP_TIMEOUT_MS = 600_000
+DEFAULT_CHECK_INTERVAL_MS = 1000  # large-model-proxy's CheckWhenNotEnoughIntervalMilliseconds
 
 MAX_RESOURCE_AMOUNT = 2**53
 MAX_MILLISECONDS = 2**31 - 1
@@ -29,6 +31,8 @@ MAX_NAME_LENGTH = 255
 # How a service's connections are counted (see Service.protocol); the first is the default.
 PROTOCOLS = ("http", "raw")
 SLEEP_LEVELS = (1, 2)
+RESOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # fullmatch
+RESOURCE_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . : -, starting with a letter or digit"
 SHIM_USER = "lmproxy"  # system mode: the shims run as this user (system/lmproxy.sysusers)
 
 

@@ -25,13 +25,14 @@ from lmproxy.config.fields import (
     proxy_target_host,
     required_port,
     requirements,
-    resources_available,
     service_name,
     service_shutdown,
     unix_socket,
     user,
 )
+from lmproxy.config.jsonc import JsonObject, child, show
 from lmproxy.config.kinds import (
+    DEFAULT_CHECK_INTERVAL_MS,
     DEFAULT_MAX_WAIT_FOR_CONNECTION_CLOSE_S,
     DEFAULT_MIN_LOADED_S,
     DEFAULT_SHUTDOWN_AFTER_INACTIVITY_S,
@@ -42,6 +43,8 @@ from lmproxy.config.kinds import (
     MAX_RESOURCE_AMOUNT,
     MAX_SECONDS,
     PROTOCOLS,
+    RESOURCE_RE,
+    RESOURCE_RULE,
     SLEEP_LEVELS,
     ConfigReader,
     Defaults,
@@ -92,6 +95,66 @@ def api_port(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | N
     return r.port(Fields(r, got[1], got[0], names(API_SETTINGS)), "ListenPort")
 
 
+def resources_available(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
+    """Each resource: an amount, or large-model-proxy's object form (`RESOURCE_SETTINGS`)."""
+    got = f.get("ResourcesAvailable")
+    if got is None:
+        return {"resources_available": r.resources}
+    where, value = got
+    if not isinstance(value, JsonObject):
+        r.error(where, f"expected an object of resource amounts, got {show(value)}")
+        r.resources_known = False
+        return {"resources_available": r.resources}
+    for key, amount in value.pairs:
+        key_path = child(where, key)
+        if key in r.resources or key in r.bad_resources:
+            r.error(key_path, f"duplicate resource {show(key)}")
+            continue
+        if not RESOURCE_RE.fullmatch(key):
+            r.error(key_path, f"invalid resource name {show(key)}: {RESOURCE_RULE}")
+            r.bad_resources.add(key)
+            continue
+        checked = (
+            resource_object(r, key_path, amount)
+            if isinstance(amount, JsonObject)
+            else r.int_value(key_path, amount, 0, MAX_RESOURCE_AMOUNT)
+        )
+        if checked is None:
+            r.bad_resources.add(key)
+        else:
+            r.resources[key] = checked
+    return {"resources_available": r.resources}
+
+
+def resource_object(r: ConfigReader, where: str, obj: JsonObject) -> int | None:
+    """{"Amount": N}, as large-model-proxy writes a resource too; its amount."""
+    fields = Fields(r, obj, where, names(RESOURCE_SETTINGS))
+    problems = len(r.problems)
+    values: Values = {}
+    for setting in RESOURCE_SETTINGS:
+        values.update(setting.read(r, fields, values, None))
+    if values["check_command"] is not None:
+        r.error(
+            fields.path_of("CheckCommand"),
+            "a CheckCommand (the amount free, measured at each start) is not supported by "
+            'lmproxy yet: give the resource\'s total as "Amount"',
+        )
+    elif values["amount"] is None and len(r.problems) == problems:
+        r.error(fields.path_of("Amount"), "Amount is required (or a CheckCommand)")
+    if len(r.problems) != problems:
+        return None
+    amount = values["amount"]
+    assert isinstance(amount, int)
+    return amount
+
+
+def optional_amount(
+    r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None
+) -> object:
+    got = f.get(name)
+    return None if got is None else r.int_value(got[0], got[1], 0, MAX_RESOURCE_AMOUNT)
+
+
 # --- The tables ------------------------------------------------------------------------------
 
 SLEEP_SETTINGS: tuple[Setting, ...] = (
@@ -102,6 +165,17 @@ SLEEP_SETTINGS: tuple[Setting, ...] = (
 )
 
 API_SETTINGS: tuple[Setting, ...] = (field("ListenPort", None, lambda *_: None),)
+
+# A resource in object form (large-model-proxy's), instead of an amount.
+RESOURCE_SETTINGS: tuple[Setting, ...] = (
+    field("Amount", "amount", optional_amount),
+    field("CheckCommand", "check_command", optional_text),
+    field(
+        "CheckWhenNotEnoughIntervalMilliseconds",
+        "check_interval_ms",
+        integer(1, MAX_MILLISECONDS, DEFAULT_CHECK_INTERVAL_MS),
+    ),
+)
 
 # Read before the services, which take their defaults and resources from them.
 TOP_LEVEL_SETTINGS: tuple[Setting, ...] = (
@@ -194,3 +268,4 @@ TOP_LEVEL_FIELDS = names(TOP_LEVEL_SETTINGS)
 SERVICE_FIELDS = names(SERVICE_SETTINGS)
 SLEEP_FIELDS = names(SLEEP_SETTINGS)
 API_FIELDS = names(API_SETTINGS)
+RESOURCE_FIELDS = names(RESOURCE_SETTINGS)

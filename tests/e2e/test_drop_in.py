@@ -45,7 +45,14 @@ def test_a_config_written_by_go_with_nulls_installs_and_serves(
         }
     )
     document = {
-        "ResourcesAvailable": {"VRAM": 24000},
+        # A resource in object form, as large-model-proxy writes it too.
+        "ResourcesAvailable": {
+            "VRAM": {
+                "Amount": 24000,
+                "CheckCommand": None,
+                "CheckWhenNotEnoughIntervalMilliseconds": None,
+            }
+        },
         "Services": [service],
         "MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds": None,
         "OutputServiceLogs": None,

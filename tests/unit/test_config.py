@@ -1170,12 +1170,55 @@ def test_resource_amounts() -> None:
         assert path == "$.ResourcesAvailable.RAM"
 
 
-def test_resources_with_check_command_are_refused() -> None:
-    path, message = only_problem(
-        json.dumps({"ResourcesAvailable": {"RAM": {"CheckCommand": "free -m"}}})
+def test_resources_in_large_model_proxys_object_form() -> None:
+    """{"Amount": N} is a resource of N, as an integer is; Go writes null for the rest."""
+    config = parse(
+        json.dumps(
+            {
+                "ResourcesAvailable": {
+                    "VRAM-GPU-0": {"Amount": 24000},
+                    "RAM": {
+                        "Amount": 64000,
+                        "CheckCommand": None,
+                        "CheckWhenNotEnoughIntervalMilliseconds": None,
+                    },
+                    "disk": 5,
+                }
+            }
+        )
     )
-    assert path == "$.ResourcesAvailable.RAM"
-    assert "CheckCommand" in message
+    assert config.resources_available == {"VRAM-GPU-0": 24000, "RAM": 64000, "disk": 5}
+
+
+@pytest.mark.parametrize(
+    ("resource", "path", "message"),
+    [
+        ({}, "$.ResourcesAvailable.RAM.Amount", "Amount is required (or a CheckCommand)"),
+        ({"Amount": None}, "$.ResourcesAvailable.RAM.Amount", "Amount is required"),
+        ({"Amount": -1}, "$.ResourcesAvailable.RAM.Amount", "must be between 0 and"),
+        ({"Amount": "1"}, "$.ResourcesAvailable.RAM.Amount", "expected an integer"),
+        ({"Amount": 1, "Total": 2}, "$.ResourcesAvailable.RAM.Total", "unknown field"),
+        (
+            {"CheckCommand": "free -m"},
+            "$.ResourcesAvailable.RAM.CheckCommand",
+            "is not supported by lmproxy yet",
+        ),
+        (
+            {"Amount": 1, "CheckWhenNotEnoughIntervalMilliseconds": 0},
+            "$.ResourcesAvailable.RAM.CheckWhenNotEnoughIntervalMilliseconds",
+            "must be between 1 and",
+        ),
+    ],
+)
+def test_bad_resource_objects(resource: dict[str, object], path: str, message: str) -> None:
+    found = problems(
+        document(
+            minimal_service(ResourceRequirements={"RAM": 1}), ResourcesAvailable={"RAM": resource}
+        )
+    )
+    assert found[0][0] == path
+    assert message in found[0][1]
+    assert len(found) == 1  # the requirement is not reported again
 
 
 def test_resources_available_must_be_an_object() -> None:
