@@ -50,6 +50,8 @@ def demo_config(small_port: int, large_port: int) -> dict[str, object]:
     return {
         "ResourcesAvailable": {GPU: 24000, "RAM": 32000},
         "Services": [small, model(LARGE, large_port, 20000, 1.5)],
+        # large-model-proxy's management API: GET /status and a status page
+        "ManagementApi": {"ListenPort": str(large_port + 1)},
     }
 
 
@@ -97,6 +99,14 @@ def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
                 "request in flight: it does not keep it loaded)",
             )
             lmproxy("status", "--user")
+            api = large_port + 1
+            say("\n# the management API (large-model-proxy's), started by its socket: GET /status")
+            for entry in json.loads(http_get(api, "/status"))["services"]:
+                say(
+                    f"{entry['name']}: {entry['status']}, "
+                    f"{entry['proxied_connections']} connection(s) in use"
+                )
+            say(f"# the same as a page, refreshed every second: http://127.0.0.1:{api}/")
             client("small-model", small_port, f"it wakes ({LARGE} is stopped for room)")
             say("\n# by hand, through the same lifecycle: sleep, start, stop")
             lmproxy("sleep", "--user", "small-model")

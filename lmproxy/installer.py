@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmproxy import render, unitnames
+from lmproxy import render, unitnames, unitsyntax
 from lmproxy.config import SHIM_USER, Config, ConfigError, load_config
 from lmproxy.files import write_atomically
 from lmproxy.origin import next_generation, render_origin
@@ -191,7 +191,7 @@ def install(
         switch_files(paths, files, [paths.unit_dir / name for name in plan.remove] + stale)
         manager.reload()
         manager.enable_unit_files([n for n in sorted(units) if _enableable(n)])
-        sockets = [unitnames.socket_unit(s.name) for s in config.services]
+        sockets = _sockets(config)
         if now:
             _start_sockets(manager, sockets, plan, say)
     for name in plan.remove:
@@ -258,15 +258,44 @@ def read_manifest(paths: Paths) -> list[str]:
     ]
 
 
+def _listeners(config: Config) -> list[tuple[str, str, str, int]]:
+    """Every TCP port lmproxy listens on: (JSON path, socket unit, address, port)."""
+    found = [
+        (
+            f"$.Services[{index}].ListenPort",
+            unitnames.socket_unit(service.name),
+            service.listen_address,
+            service.listen_port,
+        )
+        for index, service in enumerate(config.services)
+        if service.listen_port is not None  # a unix socket: systemd replaces a stale one
+    ]
+    if config.management_api_listen_port is not None:
+        found.append(
+            (
+                "$.ManagementApi.ListenPort",
+                unitnames.api_socket(unitnames.MANAGEMENT),
+                config.listen_address,
+                config.management_api_listen_port,
+            )
+        )
+    return found
+
+
+def _sockets(config: Config) -> list[str]:
+    """Every socket unit of an install, to start with --now."""
+    sockets = [unitnames.socket_unit(s.name) for s in config.services]
+    if config.management_api_listen_port is not None:
+        sockets.append(unitnames.api_socket(unitnames.MANAGEMENT))
+    return sockets
+
+
 def _refuse_ports_in_use(config: Config, paths: Paths, manager: Manager) -> None:
     """Refuses (as a config error: nothing is changed) a port another program holds.
     A port held by systemd for this same installed socket is of course fine."""
     problems = []
-    for index, service in enumerate(config.services):
-        if service.listen_port is None:
-            continue  # a unix socket: systemd replaces a stale one, and nothing else binds it
-        socket_unit = unitnames.socket_unit(service.name)
-        listen = service.listen_stream
+    for json_path, socket_unit, address, port in _listeners(config):
+        listen = unitsyntax.listen_stream(address, port)
         installed = paths.unit_dir / socket_unit
         if (
             installed.is_file()
@@ -274,13 +303,8 @@ def _refuse_ports_in_use(config: Config, paths: Paths, manager: Manager) -> None
             and manager.unit_state(socket_unit).running
         ):
             continue
-        if not _can_bind(service.listen_address, service.listen_port):
-            problems.append(
-                (
-                    f"$.Services[{index}].ListenPort",
-                    f"{listen} is already in use by another program",
-                )
-            )
+        if not _can_bind(address, port):
+            problems.append((json_path, f"{listen} is already in use by another program"))
     if problems:
         raise ConfigError(problems)
 

@@ -174,10 +174,56 @@ def render_units(
         units[unitnames.backend_unit(service.name)] = env.get_template("backend.service.j2").render(
             values
         )
+    if config.management_api_listen_port is not None:
+        units.update(
+            _api_units(
+                unitnames.MANAGEMENT,
+                "management API and status page",
+                "lmproxy.management",
+                unitsyntax.listen_stream(config.listen_address, config.management_api_listen_port),
+                scope=scope,
+                config_path=config_path,
+                interpreter=interpreter,
+            )
+        )
     for static in sorted(resources.data_dir("units").iterdir()):
         if static.suffix in (".target", ".slice"):
             units[static.name] = static.read_text()
     return units
+
+
+def _api_units(
+    api: str,
+    description: str,
+    module: str,
+    listen: str,
+    *,
+    scope: Scope,
+    config_path: Path,
+    interpreter: Interpreter,
+) -> dict[str, str]:
+    """One of lmproxy's own socket-activated services (the management API): its socket
+    unit and its service unit, which runs `python3 -P -m module --user|--system --config
+    PATH` unprivileged and hardened like the shims in system mode."""
+    env = _environment()
+    argv = interpreter.module(module, scope.systemctl_flag, "--config", str(config_path))
+    values = {
+        "config_path": Escaped(unitsyntax.quote_value(str(config_path))),
+        "description": Escaped(description),
+        "socket": Escaped(unitnames.api_socket(api)),
+        "listen": Escaped(listen),
+        "exec_start": Escaped(unitsyntax.exec_line(argv)),
+        "environment": [
+            Escaped(unitsyntax.environment_assignment(k, v))
+            for k, v in interpreter.environment.items()
+        ],
+        "syslog_identifier": Escaped(f"lmproxy-{api}"),
+        "system": scope is Scope.SYSTEM,
+    }
+    return {
+        unitnames.api_socket(api): env.get_template("api.socket.j2").render(values),
+        unitnames.api_service(api): env.get_template("api.service.j2").render(values),
+    }
 
 
 def _values(

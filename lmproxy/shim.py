@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmproxy import eviction, lifecycle
+from lmproxy.activation import inherited_listener, notify
 from lmproxy.backend import JOB_TIMEOUT_S, Backend
 from lmproxy.config import Config, Service
 from lmproxy.journal import Logger
@@ -823,27 +824,6 @@ class Every:
             return False
         self.last = now
         return True
-
-
-def notify(*lines: str) -> None:
-    """Tells systemd (Type=notify) about readiness and status, when under systemd."""
-    if "NOTIFY_SOCKET" in os.environ:
-        from systemd import daemon
-
-        daemon.notify("\n".join(lines))
-
-
-def inherited_listener() -> socket.socket:
-    """The listening socket systemd passed (LISTEN_FDS)."""
-    from systemd import daemon
-
-    fds = daemon.listen_fds()
-    if len(fds) != 1:
-        raise SystemExit(
-            f"lmproxy shim expects exactly one socket from systemd, got {len(fds)}: "
-            "it is meant to be started by its .socket unit"
-        )
-    return socket.socket(fileno=fds[0])
 
 
 def raise_descriptor_limit() -> None:

@@ -37,6 +37,7 @@ class ServiceStatus:
     connections: int  # clients in use
     last_used: float | None  # seconds since the epoch
     waiting_since: float | None  # when its oldest waiting client came
+    waiting_for_resources: bool = False  # starting, but with no room yet
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[Res
                 connections=entry.in_use if entry and state != "cold" else 0,
                 last_used=entry.last_used if entry and entry.last_used else None,
                 waiting_since=entry.waiting_since if entry else None,
+                waiting_for_resources=entry is not None and entry.phase is Phase.WAITING,
             )
         )
     resources = [

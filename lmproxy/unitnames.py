@@ -66,6 +66,20 @@ def backend_unit(service: str) -> str:
     return f"{BACKEND_PREFIX}{component(service)}.service"
 
 
+# lmproxy's own services (the management API, later the OpenAI router) carry "@" too: no
+# service's units can take their names, and polkit's rule for backends never matches them.
+API_PREFIX = f"{PREFIX}api@"
+MANAGEMENT = "management"
+
+
+def api_socket(api: str) -> str:
+    return f"{API_PREFIX}{api}.socket"
+
+
+def api_service(api: str) -> str:
+    return f"{API_PREFIX}{api}.service"
+
+
 def is_backend_unit(unit: str) -> bool:
     return unit.startswith(BACKEND_PREFIX) and unit.endswith(".service")
 

@@ -13,7 +13,8 @@ from lmproxy.commands.common import fail
     type=int,
     default=18080,
     show_default=True,
-    help="The first fake model's port; the second uses the next one.",
+    help="The first fake model's port; the second uses the next one, the management "
+    "API the one after.",
 )
 def demo(port: int) -> None:
     """Show lmproxy at work on two fake models sharing one fake GPU.

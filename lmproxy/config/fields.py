@@ -195,6 +195,16 @@ def service_shutdown(
     return own if own > 0 else given(d).shutdown_s
 
 
+def service_url(r: ConfigReader, f: Fields, name: str, _v: Values, d: Defaults | None) -> object:
+    """Where the status page links a service: DefaultServiceUrl when absent, none when
+    null or "", as large-model-proxy has it ({{.PORT}} is filled in when shown)."""
+    if f.is_null(name):
+        return None
+    if not f.has(name):
+        return given(d).service_url
+    return r.optional_text(f, name)
+
+
 def models(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
     got = f.get(name)
     if got is None:

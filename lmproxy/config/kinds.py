@@ -47,6 +47,7 @@ class Defaults:
     shutdown_s: int
     swap_after_waiting_s: int
     min_loaded_s: int
+    service_url: str | None = None
 
 
 class ConfigReader(Reader):

@@ -51,7 +51,7 @@ class Service:
     user: str | None
     openai_api: bool
     openai_api_models: tuple[str, ...]
-    service_url: str | None
+    service_url: str | None  # its own ServiceUrl, else DefaultServiceUrl; None: not shown
     max_connections: int = 0  # 0: no limit
     idle_connection_timeout_s: int = 0  # 0: never
     swap_after_waiting_s: int = 5  # see Config

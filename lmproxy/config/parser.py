@@ -48,6 +48,7 @@ class Parser(ConfigReader):
             shutdown_s=_int(values["shutdown_after_inactivity_s"]),
             swap_after_waiting_s=_int(values["swap_after_waiting_s"]),
             min_loaded_s=_int(values["min_loaded_s"]),
+            service_url=_str(values["default_service_url"]),
         )
         entries: list[_Entry] = []
         got = fields.get("Services")
@@ -62,6 +63,7 @@ class Parser(ConfigReader):
                 self.error(path, f"expected an array of services, got {show(value)}")
         self.check_names(entries)
         self.check_ports(entries)
+        self.check_api_ports(entries, values)
         try:
             unitsyntax.path_value(self.base_dir)
         except ValueError as error:
@@ -126,6 +128,19 @@ class Parser(ConfigReader):
             )
 
     # Checks across services
+
+    def check_api_ports(self, entries: list[_Entry], values: Values) -> None:
+        """lmproxy's own ports (the management API's) are no service's."""
+        port = values["management_api_listen_port"]
+        if port is None:
+            return
+        for entry in entries:
+            if entry.listen_port == port:
+                self.error(
+                    "$.ManagementApi.ListenPort",
+                    f"ListenPort {port} is already used by {_describe(entry, None)} "
+                    f"($.Services[{entry.index}])",
+                )
 
     def check_names(self, entries: list[_Entry]) -> None:
         first_with_name: dict[str, _Entry] = {}
@@ -193,7 +208,7 @@ class Parser(ConfigReader):
                 )
 
 
-def _describe(entry: _Entry, viewer: _Entry) -> str:
+def _describe(entry: _Entry, viewer: _Entry | None) -> str:
     if entry is viewer:
         return "this service"
     return f"service {show(entry.name)}" if entry.name is not None else "another service"

@@ -97,6 +97,12 @@ class Fields:
     def has(self, name: str) -> bool:
         return self.get(name) is not None
 
+    def is_null(self, name: str) -> bool:
+        """Whether the field is there, as null (for the one field where large-model-proxy
+        reads null apart from absence: a service's ServiceUrl)."""
+        found = self._found.get(name)
+        return found is not None and found[2] is None
+
     def path_of(self, name: str) -> str:
         found = self._found.get(name)
         return found[1] if found is not None else child(self.path, name)

@@ -27,6 +27,7 @@ from lmproxy.config.fields import (
     requirements,
     service_name,
     service_shutdown,
+    service_url,
     unix_socket,
     user,
 )
@@ -237,7 +238,7 @@ SERVICE_SETTINGS: tuple[Setting, ...] = (
     field("ConsiderStoppedOnProcessExit", "consider_stopped_on_process_exit", boolean(True)),
     field("OpenAiApi", "openai_api", boolean(False)),
     field("OpenAiApiModels", "openai_api_models", models),
-    field("ServiceUrl", "service_url", optional_text),
+    field("ServiceUrl", "service_url", service_url),
     field("ResourceRequirements", "resource_requirements", requirements),
     field("Sleep", "sleep", sleep, lmproxy=True),
     field("Environment", "environment", environment, lmproxy=True),

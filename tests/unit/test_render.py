@@ -1110,3 +1110,33 @@ def test_any_name_gets_units_of_its_own_that_carry_it_unchanged(name: str, scope
     assert unitnames.syslog_identifier(name) == unspecify(
         units[backend].value("Service", "SyslogIdentifier")
     )
+
+
+# --- lmproxy's own services: the management API ------------------------------------------
+
+
+def test_the_management_api_gets_a_socket_and_a_service_only_when_configured() -> None:
+    assert not any("api@" in name for name in render_parsed(make_config(service())))
+    for scope in Scope:
+        units = render_parsed(
+            make_config(service(), ManagementApi={"ListenPort": 7070}), scope=scope
+        )
+        socket_unit = units["lmproxy-api@management.socket"]
+        assert socket_unit.values("Socket", "ListenStream") == ["127.0.0.1:7070"]
+        assert socket_unit.values("Socket", "Accept") == ["no"]
+        assert socket_unit.values("Install", "WantedBy") == ["lmproxy.target"]
+        api = units["lmproxy-api@management.service"]
+        argv = exec_argv(api.value("Service", "ExecStart"))
+        assert argv[1:4] == ["-P", "-m", "lmproxy.management"]
+        assert argv[4:] == [scope.systemctl_flag, "--config", str(CONFIG_PATHS[scope])]
+        assert api.values("Service", "Type") == ["notify"]
+        system = scope is Scope.SYSTEM
+        assert api.values("Service", "User") == (["lmproxy"] if system else [])
+        assert api.values("Service", "ProtectSystem") == (["strict"] if system else [])
+        assert not api.has("Service", "ProcSubset")  # it reads /proc/net/tcp
+
+
+def test_the_management_api_listens_where_the_services_do() -> None:
+    config = make_config(service(), ManagementApi={"ListenPort": 7070}, ListenAddress="::1")
+    units = render_parsed(config)
+    assert units["lmproxy-api@management.socket"].values("Socket", "ListenStream") == ["[::1]:7070"]
