@@ -33,7 +33,7 @@ import time
 from lmproxy import minibus, unitnames
 
 PLAN_NAME = "start-plan.json"
-PLAN_VERSION = 2  # 2: with the generation
+PLAN_VERSION = 3  # 2: with the generation; 3: and the measured resources
 LEDGER_VERSION = 2  # lmproxy.ledger.FORMAT_VERSION
 MAX_LEDGER_BYTES = 4 * 1024 * 1024  # lmproxy.ledger.MAX_LEDGER_BYTES
 RUNNING_STATES = ("active", "activating", "deactivating", "reloading")  # lmproxy.systemd
@@ -51,7 +51,7 @@ _PHASES = frozenset(  # lmproxy.world.Phase
         "stopping",
     )
 )
-_LEDGER_KEYS = frozenset(("version", "generation", "services"))
+_LEDGER_KEYS = frozenset(("version", "generation", "services", "checks"))
 _ENTRY_KEYS = frozenset(
     ("state", "reserved", "in_use", "last_used", "loaded_at", "waiting_since", "sleep_level")
 )
@@ -180,7 +180,17 @@ def json_dumps(value: object) -> bytes:
     return "".join(encode(value, 0)).encode()
 
 
-def _checked_ledger(data: object) -> tuple[Entries, int]:
+class Stored:
+    """A ledger as read: its services, generation and measurements (lmproxy.checks),
+    the last kept as they are, for writing back."""
+
+    def __init__(self, entries: Entries, generation: int, checks: object) -> None:
+        self.entries = entries
+        self.generation = generation
+        self.checks = checks
+
+
+def _checked_ledger(data: object) -> Stored:
     """The ledger's services and generation, only if every value has exactly the type
     lmproxy.ledger writes: then writing them back unchanged is what the ledger would
     write. No generation: a ledger from before they were recorded (0)."""
@@ -204,7 +214,10 @@ def _checked_ledger(data: object) -> tuple[Entries, int]:
             and type(entry["sleep_level"]) is int
         ):
             raise Declined("a ledger entry is not in the expected form")
-    return data["services"], generation
+    checks = data.get("checks")
+    if checks is not None and not (isinstance(checks, dict) and checks):
+        raise Declined("the ledger's measurements are not in the expected form")
+    return Stored(data["services"], generation, checks)
 
 
 def _is_amounts(value: object) -> bool:
@@ -223,11 +236,11 @@ def _open_own(path: str, flags: int, mode: int = 0) -> int:
     return fd
 
 
-def _read_ledger(path: str) -> tuple[Entries, int]:
+def _read_ledger(path: str) -> Stored:
     try:
         fd = _open_own(path, posix.O_RDONLY)
     except FileNotFoundError:
-        return {}, 0
+        return Stored({}, 0, None)
     try:
         data = posix.read(fd, MAX_LEDGER_BYTES + 1)
         if len(data) > MAX_LEDGER_BYTES or posix.fstat(fd).st_size != len(data):
@@ -240,9 +253,12 @@ def _read_ledger(path: str) -> tuple[Entries, int]:
         raise Declined("the ledger is unreadable") from None
 
 
-def _write_ledger(folder: str, entries: Entries, generation: int) -> None:
+def _write_ledger(folder: str, entries: Entries, generation: int, checks: object = None) -> None:
     """lmproxy.files.write_atomically (not durable: a tmpfs): a temporary file, renamed."""
-    data = json_dumps({"version": LEDGER_VERSION, "generation": generation, "services": entries})
+    document = {"version": LEDGER_VERSION, "generation": generation, "services": entries}
+    if checks is not None:
+        document["checks"] = checks
+    data = json_dumps(document)
     temp = f"{folder}/.ledger.json.{posix.getpid()}{posix.urandom(4).hex()}.tmp"
     flags = posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW | posix.O_CLOEXEC
     fd = posix.open(temp, flags, 0o600)
@@ -265,11 +281,16 @@ class Plan:
     """What `lmproxy install` wrote for the first stage (lmproxy.render.render_start_plan)."""
 
     def __init__(
-        self, available: dict[str, int], needs: dict[str, dict[str, int]], generation: int
+        self,
+        available: dict[str, int],
+        needs: dict[str, dict[str, int]],
+        generation: int,
+        checked: list[str],
     ) -> None:
         self.available = available
         self.needs = needs
         self.generation = generation
+        self.checked = checked  # resources a CheckCommand measures
 
 
 def read_plan(config_path: str) -> Plan:
@@ -288,11 +309,12 @@ def read_plan(config_path: str) -> Plan:
     if made_from != (len(config), binascii.crc32(config)):
         raise Declined("the config changed since `lmproxy install` wrote the start plan")
     available, needs, generation = plan["available"], plan["needs"], plan.get("generation")
+    checked = plan.get("checked")
     if not (_is_amounts(available) and isinstance(needs, dict) and type(generation) is int):
         raise Declined("the start plan is not in the expected form")
-    if not all(_is_amounts(n) for n in needs.values()):
+    if not (all(_is_amounts(n) for n in needs.values()) and isinstance(checked, list)):
         raise Declined("the start plan is not in the expected form")
-    return Plan(available, needs, generation)
+    return Plan(available, needs, generation, checked)
 
 
 def _environ(name: str) -> str | None:
@@ -336,6 +358,8 @@ def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Ea
     needs = plan.needs
     if name not in needs:
         raise Declined(f"{name} is not in the start plan")
+    if any(needs[name].get(resource) for resource in plan.checked):
+        raise Declined(f"{name} needs a resource that a CheckCommand measures")
     units = [u for n in needs for u in (unitnames.backend_unit(n), unitnames.shim_unit(n))]
     folder = runtime_dir(system)
     _make_own_dir(folder)
@@ -351,16 +375,18 @@ def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Ea
             written_before = posix.fstat(lock).st_size > 0
             if written_before and not _exists(f"{folder}/ledger.json"):
                 raise Declined("the ledger is missing (the shim rebuilds it, and says so)")
-            stored, generation = _read_ledger(f"{folder}/ledger.json")
-            if generation > plan.generation:
+            stored = _read_ledger(f"{folder}/ledger.json")
+            if stored.generation > plan.generation:
                 raise Declined("a newer install wrote the ledger (the shim reads its config)")
+            if isinstance(stored.checks, dict) and not set(stored.checks) <= set(plan.available):
+                raise Declined("the ledger measured a resource no longer configured")
             (rows,) = bus.call("ListUnitsByPatterns", "asas", ([], units), "a(ssssssouso)")
             assert isinstance(rows, list)
             runs = {str(row[0]): row[3] in RUNNING_STATES for row in rows}
             running = {unit: runs.get(unit, False) for unit in units}
             now = time.time()
             entries = reserve_if_free(
-                stored,
+                stored.entries,
                 running,
                 available=plan.available,
                 needs=needs,
@@ -368,7 +394,7 @@ def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Ea
                 now=now,
                 arrived=arrived,
             )
-            _write_ledger(folder, entries, plan.generation)
+            _write_ledger(folder, entries, plan.generation, stored.checks)
             if not written_before:
                 posix.write(lock, b"1")  # lmproxy.ledger: marks that a ledger was written
         finally:

@@ -17,7 +17,7 @@ The rules, in order:
    is stopped. Then drop from that choice any victim (most recently used first)
    that turns out not to be needed.
 4. If even that is not enough but the request fits in what exists, wait for the
-   services in use, starting or waking.
+   services in use, starting or waking, and for what is held outside lmproxy.
 5. Otherwise the request can never fit: refuse it.
 
 `drain` answers the question the starvation bound asks: which services in use
@@ -41,6 +41,9 @@ class Kind(enum.Enum):
     ASLEEP = "asleep"  # asleep and nobody waits for it: may be stopped
     IN_USE = "in use"  # awake with clients: only their end (or a drain) frees it
     CHANGING = "changing"  # starting or waking for clients of its own
+    # What programs other than lmproxy's models hold of a measured resource (a
+    # CheckCommand's): never evicted nor drained, only waited for.
+    OUTSIDE = "outside"
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ def plan(available: Amounts, holders: Mapping[str, Holder], needs: Amounts) -> D
         return Evict(victims)
 
     if fits(needs, available):
-        busy = _names(holders, (Kind.IN_USE, Kind.CHANGING, Kind.FREEING))
+        busy = _names(holders, (Kind.IN_USE, Kind.CHANGING, Kind.FREEING, Kind.OUTSIDE))
         return Wait(WaitReason.BUSY, busy)
     return Impossible(shortfall(needs, available))
 

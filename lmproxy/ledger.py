@@ -28,12 +28,13 @@ import json
 import os
 import stat
 import time as _time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmproxy import lifecycle, unitnames
+from lmproxy.checks import LOADED_PHASES, Measurement, held_outside
 from lmproxy.config import Config
 from lmproxy.files import UnsafeFile, open_own_regular, write_atomically
 from lmproxy.lifecycle import Effect, Entry, Event, Log, Phase, Profile, SleepProfile, World
@@ -111,8 +112,12 @@ class Ledger:
         self.refresh = refresh
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """Locks, reads, reconciles with systemd, yields, writes back if changed."""
+    def transaction(
+        self, measured: Mapping[str, int] | None = None, loaded_before: Iterable[str] = ()
+    ) -> Iterator[Transaction]:
+        """Locks, reads, reconciles with systemd, yields, writes back if changed.
+        measured: what resources' CheckCommands found free just now, with the services
+        that were loaded before they ran (lmproxy.checks), kept for every transaction."""
         _make_private_dir(self.runtime_dir)
         lock_fd = _open_owned(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -120,13 +125,17 @@ class Ledger:
             present = self.path.exists()
             if not present and os.fstat(lock_fd).st_size > 0:
                 self._note(f"ledger {self.path} was missing; rebuilt it from systemd's unit states")
-            stored, generation = self._load_with_generation()
+            stored, generation, measurements = self._load_with_generation()
             if generation > self.generation:
                 self._catch_up(generation)
-            txn = Transaction(self._reconciled(stored))
+            kept = {r: m for r, m in measurements.items() if r in self.available}
+            if measured:
+                kept.update(self._measurements(measured, loaded_before, stored))
+            txn = Transaction(self._reconciled(stored, kept))
             yield txn
-            if txn.entries != stored or not present or generation != self.generation:
-                self._store(txn.entries)
+            changed = kept != measurements or generation != self.generation
+            if txn.entries != stored or not present or changed:
+                self._store(txn.entries, kept)
                 if os.fstat(lock_fd).st_size == 0:
                     os.write(lock_fd, b"1")  # marks that a ledger was written before
         finally:
@@ -160,21 +169,40 @@ class Ledger:
         self.available = dict(fresh.available)
         self.profiles = dict(fresh.profiles)
 
+    def _measurements(
+        self, measured: Mapping[str, int], loaded_before: Iterable[str], stored: Mapping[str, Entry]
+    ) -> dict[str, Measurement]:
+        loaded = set(loaded_before) & {
+            name for name, entry in stored.items() if entry.phase.value in LOADED_PHASES
+        }
+        now = self.time()
+        return {
+            resource: Measurement(free, now, tuple(sorted(loaded)))
+            for resource, free in measured.items()
+            if resource in self.available
+        }
+
     def snapshot(self) -> dict[str, Entry]:
         """The ledger as last written, without locking or reconciling (for status)."""
         return self._load_with_generation(quiet=True)[0]
 
-    def _load_with_generation(self, *, quiet: bool = False) -> tuple[dict[str, Entry], int]:
-        """The entries and the generation that wrote them (0: none yet). quiet: a
-        read-only look (status): another user's ledger may be read (root reads the
-        system shims'), never written."""
+    def measurements(self) -> dict[str, Measurement]:
+        """The last measurement of each resource a CheckCommand measures (for status)."""
+        return self._load_with_generation(quiet=True)[2]
+
+    def _load_with_generation(
+        self, *, quiet: bool = False
+    ) -> tuple[dict[str, Entry], int, dict[str, Measurement]]:
+        """The entries, the generation that wrote them (0: none yet) and the last
+        measurements. quiet: a read-only look (status): another user's ledger may be
+        read (root reads the system shims'), never written."""
         try:
             # Read-only, it belongs to whoever owns the runtime directory (the
             # shims' user, when root looks at the system manager's ledger).
             owner = self.runtime_dir.stat().st_uid if quiet else os.geteuid()
             fd = _open_owned(self.path, os.O_RDONLY, 0, owner=owner)
         except FileNotFoundError:
-            return {}, 0
+            return {}, 0, {}
         with os.fdopen(fd, "rb") as file:
             if os.fstat(file.fileno()).st_size > MAX_LEDGER_BYTES:
                 raise LedgerError(f"{self.path} is larger than {MAX_LEDGER_BYTES} bytes")
@@ -187,11 +215,13 @@ class Ledger:
                     f"ledger {self.path} was unreadable ({error}); "
                     "rebuilt it from systemd's unit states"
                 )
-            return {}, 0
+            return {}, 0, {}
 
-    def _store(self, entries: Mapping[str, Entry]) -> None:
+    def _store(
+        self, entries: Mapping[str, Entry], measurements: Mapping[str, Measurement] | None = None
+    ) -> None:
         # Compact, as lmproxy.earlystart writes it (json's C encoder: no indent).
-        document = _encode(entries, self.generation)
+        document = _encode(entries, self.generation, measurements or {})
         data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
         # Status is readable by all; only the owner writes. The runtime dir is a tmpfs.
         write_atomically(self.path, data, 0o644, durable=False)
@@ -199,7 +229,9 @@ class Ledger:
     def _note(self, message: str) -> None:
         self.log(Log("reconcile", message, ""))
 
-    def _reconciled(self, stored: Mapping[str, Entry]) -> World:
+    def _reconciled(
+        self, stored: Mapping[str, Entry], measurements: Mapping[str, Measurement]
+    ) -> World:
         """The stored world, told what systemd says of every service's units."""
         names = sorted(set(self.profiles) | set(stored))
         units = [
@@ -209,7 +241,9 @@ class Ledger:
         ]
         running = self.probe(units)
         shims = frozenset(n for n in names if running.get(unitnames.shim_unit(n), False))
-        world = World(self.available, self.profiles, dict(stored), shims)
+        reserved = {name: entry.reserved for name, entry in stored.items()}
+        outside = held_outside(self.available, measurements, reserved)
+        world = World(self.available, self.profiles, dict(stored), shims, outside)
         now = self.time()
         for name in names:
             backend_runs = running.get(unitnames.backend_unit(name), False)
@@ -222,8 +256,12 @@ class Ledger:
         return world
 
 
-def _encode(entries: Mapping[str, Entry], generation: int = 0) -> dict[str, Any]:
-    return {
+def _encode(
+    entries: Mapping[str, Entry],
+    generation: int = 0,
+    measurements: Mapping[str, Measurement] | None = None,
+) -> dict[str, Any]:
+    document = {
         "version": FORMAT_VERSION,
         "generation": generation,
         "services": {
@@ -239,9 +277,12 @@ def _encode(entries: Mapping[str, Entry], generation: int = 0) -> dict[str, Any]
             for name, entry in entries.items()
         },
     }
+    if measurements:  # only where a CheckCommand measured something
+        document["checks"] = {r: m.as_json() for r, m in measurements.items()}
+    return document
 
 
-def _decode(data: Any) -> tuple[dict[str, Entry], int]:
+def _decode(data: Any) -> tuple[dict[str, Entry], int, dict[str, Measurement]]:
     if data.get("version") != FORMAT_VERSION:
         raise ValueError(f"unknown ledger version {data.get('version')!r}")
     generation = data.get("generation", 0)  # none before generations were recorded
@@ -260,7 +301,9 @@ def _decode(data: Any) -> tuple[dict[str, Entry], int]:
             None if since is None else float(since),
             int(raw.get("sleep_level", 0)),
         )
-    return entries, generation
+    checks = data.get("checks", {})
+    measurements = {str(r): Measurement.from_json(m) for r, m in checks.items()}
+    return entries, generation, measurements
 
 
 def _make_private_dir(path: Path) -> None:

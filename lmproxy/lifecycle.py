@@ -130,6 +130,10 @@ def step(world: World, event: Event) -> Step:
 
 Entries = dict[str, Entry]
 
+# The room planner's name for what is held outside lmproxy (World.outside): "" is no
+# service's name.
+OUTSIDE = ""
+
 
 def _want(world: World, entries: Entries, event: Event) -> list[Effect]:
     assert isinstance(event, Want)
@@ -200,7 +204,9 @@ def _make_room(world: World, entries: Entries, name: str, since: float, now: flo
         case eviction.Wait(reason=reason, services=services):
             until = _drain_deadline(world, entries, ask)
             why = f"{reason.value}: {_list(services)}"
-            stopping = tuple(n for n in services if entries[n].phase is Phase.STOPPING)
+            stopping = tuple(
+                n for n in services if n in entries and entries[n].phase is Phase.STOPPING
+            )
             return _wait_or_give_up(world, entries, ask, why, until=until, stopping=stopping)
         case eviction.Impossible(shortfall=short):
             _forget_waiting(entries, name)
@@ -539,6 +545,8 @@ def _holders(
         if keep_draining and entry.phase is Phase.DRAINING and holder.kind is Kind.IDLE:
             holder = Holder(holder.reserved, Kind.IN_USE, holder.last_used)
         holders[other] = holder
+    if any(world.outside.values()):
+        holders[OUTSIDE] = Holder(dict(world.outside), Kind.OUTSIDE, 0.0)
     return holders
 
 
@@ -614,7 +622,7 @@ def _earliest(a: float | None, b: float) -> float:
 
 
 def _list(names: Iterable[str]) -> str:
-    return ", ".join(names)
+    return ", ".join("programs outside lmproxy" if name == OUTSIDE else name for name in names)
 
 
 def amounts_text(amounts: Amounts) -> str:

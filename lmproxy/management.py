@@ -53,7 +53,8 @@ def status_document(
         "services": [_service_entry(by_name[s.name], s, waiting.get(s.name, 0)) for s in services],
         "resources": {
             r.name: {
-                "total": r.available,
+                # No total for a resource a CheckCommand measures, as in large-model-proxy.
+                **({} if r.name in config.resource_checks else {"total": r.available}),
                 "reserved_by_starting_services": sum(
                     s.reserved.get(r.name, 0) for s in services if s.name in starting
                 ),
@@ -142,7 +143,7 @@ def _service_rows(document: Mapping[str, Any]) -> str:
 
 def _resource_rows(document: Mapping[str, Any]) -> str:
     return "\n".join(
-        f"<tr><td>{html.escape(name)}</td><td>{r['total']}</td><td>{r['in_use']}</td>"
+        f"<tr><td>{html.escape(name)}</td><td>{r.get('total', '-')}</td><td>{r['in_use']}</td>"
         f"<td>{r['free']}</td></tr>"
         for name, r in document["resources"].items()
     )

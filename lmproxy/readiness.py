@@ -112,11 +112,15 @@ HEALTHCHECK_ENVIRONMENT = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ")
 
 
 def run_shell(
-    command: str, timeout: float, extra: Mapping[str, str] | None = None
+    command: str,
+    timeout: float,
+    extra: Mapping[str, str] | None = None,
+    *,
+    with_stderr: bool = True,
 ) -> tuple[int | None, str]:
     """Runs a config's shell command (HealthcheckCommand, SleepCommand, WakeCommand)
     with /bin/sh; its exit status (None if it ran past timeout) and the end of what it
-    printed.
+    printed (on stdout alone without with_stderr).
 
     It runs inside the shim's sandbox, as the shim's user: with a small environment
     (plus `extra`), no descriptor of the shim's, and in a session of its own, so that
@@ -131,7 +135,7 @@ def run_shell(
         ["/bin/sh", "-c", command],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.STDOUT if with_stderr else subprocess.DEVNULL,
         env=environment,
         start_new_session=True,
         close_fds=True,

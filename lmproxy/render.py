@@ -134,6 +134,7 @@ def render_start_plan(config: Config, config_bytes: bytes, generation: int = 0) 
     plan = {
         "version": earlystart.PLAN_VERSION,
         "generation": generation,
+        "checked": sorted(config.resource_checks),
         "config_size": len(config_bytes),
         "config_crc32": binascii.crc32(config_bytes),
         "available": dict(config.resources_available),

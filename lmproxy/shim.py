@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmproxy import eviction, lifecycle
+from lmproxy import checks, eviction, lifecycle
 from lmproxy.activation import inherited_listener, notify
 from lmproxy.backend import JOB_TIMEOUT_S, Backend
 from lmproxy.config import Config, Service
@@ -96,6 +96,10 @@ class StartError(Exception):
     """The backend could not be made to serve; the message says why."""
 
 
+# What a service's CheckCommands found free, by resource, and the services loaded before.
+Measured = tuple[dict[str, int], frozenset[str]]
+
+
 class Shim:
     def __init__(
         self,
@@ -143,6 +147,17 @@ class Shim:
             on_knock=self._wake,
         )
         self._refused_since_log = 0
+        # The measured resources it needs (a CheckCommand's), and what was last found.
+        self._checks = {
+            name: config.resource_checks[name]
+            for name, amount in service.resource_requirements.items()
+            if amount and name in config.resource_checks
+        }
+        self._check_interval_s = min(
+            (check.interval_ms / 1000 for check in self._checks.values()), default=1.0
+        )
+        self._last_measured: dict[str, int] | None = None
+        self._waited_for: str | None = None
         self._over_limit_warning = Every(REFUSED_LOG_EVERY_S)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._published = threading.Event()
@@ -177,9 +192,11 @@ class Shim:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
-    def _tell(self, event: Event) -> tuple[Effect, ...]:
-        """One transaction: tells the lifecycle, logs its lines, returns the rest."""
-        with self.ledger.transaction() as txn:
+    def _tell(self, event: Event, measured: Measured | None = None) -> tuple[Effect, ...]:
+        """One transaction: tells the lifecycle, logs its lines, returns the rest.
+        measured: what the service's CheckCommands found free (see _measure)."""
+        found, loaded = measured if measured is not None else (None, frozenset[str]())
+        with self.ledger.transaction(found, loaded) as txn:
             effects = txn.tell(event)
         if any(isinstance(e, lifecycle.Serve) for e in effects):
             # A claim wrote the count of clients in use: the publisher's idea of what
@@ -264,8 +281,10 @@ class Shim:
         waiting for the ledger to change); returns how the backend was made ready, or
         None when it ran already."""
         while True:
+            measured = self._measure()
             try:
-                effects = self._tell(lifecycle.Want(self.name, time.time(), self.arrived))
+                want = lifecycle.Want(self.name, time.time(), self.arrived)
+                effects = self._tell(want, measured)
             except SystemdError as error:
                 # Without systemd's word on what runs, nothing can be reserved safely;
                 # the transaction that failed wrote nothing.
@@ -286,7 +305,40 @@ class Shim:
                         self._fall_asleep(level)
             if wait is not None:
                 notify(f"STATUS={wait.reason}")
-                self._wait_for_change(wait)
+                if measured and wait.reason != self._waited_for:
+                    # Measured room is short: say for what, once (it is checked again often).
+                    self.log.info(wait.reason, event="waiting")
+                    self._waited_for = wait.reason
+                # Measured room that was short: measured again at least every interval.
+                self._wait_for_change(wait, self._check_interval_s if measured else None)
+
+    def _measure(self) -> Measured | None:
+        """What this service's CheckCommands find free now (lmproxy.checks), run outside
+        the ledger's lock, with the services that were loaded before they ran; None when
+        it needs no measured resource. A failed check counts as nothing free."""
+        if not self._checks:
+            return None
+        loaded = frozenset(
+            name
+            for name, entry in self.ledger.snapshot().items()
+            if entry.phase.value in checks.LOADED_PHASES
+        )
+        found = {}
+        for measured, check in self._checks.items():
+            try:
+                found[measured] = checks.measure(check)
+            except checks.CheckError as error:
+                self.log.warning(
+                    f"the CheckCommand of {measured} failed ({error}): counting none of it free",
+                    event="check-failed",
+                )
+                found[measured] = 0
+        if found != self._last_measured:
+            needs = self.service.resource_requirements
+            said = ", ".join(f"{found[r]} {r} free (needs {needs[r]})" for r in sorted(found))
+            self.log.info(f"measured {said}", event="checked")
+            self._last_measured = found
+        return found, loaded
 
     def _carry_out(self, effects: Sequence[Effect]) -> lifecycle.Wait | None:
         """Stops what is to be stopped; turning away raises StartError. Returns the
@@ -329,14 +381,17 @@ class Shim:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)
 
-    def _wait_for_change(self, wait: lifecycle.Wait) -> None:
-        """Until the ledger changes, a backend awaited stops, or the wait's time is up."""
+    def _wait_for_change(self, wait: lifecycle.Wait, at_most_s: float | None = None) -> None:
+        """Until the ledger changes, a backend awaited stops, or the wait's time (or
+        at_most_s) is up."""
         if self.watch is None:
             self._ledger_watch()
             return  # a change before the watch began would be missed: ask again now
         for name in wait.stopping:
             self.server.await_stop(name)
         left = WAIT_AT_MOST_S if wait.until is None else wait.until - time.time()
+        if at_most_s is not None:
+            left = min(left, at_most_s)
         poller = select.poll()
         poller.register(self.watch, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmproxy import unitnames
-from lmproxy.config import Config
+from lmproxy.checks import Measurement, held_outside
+from lmproxy.config import UNBOUNDED, Config
 from lmproxy.ledger import Ledger
 from lmproxy.lifecycle import Entry, Phase
 from lmproxy.paths import Scope, paths_for
@@ -43,12 +44,20 @@ class ServiceStatus:
 @dataclass(frozen=True)
 class ResourceStatus:
     name: str
-    available: int
+    available: int  # UNBOUNDED: measured by a CheckCommand alone, no declared total
     reserved: int
+    outside: int = 0  # held by programs outside lmproxy, as last measured
+    measured: Measurement | None = None  # its CheckCommand's last result
 
     @property
     def free(self) -> int:
-        return self.available - self.reserved
+        """What the lifecycle counts as free (for a measured resource: what was found
+        free, less what models not loaded then have reserved since)."""
+        return self.available - self.reserved - self.outside
+
+    @property
+    def total(self) -> int | None:
+        return None if self.available == UNBOUNDED else self.available
 
 
 def service_state(entry: Entry | None, backend: UnitState, shim: UnitState) -> str:
@@ -70,6 +79,7 @@ def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[Res
     paths = paths_for(scope)
     entries = Ledger(paths.runtime_dir, config.resources_available, {}, lambda _: {}, _ignore)
     snapshot = entries.snapshot()
+    measurements = entries.measurements()
     names = [
         u
         for s in config.services
@@ -100,11 +110,15 @@ def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[Res
                 waiting_for_resources=entry is not None and entry.phase is Phase.WAITING,
             )
         )
+    reserved = {s.name: s.reserved for s in services}
+    outside = held_outside(config.resources_available, measurements, reserved)
     resources = [
         ResourceStatus(
             name=resource,
             available=amount,
             reserved=sum(s.reserved.get(resource, 0) for s in services),
+            outside=outside.get(resource, 0),
+            measured=measurements.get(resource),
         )
         for resource, amount in sorted(config.resources_available.items())
     ]
@@ -135,11 +149,23 @@ def as_json(
             }
             for s in services
         ],
-        "resources": [
-            {"name": r.name, "available": r.available, "reserved": r.reserved, "free": r.free}
-            for r in resources
-        ],
+        "resources": [_resource_json(r) for r in resources],
     }
+
+
+def _resource_json(resource: ResourceStatus) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "name": resource.name,
+        "available": resource.total,
+        "reserved": resource.reserved,
+        "free": resource.free,
+    }
+    if resource.measured is not None:
+        document["measured"] = {
+            "free": resource.measured.free,
+            "at": _iso(resource.measured.at),
+        }
+    return document
 
 
 def as_table(services: list[ServiceStatus], resources: list[ResourceStatus]) -> str:
@@ -151,8 +177,17 @@ def as_table(services: list[ServiceStatus], resources: list[ResourceStatus]) -> 
         )
     lines = _columns(rows)
     lines.append("")
-    resource_rows = [("RESOURCE", "AVAILABLE", "RESERVED", "FREE")]
-    resource_rows += [(r.name, str(r.available), str(r.reserved), str(r.free)) for r in resources]
+    resource_rows = [("RESOURCE", "AVAILABLE", "RESERVED", "FREE", "MEASURED FREE")]
+    resource_rows += [
+        (
+            r.name,
+            "-" if r.total is None else str(r.total),
+            str(r.reserved),
+            str(r.free),
+            "-" if r.measured is None else f"{r.measured.free} at {_iso(r.measured.at)}",
+        )
+        for r in resources
+    ]
     lines += _columns(resource_rows)
     return "\n".join(lines)
 

@@ -64,6 +64,9 @@ class World:
     # Services whose shim runs now (from systemd; not stored): only a live shim
     # can put its backend to sleep.
     shims: frozenset[str] = frozenset()
+    # What programs other than lmproxy's models hold of measured resources (from a
+    # CheckCommand, through the ledger): it is free for nobody, and waited for.
+    outside: Amounts = dataclasses.field(default_factory=dict)
 
     def with_entries(self, entries: Mapping[str, Entry]) -> World:
         return dataclasses.replace(self, entries=dict(entries))

@@ -41,8 +41,9 @@ from lmproxy.config.kinds import (
     PROTOCOLS,
     SHIM_USER,
     SLEEP_LEVELS,
+    UNBOUNDED,
 )
-from lmproxy.config.model import Config, ConfigError, Service, Sleep
+from lmproxy.config.model import Config, ConfigError, ResourceCheck, Service, Sleep
 from lmproxy.config.parser import Parser
 from lmproxy.config.reader import MAX_PORT, absolute
 from lmproxy.config.settings import API_FIELDS, SERVICE_FIELDS, SLEEP_FIELDS, TOP_LEVEL_FIELDS
@@ -69,8 +70,10 @@ __all__ = [
     "SLEEP_FIELDS",
     "SLEEP_LEVELS",
     "TOP_LEVEL_FIELDS",
+    "UNBOUNDED",
     "Config",
     "ConfigError",
+    "ResourceCheck",
     "Service",
     "Sleep",
     "load_config",

@@ -23,6 +23,9 @@ DEFAULT_STARTUP_TIMEOUT_MS = 600_000
 DEFAULT_CHECK_INTERVAL_MS = 1000  # large-model-proxy's CheckWhenNotEnoughIntervalMilliseconds
 
 MAX_RESOURCE_AMOUNT = 2**53
+# What a resource measured by a CheckCommand alone (no Amount) has in ResourcesAvailable:
+# no total, so the measurement alone bounds it.
+UNBOUNDED = MAX_RESOURCE_AMOUNT
 MAX_MILLISECONDS = 2**31 - 1
 MAX_SECONDS = 2**31 - 1
 MAX_CONNECTIONS = 1_000_000

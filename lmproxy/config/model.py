@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lmproxy import unitsyntax
 
@@ -14,6 +14,16 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         self.problems = problems
         super().__init__("\n".join(f"{path}: {problem}" for path, problem in problems))
+
+
+@dataclass(frozen=True)
+class ResourceCheck:
+    """A resource's CheckCommand (large-model-proxy's): a shell command that prints the
+    amount free now, run before each start that needs the resource, and again every
+    interval_ms while it is short (lmproxy.checks)."""
+
+    command: str
+    interval_ms: int
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,9 @@ class Config:
     # Where relative paths were resolved, and where a service without WorkDir runs: the
     # directory `lmproxy install` ran in, as large-model-proxy's are where it started.
     base_dir: str
+    # Resources measured by a CheckCommand; their ResourcesAvailable is the Amount, or
+    # UNBOUNDED without one (the measurement alone says what is free).
+    resource_checks: Mapping[str, ResourceCheck] = field(default_factory=dict)
 
     def service(self, name: str) -> Service:
         for service in self.services:

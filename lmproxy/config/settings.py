@@ -47,6 +47,7 @@ from lmproxy.config.kinds import (
     RESOURCE_RE,
     RESOURCE_RULE,
     SLEEP_LEVELS,
+    UNBOUNDED,
     ConfigReader,
     Defaults,
     Setting,
@@ -58,7 +59,7 @@ from lmproxy.config.kinds import (
     names,
     optional_text,
 )
-from lmproxy.config.model import Sleep
+from lmproxy.config.model import ResourceCheck, Sleep
 from lmproxy.config.reader import Fields
 
 
@@ -99,13 +100,15 @@ def api_port(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | N
 def resources_available(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
     """Each resource: an amount, or large-model-proxy's object form (`RESOURCE_SETTINGS`)."""
     got = f.get("ResourcesAvailable")
+    checks: dict[str, ResourceCheck] = {}
+    result: Values = {"resources_available": r.resources, "resource_checks": checks}
     if got is None:
-        return {"resources_available": r.resources}
+        return result
     where, value = got
     if not isinstance(value, JsonObject):
         r.error(where, f"expected an object of resource amounts, got {show(value)}")
         r.resources_known = False
-        return {"resources_available": r.resources}
+        return result
     for key, amount in value.pairs:
         key_path = child(where, key)
         if key in r.resources or key in r.bad_resources:
@@ -115,38 +118,45 @@ def resources_available(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | N
             r.error(key_path, f"invalid resource name {show(key)}: {RESOURCE_RULE}")
             r.bad_resources.add(key)
             continue
-        checked = (
-            resource_object(r, key_path, amount)
-            if isinstance(amount, JsonObject)
-            else r.int_value(key_path, amount, 0, MAX_RESOURCE_AMOUNT)
-        )
+        check = None
+        if isinstance(amount, JsonObject):
+            checked, check = resource_object(r, key_path, amount)
+        else:
+            checked = r.int_value(key_path, amount, 0, MAX_RESOURCE_AMOUNT)
         if checked is None:
             r.bad_resources.add(key)
-        else:
-            r.resources[key] = checked
-    return {"resources_available": r.resources}
+            continue
+        r.resources[key] = checked
+        if check is not None:
+            checks[key] = check
+    return result
 
 
-def resource_object(r: ConfigReader, where: str, obj: JsonObject) -> int | None:
-    """{"Amount": N}, as large-model-proxy writes a resource too; its amount."""
+def resource_object(
+    r: ConfigReader, where: str, obj: JsonObject
+) -> tuple[int | None, ResourceCheck | None]:
+    """{"Amount": N} and/or {"CheckCommand": ...}, as large-model-proxy writes a resource:
+    its amount (UNBOUNDED with a CheckCommand alone) and its check."""
     fields = Fields(r, obj, where, names(RESOURCE_SETTINGS))
     problems = len(r.problems)
     values: Values = {}
     for setting in RESOURCE_SETTINGS:
         values.update(setting.read(r, fields, values, None))
-    if values["check_command"] is not None:
-        r.error(
-            fields.path_of("CheckCommand"),
-            "a CheckCommand (the amount free, measured at each start) is not supported by "
-            'lmproxy yet: give the resource\'s total as "Amount"',
-        )
-    elif values["amount"] is None and len(r.problems) == problems:
+    command, amount, interval = (
+        values["check_command"],
+        values["amount"],
+        values["check_interval_ms"],
+    )
+    if isinstance(command, str) and not command.strip():
+        r.error(fields.path_of("CheckCommand"), "CheckCommand must not be blank")
+    if command is None and amount is None and len(r.problems) == problems:
         r.error(fields.path_of("Amount"), "Amount is required (or a CheckCommand)")
     if len(r.problems) != problems:
-        return None
-    amount = values["amount"]
-    assert isinstance(amount, int)
-    return amount
+        return None, None
+    assert amount is None or isinstance(amount, int)
+    assert isinstance(interval, int)
+    check = None if command is None else ResourceCheck(str(command), interval)
+    return (UNBOUNDED if amount is None else amount), check
 
 
 def optional_amount(

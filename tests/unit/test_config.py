@@ -16,8 +16,10 @@ from lmproxy.config import (
     SERVICE_FIELDS,
     SLEEP_FIELDS,
     TOP_LEVEL_FIELDS,
+    UNBOUNDED,
     Config,
     ConfigError,
+    ResourceCheck,
     Service,
     Sleep,
     load_config,
@@ -1190,6 +1192,31 @@ def test_resources_in_large_model_proxys_object_form() -> None:
     assert config.resources_available == {"VRAM-GPU-0": 24000, "RAM": 64000, "disk": 5}
 
 
+NVIDIA_FREE = "nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits -i 0"
+
+
+def test_resources_measured_by_a_check_command() -> None:
+    config = parse(
+        json.dumps(
+            {
+                "ResourcesAvailable": {
+                    "VRAM-GPU-0": {
+                        "CheckCommand": NVIDIA_FREE,
+                        "CheckWhenNotEnoughIntervalMilliseconds": 500,
+                    },
+                    "RAM": {"Amount": 64000, "CheckCommand": "cat /srv/free"},
+                },
+                "Services": [minimal_service(ResourceRequirements={"VRAM-GPU-0": 10**9})],
+            }
+        )
+    )
+    assert config.resources_available == {"VRAM-GPU-0": UNBOUNDED, "RAM": 64000}
+    assert config.resource_checks == {
+        "VRAM-GPU-0": ResourceCheck(NVIDIA_FREE, 500),
+        "RAM": ResourceCheck("cat /srv/free", 1000),
+    }
+
+
 @pytest.mark.parametrize(
     ("resource", "path", "message"),
     [
@@ -1198,11 +1225,7 @@ def test_resources_in_large_model_proxys_object_form() -> None:
         ({"Amount": -1}, "$.ResourcesAvailable.RAM.Amount", "must be between 0 and"),
         ({"Amount": "1"}, "$.ResourcesAvailable.RAM.Amount", "expected an integer"),
         ({"Amount": 1, "Total": 2}, "$.ResourcesAvailable.RAM.Total", "unknown field"),
-        (
-            {"CheckCommand": "free -m"},
-            "$.ResourcesAvailable.RAM.CheckCommand",
-            "is not supported by lmproxy yet",
-        ),
+        ({"CheckCommand": " "}, "$.ResourcesAvailable.RAM.CheckCommand", "must not be blank"),
         (
             {"Amount": 1, "CheckWhenNotEnoughIntervalMilliseconds": 0},
             "$.ResourcesAvailable.RAM.CheckWhenNotEnoughIntervalMilliseconds",

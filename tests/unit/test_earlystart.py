@@ -16,6 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lmproxy import earlystart, lifecycle, unitnames
+from lmproxy.checks import Measurement
 from lmproxy.config import parse_config
 from lmproxy.earlystart import Declined
 from lmproxy.ledger import Ledger, _encode
@@ -59,12 +60,16 @@ def units_of(names: Sequence[str]) -> list[str]:
 
 
 def write_ledger(
-    folder: Path, stored: dict[str, Entry], available: dict[str, int], generation: int = 0
+    folder: Path,
+    stored: dict[str, Entry],
+    available: dict[str, int],
+    generation: int = 0,
+    measurements: dict[str, Measurement] | None = None,
 ) -> None:
     """A ledger as a shim's transaction leaves it."""
     folder.mkdir()
     ledger = Ledger(folder, available, {}, Probe(set()), lambda _line: None, generation=generation)
-    ledger._store(stored)
+    ledger._store(stored, measurements)
     (folder / "ledger.lock").write_bytes(b"1")
 
 
@@ -106,34 +111,46 @@ STARTING_WITHOUT_SHIM: tuple[dict[str, Profile], dict[str, Entry], set[str]] = (
 
 # The ledger's generation and the plan's (lmproxy.ledger: every shim acts on the newest).
 generations = st.tuples(st.integers(0, 2), st.integers(0, 2))
+# What CheckCommands measured, kept in the ledger: the first stage writes it back as it is.
+measurements = st.dictionaries(
+    st.sampled_from(RESOURCES),
+    st.builds(Measurement, st.integers(0, 30), times, st.lists(st.sampled_from(NAMES)).map(tuple)),
+    max_size=2,
+)
 
 
 @settings(max_examples=1000, deadline=None)
-@given(world=worlds(), available=amounts, generation=generations)
-@example(world=DRAINING_WITH_NOBODY_WAITING, available={"VRAM": 24}, generation=(0, 0))
-@example(world=IN_USE_WITHOUT_SHIM, available={"VRAM": 24}, generation=(0, 0))
-@example(world=STARTING_WITHOUT_SHIM, available={"VRAM": 24}, generation=(0, 0))
+@given(world=worlds(), available=amounts, generation=generations, measured=measurements)
+@example(world=DRAINING_WITH_NOBODY_WAITING, available={"VRAM": 24}, generation=(0, 0), measured={})
+@example(world=IN_USE_WITHOUT_SHIM, available={"VRAM": 24}, generation=(0, 0), measured={})
+@example(world=STARTING_WITHOUT_SHIM, available={"VRAM": 24}, generation=(0, 0), measured={})
 def test_where_the_first_stage_starts_the_shim_would_write_the_same_ledger(
     world: tuple[dict[str, Profile], dict[str, Entry], set[str]],
     available: dict[str, int],
     generation: tuple[int, int],
+    measured: dict[str, Measurement],
 ) -> None:
     configured, stored, running = world
     written_by, planned = generation
     name = sorted(configured)[0]
     with tempfile.TemporaryDirectory() as tmp:
         shim_dir, early_dir = Path(tmp, "shim"), Path(tmp, "early")
-        write_ledger(shim_dir, stored, available, written_by)
-        write_ledger(early_dir, stored, available, written_by)
+        write_ledger(shim_dir, stored, available, written_by, measured)
+        write_ledger(early_dir, stored, available, written_by, measured)
         needs = {n: dict(p.needs) for n, p in configured.items()}
         probe = {u: u in running for u in units_of(list(configured))}
-        read, read_generation = earlystart._read_ledger(str(early_dir / "ledger.json"))
-        assert read_generation == written_by
+        read = earlystart._read_ledger(str(early_dir / "ledger.json"))
+        assert read.generation == written_by
         if written_by > planned:
             return  # a newer install wrote it: quick_start declines (the shim reads again)
+        if measured and not set(measured) <= set(available):
+            return  # quick_start declines: the shim drops measurements of what is gone
+        checked = set(measured or {})
+        if any(needs[name].get(resource) for resource in checked):
+            return  # quick_start declines: a measured resource is the shim's to decide
         try:
             early = earlystart.reserve_if_free(
-                read,
+                read.entries,
                 probe,
                 available=available,
                 needs=needs,
@@ -143,7 +160,7 @@ def test_where_the_first_stage_starts_the_shim_would_write_the_same_ledger(
             )
         except Declined:
             return
-        earlystart._write_ledger(str(early_dir), early, planned)
+        earlystart._write_ledger(str(early_dir), early, planned, read.checks)
 
         said: list[lifecycle.Log] = []
         ledger = Ledger(
@@ -224,7 +241,8 @@ def test_a_ledger_that_is_not_ours_is_left_to_the_shim(tmp_path: Path) -> None:
     (tmp_path / "ledger.json").symlink_to(target)
     with pytest.raises(OSError):
         earlystart._read_ledger(str(tmp_path / "ledger.json"))
-    assert earlystart._read_ledger(str(tmp_path / "missing.json")) == ({}, 0)
+    missing = earlystart._read_ledger(str(tmp_path / "missing.json"))
+    assert (missing.entries, missing.generation, missing.checks) == ({}, 0, None)
 
 
 ledger_values = st.recursive(
@@ -259,6 +277,7 @@ def test_the_plan_is_read_only_for_the_config_it_was_made_from(tmp_path: Path) -
     plan = render_start_plan(parse_config(CONFIG, tmp_path), CONFIG.encode(), 7)
     (tmp_path / earlystart.PLAN_NAME).write_text(plan)
     read = earlystart.read_plan(str(config_path))
+    assert read.checked == []
     assert read.available == {"VRAM": 24000, "RAM": 64}
     assert read.needs == {"a": {"VRAM": 20000}, "b": {}}
     assert read.generation == 7

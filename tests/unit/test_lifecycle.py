@@ -72,6 +72,43 @@ def test_a_cold_service_that_fits_reserves_and_starts() -> None:
     assert step.world.entries["a"].reserved == {"VRAM": 20}
 
 
+# --- what programs outside lmproxy hold (a measured resource: World.outside) ---------------
+
+
+def outside(entries: Mapping[str, Entry], held: int, **profiles: Profile) -> World:
+    """A world where programs other than lmproxy's models hold `held` VRAM."""
+    base = world(entries, **profiles)
+    return World(base.available, base.profiles, base.entries, base.shims, {"VRAM": held})
+
+
+def test_memory_held_outside_lmproxy_is_waited_for_not_refused() -> None:
+    step = lifecycle.step(outside({}, 10, a=BIG), Want("a", 10, 10))
+    [wait] = effects(step, Wait)
+    assert isinstance(wait, Wait) and "programs outside lmproxy" in wait.reason
+    assert step.world.entries["a"].phase is Phase.WAITING
+    assert not effects(step, TurnAway)
+
+
+def test_an_idle_model_is_evicted_when_it_is_why_the_measured_room_is_short() -> None:
+    a, b = Profile({"VRAM": 10}, give_up_s=60), Profile({"VRAM": 8}, give_up_s=60)
+    step = lifecycle.step(outside({"b": running(8)}, 8, a=a, b=b), Want("a", 10, 10))
+    assert effects(step, Stop) == [Stop("b")]  # 24 - 8 outside - 8 b: 16 free once b goes
+
+
+def test_a_waiter_gives_up_naming_what_holds_the_room_outside() -> None:
+    step = lifecycle.step(outside({}, 10, a=BIG), Want("a", 100, 10))
+    [turn_away] = effects(step, TurnAway)
+    assert isinstance(turn_away, TurnAway)
+    assert "gave up after 60 s" in turn_away.reason
+    assert "programs outside lmproxy" in turn_away.reason
+
+
+def test_a_need_beyond_the_total_is_still_refused_at_once() -> None:
+    huge = Profile({"VRAM": 30}, give_up_s=60)
+    step = lifecycle.step(outside({}, 1, a=huge), Want("a", 10, 10))
+    assert [e.reason for e in effects(step, TurnAway)] == ["needs 6 VRAM more than exists"]  # type: ignore[attr-defined]
+
+
 def test_an_idle_victim_is_stopped_and_the_waiter_waits_for_it() -> None:
     step = lifecycle.step(world({"a": running(20)}, a=BIG, b=BIG), Want("b", 10, 10))
     assert effects(step, Stop) == [Stop("a")]
