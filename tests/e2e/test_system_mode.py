@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -398,3 +399,33 @@ def test_commands_act_as_the_shims_user_and_keep_the_ledger_theirs(
     assert owner == "lmproxy"
     _, beta = installed
     assert http_get(beta)["model"] == "beta"  # the shims still use the ledger
+
+
+def test_the_management_api_runs_unprivileged_and_reads_the_shims_ledger(
+    manager: SystemManager,
+) -> None:
+    api, alpha = free_port(), free_port()
+    install(
+        manager,
+        [fake_model(manager, "alpha", alpha, ResourceRequirements={"VRAM": 16000})],
+        ManagementApi={"ListenPort": api},
+    )
+    try:
+        assert manager.show("lmproxy-api@management.service", "ActiveState") == "inactive"
+        assert http_get(alpha)["model"] == "alpha"
+        with socket.create_connection(("127.0.0.1", api), timeout=30) as conn:
+            conn.sendall(b"GET /status HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.0 200") or data.startswith(b"HTTP/1.1 200"), data
+        document = json.loads(data.partition(b"\r\n\r\n")[2])
+        [service] = document["services"]
+        assert (service["name"], service["status"]) == ("alpha", "running")
+        assert document["resources"]["VRAM"]["usage_by_service"] == {"alpha": 16000}
+        api_uids, api_groups = ids(manager, "lmproxy-api@management.service")
+        assert api_uids == {uid(manager, "lmproxy")}
+        assert api_groups <= {gid(manager, "lmproxy")}
+    finally:
+        result = lmproxy(manager, "uninstall", "--system")
+        assert result.returncode == 0, result.stdout + result.stderr
