@@ -7,6 +7,7 @@ import click
 from lmproxy import __version__
 from lmproxy.commands.control import sleep, start, stop, wake
 from lmproxy.commands.demo import demo
+from lmproxy.commands.gpus import gpus
 from lmproxy.commands.install import install, uninstall
 from lmproxy.commands.logs import logs
 from lmproxy.commands.render import render
@@ -39,6 +40,7 @@ for command in (
     sleep,
     wake,
     logs,
+    gpus,
     shim,
     demo,
 ):

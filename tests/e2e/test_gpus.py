@@ -1,0 +1,122 @@
+"""`lmproxy gpus` (issue 15) against real models' processes: NVML is faked at the binding
+(tests/fakes/pynvml.py, itself checked here against NVIDIA's real binding), and the
+processes it lists are real: a backend under the sandboxed systemd, found through its
+cgroup, and one outside lmproxy."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from lmproxy.render import current_interpreter
+from lmproxy.sandbox import Sandbox
+from tests.e2e.helpers import (
+    fake_model,
+    free_port,
+    http_get,
+    install,
+    lmproxy_command,
+    write_config,
+)
+from tests.e2e.real_backends import openai_python
+from tests.fakes import pynvml as fake
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def gpus(sandbox: Sandbox, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`lmproxy gpus` with the fake binding first on its path."""
+    environment = dict(current_interpreter().environment)
+    paths = [str(FAKES), environment.get("PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")]
+    environment["PYTHONPATH"] = ":".join(p for p in paths if p)
+    environment["FAKE_NVML"] = str(state)
+    return subprocess.run(
+        sandbox.command([*lmproxy_command(), "gpus", "--user", *args]),
+        env=sandbox.env(environment),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_gpus_sorted_by_free_memory_with_models_named_and_the_rest_outside(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    port = free_port()
+    install(systemd_sandbox, _config(tmp_path, port))
+    backend_pid = http_get(port)["pid"]
+    state = tmp_path / "nvml.json"
+    gpu0 = {"name": "NVIDIA L4", "uuid": "GPU-0000", "total_mib": 23034, "used_mib": 21000,
+            "utilization": 91,
+            "processes": [{"pid": backend_pid, "used_mib": 18000},
+                          {"pid": os.getpid(), "used_mib": 3000}]}  # fmt: skip
+    gpu1 = {"name": "NVIDIA L4", "uuid": "GPU-1111", "total_mib": 23034, "used_mib": 500}
+    state.write_text(json.dumps({"gpus": [gpu0, gpu1]}))
+
+    result = gpus(systemd_sandbox, state)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "GPU 1  NVIDIA L4  GPU-1111"  # most free first
+    assert "used 21000 / total 23034 MiB, free 2034 MiB, utilization 91%" in result.stdout
+    assert f"18000 MiB  pid {backend_pid:<7}  Qwen/Qwen2.5-7B-Instruct" in result.stdout
+    assert f"3000 MiB  pid {os.getpid():<7}  outside lmproxy: " in result.stdout
+
+    document = json.loads(gpus(systemd_sandbox, state, "--json").stdout)
+    [first, second] = document["gpus"]
+    assert first["uuid"] == "GPU-1111" and first["processes"] == []
+    services = {p["pid"]: p["service"] for p in second["processes"]}
+    assert services == {backend_pid: "Qwen/Qwen2.5-7B-Instruct", os.getpid(): None}
+
+    state.write_text(json.dumps({"driver": False, "gpus": []}))
+    refused = gpus(systemd_sandbox, state)
+    assert refused.returncode == 1
+    assert "no NVIDIA driver is loaded on this machine" in refused.stderr
+
+
+def _config(tmp_path: Path, port: int) -> Path:
+    return write_config(tmp_path / "config.json", [fake_model("Qwen/Qwen2.5-7B-Instruct", port)])
+
+
+# What the fake offers, as the real binding's functions take it: their parameters.
+SIGNATURES = r"""
+import inspect, json, pynvml, sys
+names = json.loads(sys.argv[1])
+print(json.dumps({n: list(inspect.signature(getattr(pynvml, n)).parameters) for n in names}))
+"""
+
+NO_DRIVER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from lmproxy import nvml
+try:
+    with nvml.session() as session:
+        print("readings", len(session.readings()))
+except nvml.NvmlError as error:
+    print("refused", error)
+"""
+
+
+def test_the_fake_binding_is_the_real_ones_shape_and_the_real_one_is_understood() -> None:
+    python = openai_python()  # the tests' client venv has nvidia-ml-py (tools/real-backends)
+    functions = [name for name, value in vars(fake).items() if name.startswith("nvml")]
+    real = subprocess.run(
+        [str(python), "-c", SIGNATURES, json.dumps(functions)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for name, parameters in json.loads(real.stdout).items():
+        assert list(inspect.signature(getattr(fake, name)).parameters) == parameters, name
+    answer = subprocess.run(
+        [str(python), "-c", NO_DRIVER, str(CHECKOUT)], capture_output=True, text=True, check=True
+    ).stdout
+    if Path("/proc/driver/nvidia").exists():
+        assert answer.startswith("readings"), answer
+    else:  # the real binding, without a driver: one clear message
+        assert answer.startswith("refused NVML cannot start"), answer
+        assert "no NVIDIA driver is loaded" in answer

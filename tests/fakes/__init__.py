@@ -1,0 +1,1 @@
+"""Fakes of what cannot exist on a test machine, each at the narrowest boundary."""
