@@ -9,6 +9,9 @@ ledger keeps the last measurement (lmproxy.ledger), and the lifecycle counts wha
 not free and not lmproxy's models' as held outside lmproxy (World.outside): waited for,
 never evicted, while lmproxy's idle models holding it are evicted as for any resource.
 
+A resource with lmproxy's `Gpu` is measured the same way, as that GPU's free memory in
+MiB from NVML (lmproxy.nvml), and so waits until a stopped model's memory is back.
+
 The command runs like a HealthcheckCommand (lmproxy.readiness.run_shell): in the
 shim's sandbox, as its user, with a small environment. It must print one non-negative
 integer; anything else is a failed check, which counts as nothing free.
@@ -31,7 +34,10 @@ class CheckError(Exception):
 
 
 def measure(check: ResourceCheck, timeout_s: float = CHECK_TIMEOUT_S) -> int:
-    """The amount free now, as the check's command prints it."""
+    """The amount free now: as the check's command prints it, or its GPU's free MiB."""
+    if check.gpu is not None:
+        return _gpu_free(check.gpu)
+    assert check.command is not None
     status, output = run_shell(check.command, timeout_s, with_stderr=False)
     if status is None:
         raise CheckError(f"it did not finish within {timeout_s:g} s")
@@ -95,3 +101,13 @@ def held_outside(
         if held > 0:
             outside[resource] = held
     return outside
+
+
+def _gpu_free(gpu: str) -> int:
+    from lmproxy.nvml import NvmlError, session
+
+    try:
+        with session() as nvml:
+            return nvml.reading(gpu).free_mib
+    except NvmlError as error:
+        raise CheckError(str(error)) from None

@@ -22,6 +22,7 @@ from pathlib import Path
 from lmproxy import render, unitnames, unitsyntax
 from lmproxy.config import SHIM_USER, Config, ConfigError, load_config
 from lmproxy.files import write_atomically
+from lmproxy.gpuresources import DEFAULT_RESERVE_MIB, settle
 from lmproxy.origin import next_generation, render_origin
 from lmproxy.paths import Paths, Scope, paths_for
 from lmproxy.render import (
@@ -156,12 +157,13 @@ def install(
     strict: bool = False,
     base_dir: Path | None = None,
     run_pid: int | None = None,
+    reserve_mib: int = DEFAULT_RESERVE_MIB,
 ) -> Config:
     """Validates, renders, writes, reloads, enables (and with now, starts). A Command
     that cannot run here is refused with strict, else warned of. Relative paths resolve
     in base_dir (default: the current directory), which is recorded (lmproxy.origin),
     with run_pid for `lmproxy run`'s install."""
-    config = load_config(config_path, base_dir)
+    config, amounts = settle(load_config(config_path, base_dir), reserve_mib)
     if strict:
         refuse_missing_commands(config)
     else:
@@ -183,7 +185,7 @@ def install(
         generation = next_generation(paths.installed_config)
         plan_text = render_start_plan(config, config_text, generation).encode()
         files[paths.start_plan] = (plan_text, config_mode(scope))
-        origin = render_origin(config, config_path, generation, run_pid).encode()
+        origin = render_origin(config, config_path, generation, run_pid, amounts).encode()
         files[paths.origin] = (origin, config_mode(scope))
         files[paths.manifest] = (json.dumps(sorted(units), indent=1).encode(), 0o644)
         environment, stale = _environment_changes(config, paths)

@@ -13,8 +13,10 @@ The record also numbers the install: its generation, which grows with every inst
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,8 @@ class Origin:
     base_dir: Path
     generation: int  # 0: an install from before generations were recorded
     run_pid: int | None = None  # made by `lmproxy run` in this process, to be undone
+    # GPU resources' "auto" amounts as install read them from NVML (lmproxy.gpuresources)
+    amounts: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,13 @@ class Installed:
     generation: int
 
 
-def render_origin(config: Config, source: Path, generation: int, run_pid: int | None = None) -> str:
+def render_origin(
+    config: Config,
+    source: Path,
+    generation: int,
+    run_pid: int | None = None,
+    amounts: Mapping[str, int] | None = None,
+) -> str:
     """The record written beside the installed config."""
     record: dict[str, object] = {
         "base_dir": config.base_dir,
@@ -49,6 +59,8 @@ def render_origin(config: Config, source: Path, generation: int, run_pid: int | 
     }
     if run_pid is not None:
         record["run_pid"] = run_pid
+    if amounts:
+        record["amounts"] = dict(amounts)
     return json.dumps(record, indent=1, sort_keys=True) + "\n"
 
 
@@ -83,7 +95,12 @@ def read_origin(installed_config: Path) -> Origin:
     run_pid = record.get("run_pid")
     if run_pid is not None and (type(run_pid) is not int or run_pid <= 0):
         raise ConfigError([(str(path), "the install record's run_pid is not a process id")])
-    return Origin(Path(base), generation, run_pid)
+    amounts = record.get("amounts", {})
+    if not isinstance(amounts, dict) or not all(
+        isinstance(k, str) and type(v) is int and v >= 0 for k, v in amounts.items()
+    ):
+        raise ConfigError([(str(path), "the install record's amounts are not amounts")])
+    return Origin(Path(base), generation, run_pid, amounts)
 
 
 def installed_base_dir(installed_config: Path) -> Path:
@@ -93,8 +110,11 @@ def installed_base_dir(installed_config: Path) -> Path:
 def load_installed(installed_config: Path) -> Installed:
     """The installed config, its relative paths resolved as they were at install, and
     its generation."""
+    from lmproxy.gpuresources import with_amounts
+
     origin = read_origin(installed_config)
-    return Installed(load_config(installed_config, origin.base_dir), origin.generation)
+    config = with_amounts(load_config(installed_config, origin.base_dir), dict(origin.amounts))
+    return Installed(config, origin.generation)
 
 
 def load_installed_config(installed_config: Path) -> Config:

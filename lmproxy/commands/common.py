@@ -59,6 +59,16 @@ def base_dir_option(function: F) -> F:
     )(function)
 
 
+def reserve_option(function: F) -> F:
+    return click.option(
+        "--reserve-mib",
+        type=click.IntRange(min=0),
+        default=1024,
+        show_default=True,
+        help='What a GPU resource with "Amount": "auto" leaves free of its GPU\'s memory.',
+    )(function)
+
+
 def refuse_config(error: ConfigError, path: Path) -> None:
     """Prints every problem with its JSON path and exits with status 2."""
     click.echo(f"lmproxy: {path} is not a valid config; nothing was changed:", err=True)

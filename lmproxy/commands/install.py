@@ -11,6 +11,7 @@ from lmproxy.commands.common import (
     config_option,
     fail,
     refuse_config,
+    reserve_option,
     resolve_scope,
     scope_option,
     warn,
@@ -21,6 +22,7 @@ from lmproxy.config import ConfigError
 @click.command()
 @config_option
 @base_dir_option
+@reserve_option
 @scope_option
 @click.option("--now", is_flag=True, help="Also start the sockets (they listen at once).")
 @click.option(
@@ -29,7 +31,13 @@ from lmproxy.config import ConfigError
     help="Refuse a Command that cannot run on this machine (default: warn of it).",
 )
 def install(
-    config_path: Path, base_dir: Path | None, scope: str | None, now: bool, strict: bool
+    *,
+    config_path: Path,
+    base_dir: Path | None,
+    reserve_mib: int,
+    scope: str | None,
+    now: bool,
+    strict: bool,
 ) -> None:
     """Render units from a config and install them into systemd.
 
@@ -54,6 +62,7 @@ def install(
             warn=warn,
             strict=strict,
             base_dir=base_dir,
+            reserve_mib=reserve_mib,
         )
     except ConfigError as error:
         refuse_config(error, config_path)

@@ -21,19 +21,27 @@ from types import FrameType
 
 import click
 
-from lmproxy.commands.common import base_dir_option, config_option, fail, refuse_config, warn
+from lmproxy.commands.common import (
+    base_dir_option,
+    config_option,
+    fail,
+    refuse_config,
+    reserve_option,
+    warn,
+)
 from lmproxy.config import Config, ConfigError
 
 
 @click.command()
 @config_option
 @base_dir_option
+@reserve_option
 @click.option(
     "--strict",
     is_flag=True,
     help="Refuse a Command that cannot run on this machine (default: warn of it).",
 )
-def run(config_path: Path, base_dir: Path | None, strict: bool) -> None:
+def run(config_path: Path, base_dir: Path | None, reserve_mib: int, strict: bool) -> None:
     """Try a config in the foreground, as `large-model-proxy -c config.json` does.
 
     Installs it into your user manager with its sockets listening, prints every
@@ -64,6 +72,7 @@ def run(config_path: Path, base_dir: Path | None, strict: bool) -> None:
             strict=strict,
             base_dir=base_dir,
             run_pid=os.getpid(),
+            reserve_mib=reserve_mib,
         )
     except ConfigError as error:
         refuse_config(error, config_path)

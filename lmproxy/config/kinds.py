@@ -61,6 +61,7 @@ class ConfigReader(Reader):
         self.resources: dict[str, int] = {}
         self.resources_known = True  # False when ResourcesAvailable itself is unusable
         self.bad_resources: set[str] = set()
+        self.auto_amounts: set[str] = set()  # GPU resources whose Amount is "auto"
 
 
 Read = Callable[[ConfigReader, Fields, Values, Defaults | None], Values]

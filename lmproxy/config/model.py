@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from lmproxy import unitsyntax
@@ -18,12 +19,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ResourceCheck:
-    """A resource's CheckCommand (large-model-proxy's): a shell command that prints the
-    amount free now, run before each start that needs the resource, and again every
-    interval_ms while it is short (lmproxy.checks)."""
+    """How a resource is measured, before each start that needs it and again every
+    interval_ms while it is short (lmproxy.checks): by a CheckCommand (large-model-proxy's:
+    a shell command that prints the amount free now), or as a GPU's free memory in MiB
+    from NVML (lmproxy's `Gpu`: an index or a UUID)."""
 
-    command: str
+    command: str | None
     interval_ms: int
+    gpu: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ class Config:
     # Resources measured by a CheckCommand; their ResourcesAvailable is the Amount, or
     # UNBOUNDED without one (the measurement alone says what is free).
     resource_checks: Mapping[str, ResourceCheck] = field(default_factory=dict)
+    # GPU resources whose Amount is "auto": the GPU's total less a reserve, which
+    # `lmproxy install` reads from NVML (until then UNBOUNDED; lmproxy.gpuresources).
+    auto_amounts: AbstractSet[str] = frozenset()
 
     def service(self, name: str) -> Service:
         for service in self.services:

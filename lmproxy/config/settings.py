@@ -11,6 +11,8 @@ Simple values are read by lmproxy.config.kinds, the others by lmproxy.config.fie
 
 from __future__ import annotations
 
+import re
+
 from lmproxy.config.fields import (
     accepted,
     args,
@@ -101,7 +103,11 @@ def resources_available(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | N
     """Each resource: an amount, or large-model-proxy's object form (`RESOURCE_SETTINGS`)."""
     got = f.get("ResourcesAvailable")
     checks: dict[str, ResourceCheck] = {}
-    result: Values = {"resources_available": r.resources, "resource_checks": checks}
+    result: Values = {
+        "resources_available": r.resources,
+        "resource_checks": checks,
+        "auto_amounts": r.auto_amounts,
+    }
     if got is None:
         return result
     where, value = got
@@ -121,6 +127,8 @@ def resources_available(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | N
         check = None
         if isinstance(amount, JsonObject):
             checked, check = resource_object(r, key_path, amount)
+            if _auto(amount):
+                r.auto_amounts.add(key)
         else:
             checked = r.int_value(key_path, amount, 0, MAX_RESOURCE_AMOUNT)
         if checked is None:
@@ -135,35 +143,84 @@ def resources_available(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | N
 def resource_object(
     r: ConfigReader, where: str, obj: JsonObject
 ) -> tuple[int | None, ResourceCheck | None]:
-    """{"Amount": N} and/or {"CheckCommand": ...}, as large-model-proxy writes a resource:
-    its amount (UNBOUNDED with a CheckCommand alone) and its check."""
+    """{"Amount": N} and/or {"CheckCommand": ...}, as large-model-proxy writes a resource,
+    or a GPU's memory ({"Gpu": "0", "Amount": N or "auto"}, lmproxy's): its amount
+    (UNBOUNDED when measured alone, or "auto" until install reads it) and its check."""
     fields = Fields(r, obj, where, names(RESOURCE_SETTINGS))
     problems = len(r.problems)
     values: Values = {}
     for setting in RESOURCE_SETTINGS:
         values.update(setting.read(r, fields, values, None))
-    command, amount, interval = (
+    command, amount, interval, gpu_id = (
         values["check_command"],
         values["amount"],
         values["check_interval_ms"],
+        values["gpu"],
     )
     if isinstance(command, str) and not command.strip():
         r.error(fields.path_of("CheckCommand"), "CheckCommand must not be blank")
-    if command is None and amount is None and len(r.problems) == problems:
-        r.error(fields.path_of("Amount"), "Amount is required (or a CheckCommand)")
+    if command is not None and gpu_id is not None:
+        r.error(
+            fields.path_of("Gpu"),
+            "a resource is measured by its Gpu or by a CheckCommand, not both",
+        )
+    if amount == AUTO and gpu_id is None:
+        r.error(fields.path_of("Amount"), 'Amount "auto" is a GPU\'s total: it needs a Gpu')
+    if command is None and gpu_id is None and amount is None and len(r.problems) == problems:
+        r.error(fields.path_of("Amount"), "Amount is required (or a CheckCommand, or a Gpu)")
     if len(r.problems) != problems:
         return None, None
-    assert amount is None or isinstance(amount, int)
     assert isinstance(interval, int)
-    check = None if command is None else ResourceCheck(str(command), interval)
-    return (UNBOUNDED if amount is None else amount), check
+    check = None
+    if command is not None or gpu_id is not None:
+        check = ResourceCheck(
+            None if command is None else str(command),
+            interval,
+            None if gpu_id is None else str(gpu_id),
+        )
+    if amount == AUTO or amount is None:
+        return UNBOUNDED, check
+    assert isinstance(amount, int)
+    return amount, check
+
+
+def _auto(obj: JsonObject) -> bool:
+    """Whether a resource object's Amount is "auto" (its keys folded as field names are)."""
+    return any(key.lower() == "amount" and value == AUTO for key, value in obj.pairs)
 
 
 def optional_amount(
     r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None
 ) -> object:
+    """An amount, or "auto" (a GPU resource's: its total less a reserve, at install)."""
     got = f.get(name)
-    return None if got is None else r.int_value(got[0], got[1], 0, MAX_RESOURCE_AMOUNT)
+    if got is None:
+        return None
+    if got[1] == AUTO:
+        return AUTO
+    return r.int_value(got[0], got[1], 0, MAX_RESOURCE_AMOUNT)
+
+
+def gpu(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
+    """A GPU, as NVML numbers it ("0", or 0) or names it (its UUID, "GPU-...")."""
+    got = f.get(name)
+    if got is None:
+        return None
+    where, value = got
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1024:
+        return str(value)
+    if isinstance(value, str) and (value.isdigit() or _GPU_UUID_RE.fullmatch(value)):
+        return value
+    r.error(
+        where,
+        'expected a GPU index ("0") or UUID ("GPU-8f3c...", as `nvidia-smi -L` prints it), '
+        f"got {show(value)}",
+    )
+    return None
+
+
+AUTO = "auto"
+_GPU_UUID_RE = re.compile(r"(GPU|MIG)-[0-9A-Fa-f-]{8,64}")
 
 
 # --- The tables ------------------------------------------------------------------------------
@@ -181,6 +238,7 @@ API_SETTINGS: tuple[Setting, ...] = (field("ListenPort", None, lambda *_: None),
 RESOURCE_SETTINGS: tuple[Setting, ...] = (
     field("Amount", "amount", optional_amount),
     field("CheckCommand", "check_command", optional_text),
+    field("Gpu", "gpu", gpu, lmproxy=True),
     field(
         "CheckWhenNotEnoughIntervalMilliseconds",
         "check_interval_ms",

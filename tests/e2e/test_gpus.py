@@ -5,10 +5,14 @@ cgroup, and one outside lmproxy."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import json
 import os
+import shutil
 import subprocess
+import sysconfig
+import time
 from pathlib import Path
 
 from lmproxy.render import current_interpreter
@@ -18,7 +22,11 @@ from tests.e2e.helpers import (
     free_port,
     http_get,
     install,
+    journal,
     lmproxy_command,
+    service_state,
+    status_json,
+    wait_for,
     write_config,
 )
 from tests.e2e.real_backends import openai_python
@@ -120,3 +128,104 @@ def test_the_fake_binding_is_the_real_ones_shape_and_the_real_one_is_understood(
     else:  # the real binding, without a driver: one clear message
         assert answer.startswith("refused NVML cannot start"), answer
         assert "no NVIDIA driver is loaded" in answer
+
+
+# --- GPU resources: NVML's free memory bounds admission (issue 15, points 2, 3 and 7) -------
+
+
+def fake_nvml_for_shims(sandbox: Sandbox, tmp_path: Path, state: Path) -> None:
+    """The fake binding where the shims' Python finds a user's own packages (the user
+    base of the manager's environment), reading state: what `pip install --user
+    nvidia-ml-py` would give them on a real machine."""
+    userbase = tmp_path / "userbase"
+    site = Path(sysconfig.get_path("purelib", "posix_user", vars={"userbase": str(userbase)}))
+    site.mkdir(parents=True)
+    shutil.copy(FAKES / "pynvml.py", site / "pynvml.py")
+    result = sandbox.systemctl(
+        "set-environment", f"PYTHONUSERBASE={userbase}", f"FAKE_NVML={state}"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def nvml_state(state: Path, used_mib: int, *pids: int) -> None:
+    processes = [{"pid": pid, "used_mib": used_mib // len(pids)} for pid in pids]
+    gpu = {
+        "name": "NVIDIA L4",
+        "uuid": "GPU-0000",
+        "total_mib": 24576,
+        "used_mib": used_mib,
+        "utilization": 0,
+        "processes": processes,
+    }
+    state.write_text(json.dumps({"gpus": [gpu]}))
+
+
+def install_with_fake_nvml(
+    sandbox: Sandbox, config: Path, state: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    environment = dict(current_interpreter().environment)
+    paths = [str(FAKES), environment.get("PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")]
+    environment["PYTHONPATH"] = ":".join(p for p in paths if p)
+    environment["FAKE_NVML"] = str(state)
+    return subprocess.run(
+        sandbox.command([*lmproxy_command(), "install", "--user", "--config", str(config), *args]),
+        env=sandbox.env(environment),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_start_waits_until_nvml_shows_the_evicted_models_memory_back(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    state = tmp_path / "nvml.json"
+    nvml_state(state, 0)
+    fake_nvml_for_shims(systemd_sandbox, tmp_path, state)
+    a, b = free_port(), free_port()
+    needs = {"VRAM-GPU-0": 16000}
+    config = write_config(
+        tmp_path / "config.json",
+        [fake_model("a", a, needs=needs), fake_model("b", b, needs=needs)],
+        ResourcesAvailable={"VRAM-GPU-0": {"Gpu": "0", "Amount": "auto"}},
+    )
+    result = install_with_fake_nvml(systemd_sandbox, config, state, "--now")
+    assert result.returncode == 0, result.stdout + result.stderr
+    resources = {r["name"]: r for r in status_json(systemd_sandbox)["resources"]}
+    assert resources["VRAM-GPU-0"]["available"] == 24576 - 1024  # "auto": total less reserve
+
+    a_pid = http_get(a)["pid"]
+    nvml_state(state, 16000, a_pid)  # a's model is loaded: the driver shows it
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(http_get, b)
+        wait_for(lambda: service_state(systemd_sandbox, "a") == "cold", timeout=30)
+        time.sleep(1.5)  # a is stopped, but its memory has not come back yet
+        assert not answer.done()
+        nvml_state(state, 0)  # now it has
+        assert answer.result(timeout=30)["model"] == "b"
+    said = journal(systemd_sandbox, "LMPROXY_SERVICE=b")
+    assert "measured 8576 VRAM-GPU-0 free (needs 16000)" in said
+    assert "evicting a" in said
+    assert "measured 24576 VRAM-GPU-0 free (needs 16000)" in said
+
+
+def test_gpu_resources_are_refused_at_install_without_nvml_or_the_gpu(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    state = tmp_path / "nvml.json"
+    config = write_config(
+        tmp_path / "config.json",
+        [fake_model("a", free_port(), needs={"VRAM-GPU-3": 1000})],
+        ResourcesAvailable={"VRAM-GPU-3": {"Gpu": "3", "Amount": "auto"}},
+    )
+    state.write_text(json.dumps({"driver": False, "gpus": []}))
+    refused = install_with_fake_nvml(systemd_sandbox, config, state)
+    assert refused.returncode == 2
+    assert "$.ResourcesAvailable.VRAM-GPU-3.Gpu: a Gpu resource needs NVML" in refused.stderr
+    assert "no NVIDIA driver is loaded" in refused.stderr
+    nvml_state(state, 0)
+    refused = install_with_fake_nvml(systemd_sandbox, config, state)
+    assert refused.returncode == 2
+    assert "there is no GPU '3' here (GPUs: 0 (GPU-0000))" in refused.stderr
+    assert not (systemd_sandbox.config_home / "lmproxy" / "config.json").exists()

@@ -1217,10 +1217,46 @@ def test_resources_measured_by_a_check_command() -> None:
     }
 
 
+def test_gpu_resources() -> None:
+    """lmproxy's addition: a resource that is a GPU's memory, measured through NVML, its
+    Amount given or "auto" (read at install)."""
+    uuid = "GPU-8f3c2a1e-1b2c-4d5e-8f90-123456789abc"
+    config = parse(
+        json.dumps(
+            {
+                "ResourcesAvailable": {
+                    "VRAM-GPU-0": {"Gpu": "0", "Amount": "auto"},
+                    "VRAM-GPU-1": {"Gpu": 1, "Amount": 24000},
+                    "VRAM-GPU-2": {"Gpu": uuid, "CheckWhenNotEnoughIntervalMilliseconds": 250},
+                },
+            }
+        )
+    )
+    assert config.resources_available == {
+        "VRAM-GPU-0": UNBOUNDED,
+        "VRAM-GPU-1": 24000,
+        "VRAM-GPU-2": UNBOUNDED,
+    }
+    assert config.auto_amounts == {"VRAM-GPU-0"}
+    assert config.resource_checks == {
+        "VRAM-GPU-0": ResourceCheck(None, 1000, "0"),
+        "VRAM-GPU-1": ResourceCheck(None, 1000, "1"),
+        "VRAM-GPU-2": ResourceCheck(None, 250, uuid),
+    }
+
+
 @pytest.mark.parametrize(
     ("resource", "path", "message"),
     [
-        ({}, "$.ResourcesAvailable.RAM.Amount", "Amount is required (or a CheckCommand)"),
+        ({}, "$.ResourcesAvailable.RAM.Amount", "Amount is required (or a CheckCommand, or a Gpu)"),
+        ({"Amount": "auto"}, "$.ResourcesAvailable.RAM.Amount", 'Amount "auto" is a GPU\'s total'),
+        ({"Gpu": "one"}, "$.ResourcesAvailable.RAM.Gpu", "expected a GPU index"),
+        ({"Gpu": True}, "$.ResourcesAvailable.RAM.Gpu", "expected a GPU index"),
+        (
+            {"Gpu": "0", "CheckCommand": "echo 1"},
+            "$.ResourcesAvailable.RAM.Gpu",
+            "by its Gpu or by a CheckCommand, not both",
+        ),
         ({"Amount": None}, "$.ResourcesAvailable.RAM.Amount", "Amount is required"),
         ({"Amount": -1}, "$.ResourcesAvailable.RAM.Amount", "must be between 0 and"),
         ({"Amount": "1"}, "$.ResourcesAvailable.RAM.Amount", "expected an integer"),

@@ -15,8 +15,8 @@ from lmproxy import gpus, nvml
 from lmproxy.nvml import GpuFacts, GpuProcess, GpuReading, NvmlError
 from tests.fakes import pynvml as fake
 
-A100 = {"name": "NVIDIA A100", "uuid": "GPU-aaaa", "total_mib": 40960, "used_mib": 30000}
-L4 = {"name": "NVIDIA L4", "uuid": "GPU-bbbb", "total_mib": 23034, "used_mib": 1000}
+A100 = {"name": "NVIDIA A100", "uuid": "GPU-aaaaaaaa-0000", "total_mib": 40960, "used_mib": 30000}
+L4 = {"name": "NVIDIA L4", "uuid": "GPU-bbbbbbbb-0000", "total_mib": 23034, "used_mib": 1000}
 
 
 @pytest.fixture
@@ -40,12 +40,12 @@ def test_readings_in_mib_with_their_processes(nvml_state: Path) -> None:
     )
     with nvml.session() as session:
         a100, l4 = session.readings()
-        assert session.reading("GPU-bbbb") == l4
+        assert session.reading("GPU-bbbbbbbb-0000") == l4
         assert session.reading("0") == a100
         with pytest.raises(NvmlError, match="there is no GPU '7'"):
             session.reading("7")
     assert a100 == GpuReading(
-        GpuFacts(0, "GPU-aaaa", "NVIDIA A100", 40960),
+        GpuFacts(0, "GPU-aaaaaaaa-0000", "NVIDIA A100", 40960),
         used_mib=30000,
         free_mib=10960,
         utilization_percent=87,
@@ -82,7 +82,7 @@ def test_memory_is_attributed_to_models_through_their_cgroups(tmp_path: Path) ->
     fake_proc(proc, 11, f"{user}/lmproxy-backend@gone.service", ["vllm", "serve"])
     fake_proc(proc, 12, "/user.slice/user-1000.slice/session-3.scope", ["python3", "train.py"])
     reading = GpuReading(
-        GpuFacts(0, "GPU-aaaa", "A100", 40960),
+        GpuFacts(0, "GPU-aaaaaaaa-0000", "A100", 40960),
         30000,
         10960,
         None,
@@ -102,3 +102,35 @@ def test_memory_is_attributed_to_models_through_their_cgroups(tmp_path: Path) ->
     assert "4000 MiB  pid 12       outside lmproxy: python3 train.py" in text
     used = gpus.used_by_service([reading], ["Qwen/Qwen2.5-7B-Instruct"], str(proc))
     assert used["Qwen/Qwen2.5-7B-Instruct"] == {0: 20000}
+
+
+def test_install_settles_auto_amounts_and_refuses_what_cannot_fit(nvml_state: Path) -> None:
+    from lmproxy.config import ConfigError, parse_config
+    from lmproxy.gpuresources import settle
+
+    write(nvml_state, A100, L4)
+    document = {
+        "ResourcesAvailable": {
+            "VRAM-GPU-0": {"Gpu": "0", "Amount": "auto"},
+            "VRAM-GPU-1": {"Gpu": "GPU-bbbbbbbb-0000", "Amount": 20000},
+        },
+        "Services": [
+            {"Name": "m", "ListenPort": 1, "ProxyTargetPort": 2, "Command": "/bin/true",
+             "ResourceRequirements": {"VRAM-GPU-0": 39000, "VRAM-GPU-1": 20000}},
+        ],
+    }  # fmt: skip
+    config, amounts = settle(parse_config(json.dumps(document), Path("/srv")), reserve_mib=1024)
+    assert amounts == {"VRAM-GPU-0": 40960 - 1024}
+    assert config.resources_available == {"VRAM-GPU-0": 39936, "VRAM-GPU-1": 20000}
+    with pytest.raises(ConfigError) as refused:
+        settle(parse_config(json.dumps(document), Path("/srv")), reserve_mib=4096)
+    assert refused.value.problems == [
+        (
+            "$.Services[0].ResourceRequirements.VRAM-GPU-0",
+            "needs 39000 of 'VRAM-GPU-0' but its GPU has 36864 MiB "
+            "(its total less the 4096 MiB reserve)",
+        )
+    ]
+    plain = parse_config(json.dumps({"ResourcesAvailable": {"RAM": 1}}), Path("/srv"))
+    write(nvml_state, driver=False)
+    assert settle(plain) == (plain, {})  # no GPU resource: NVML is not even asked
