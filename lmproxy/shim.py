@@ -45,6 +45,7 @@ from lmproxy.paths import Scope, paths_for
 from lmproxy.readiness import ReadinessError
 from lmproxy.relay import Relay
 from lmproxy.systemd import SystemdError
+from lmproxy.vramwatch import VramWatch
 
 if TYPE_CHECKING:
     from lmproxy.earlystart import Early
@@ -158,6 +159,7 @@ class Shim:
         )
         self._last_measured: dict[str, int] | None = None
         self._waited_for: str | None = None
+        self.vram = VramWatch(config, service, self.log)
         self._over_limit_warning = Every(REFUSED_LOG_EVERY_S)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._published = threading.Event()
@@ -231,11 +233,14 @@ class Shim:
                 opening = self._acquire()
             except StartError as failure:
                 self.log.error(f"cannot serve {self.name}: {failure}", event="failed")
+                for line in self.vram.held_outside([s.name for s in self.config.services]):
+                    self.log.info(f"held outside lmproxy: {line}", event="gpu-held")
                 turned_away = self._close_pending() + self._turn_away_waiting_clients()
                 self.log.info(f"closed {turned_away} waiting client(s)", event="turned-away")
                 with contextlib.suppress(SystemdError, OSError):
                     self.ledger.reconcile()
                 return 1
+            self.vram.start(lambda: not self.server.gone.is_set())
             outcome = (self._open(opening) if opening is not None else None) or self._serve()
             self.relay.stop_accepting()
             if outcome is Outcome.NOT_ADMITTING:

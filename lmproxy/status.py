@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ class ServiceStatus:
     last_used: float | None  # seconds since the epoch
     waiting_since: float | None  # when its oldest waiting client came
     waiting_for_resources: bool = False  # starting, but with no room yet
+    # GPU memory its processes use now, MiB by GPU index (NVML); None: NVML unavailable
+    vram_used_mib: dict[int, int] | None = None
+    vram_declared_mib: dict[str, int] = dataclasses.field(default_factory=dict)  # by resource
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,20 @@ def service_state(entry: Entry | None, backend: UnitState, shim: UnitState) -> s
     return "cold"
 
 
+def gpu_usage(services: Sequence[str]) -> dict[str, dict[int, int]] | None:
+    """MiB each service's processes use, by GPU index; None where NVML cannot be used
+    (no binding, no driver: status then shows no GPU column)."""
+    from lmproxy.gpus import used_by_service
+    from lmproxy.nvml import NvmlError, session
+
+    try:
+        with session() as nvml:
+            readings = nvml.readings()
+    except NvmlError:
+        return None
+    return used_by_service(readings, services)
+
+
 def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[ResourceStatus]]:
     paths = paths_for(scope)
     entries = Ledger(paths.runtime_dir, config.resources_available, {}, lambda _: {}, _ignore)
@@ -87,6 +105,8 @@ def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[Res
     ]
     with Manager.connect(scope) as manager:
         units = manager.unit_states(names)
+    usage = gpu_usage([s.name for s in config.services])
+    gpu_resources = {r for r, c in config.resource_checks.items() if c.gpu is not None}
     services = []
     for service in config.services:
         entry = snapshot.get(service.name)
@@ -108,6 +128,10 @@ def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[Res
                 last_used=entry.last_used if entry and entry.last_used else None,
                 waiting_since=entry.waiting_since if entry else None,
                 waiting_for_resources=entry is not None and entry.phase is Phase.WAITING,
+                vram_used_mib=None if usage is None else usage.get(service.name, {}),
+                vram_declared_mib={
+                    r: n for r, n in service.resource_requirements.items() if r in gpu_resources
+                },
             )
         )
     reserved = {s.name: s.reserved for s in services}
@@ -146,6 +170,12 @@ def as_json(
                 "connections": s.connections,
                 "last_used": _iso(s.last_used),
                 "waiting_since": _iso(s.waiting_since),
+                "vram": None
+                if s.vram_used_mib is None
+                else {
+                    "used_mib": {str(i): n for i, n in sorted(s.vram_used_mib.items())},
+                    "declared_mib": s.vram_declared_mib,
+                },
             }
             for s in services
         ],
@@ -169,12 +199,22 @@ def _resource_json(resource: ResourceStatus) -> dict[str, Any]:
 
 
 def as_table(services: list[ServiceStatus], resources: list[ResourceStatus]) -> str:
-    rows = [("SERVICE", "STATE", "LISTEN", "CONNS", "RESERVED", "LAST USED")]
+    gpu = any(s.vram_used_mib is not None for s in services)
+    header: tuple[str, ...] = ("SERVICE", "STATE", "LISTEN", "CONNS", "RESERVED", "LAST USED")
+    rows: list[tuple[str, ...]] = [header + (("VRAM USED/DECLARED",) if gpu else ())]
     for s in services:
         reserved = ", ".join(f"{k}={v}" for k, v in sorted(s.reserved.items())) or "-"
-        rows.append(
-            (s.name, s.state, s.listen, str(s.connections), reserved, _iso(s.last_used) or "-")
+        row: tuple[str, ...] = (
+            s.name,
+            s.state,
+            s.listen,
+            str(s.connections),
+            reserved,
+            _iso(s.last_used) or "-",
         )
+        if gpu:
+            row += (_vram(s),)
+        rows.append(row)
     lines = _columns(rows)
     lines.append("")
     resource_rows = [("RESOURCE", "AVAILABLE", "RESERVED", "FREE", "MEASURED FREE")]
@@ -190,6 +230,12 @@ def as_table(services: list[ServiceStatus], resources: list[ResourceStatus]) -> 
     ]
     lines += _columns(resource_rows)
     return "\n".join(lines)
+
+
+def _vram(service: ServiceStatus) -> str:
+    used = sum((service.vram_used_mib or {}).values())
+    declared = sum(service.vram_declared_mib.values())
+    return f"{used}/{declared} MiB" if declared else f"{used} MiB"
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> list[str]:

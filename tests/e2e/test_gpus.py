@@ -26,6 +26,7 @@ from tests.e2e.helpers import (
     lmproxy_command,
     service_state,
     status_json,
+    turned_away,
     wait_for,
     write_config,
 )
@@ -37,19 +38,7 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def gpus(sandbox: Sandbox, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`lmproxy gpus` with the fake binding first on its path."""
-    environment = dict(current_interpreter().environment)
-    paths = [str(FAKES), environment.get("PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")]
-    environment["PYTHONPATH"] = ":".join(p for p in paths if p)
-    environment["FAKE_NVML"] = str(state)
-    return subprocess.run(
-        sandbox.command([*lmproxy_command(), "gpus", "--user", *args]),
-        env=sandbox.env(environment),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return with_fake_nvml(sandbox, state, "gpus", "--user", *args)
 
 
 def test_gpus_sorted_by_free_memory_with_models_named_and_the_rest_outside(
@@ -160,21 +149,26 @@ def nvml_state(state: Path, used_mib: int, *pids: int) -> None:
     state.write_text(json.dumps({"gpus": [gpu]}))
 
 
-def install_with_fake_nvml(
-    sandbox: Sandbox, config: Path, state: Path, *args: str
-) -> subprocess.CompletedProcess[str]:
+def with_fake_nvml(sandbox: Sandbox, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """An lmproxy command with the fake binding first on its path."""
     environment = dict(current_interpreter().environment)
     paths = [str(FAKES), environment.get("PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")]
     environment["PYTHONPATH"] = ":".join(p for p in paths if p)
     environment["FAKE_NVML"] = str(state)
     return subprocess.run(
-        sandbox.command([*lmproxy_command(), "install", "--user", "--config", str(config), *args]),
+        sandbox.command([*lmproxy_command(), *args]),
         env=sandbox.env(environment),
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def install_with_fake_nvml(
+    sandbox: Sandbox, config: Path, state: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return with_fake_nvml(sandbox, state, "install", "--user", "--config", str(config), *args)
 
 
 def test_a_start_waits_until_nvml_shows_the_evicted_models_memory_back(
@@ -229,3 +223,48 @@ def test_gpu_resources_are_refused_at_install_without_nvml_or_the_gpu(
     assert refused.returncode == 2
     assert "there is no GPU '3' here (GPUs: 0 (GPU-0000))" in refused.stderr
     assert not (systemd_sandbox.config_home / "lmproxy" / "config.json").exists()
+
+
+def test_a_model_over_its_declared_vram_is_shown_and_warned_of(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    state = tmp_path / "nvml.json"
+    nvml_state(state, 0)
+    fake_nvml_for_shims(systemd_sandbox, tmp_path, state)
+    port = free_port()
+    config = write_config(
+        tmp_path / "config.json",
+        [fake_model("a", port, needs={"VRAM-GPU-0": 16000})],
+        ResourcesAvailable={"VRAM-GPU-0": {"Gpu": "0", "Amount": 20000}},
+    )
+    assert install_with_fake_nvml(systemd_sandbox, config, state, "--now").returncode == 0
+    pid = http_get(port)["pid"]
+    nvml_state(state, 18000, pid)  # it loads more than it said
+    warning = "a uses 18000 MiB of GPU 0 but declares 16000 of VRAM-GPU-0"
+    wait_for(lambda: warning in journal(systemd_sandbox, "LMPROXY_EVENT=over-declared"))
+    status = with_fake_nvml(systemd_sandbox, state, "status", "--user", "--json")
+    [service] = json.loads(status.stdout)["services"]
+    assert service["vram"] == {"used_mib": {"0": 18000}, "declared_mib": {"VRAM-GPU-0": 16000}}
+    table = with_fake_nvml(systemd_sandbox, state, "status", "--user").stdout
+    assert "VRAM USED/DECLARED" in table and "18000/16000 MiB" in table
+
+
+def test_a_start_that_gives_up_names_what_holds_the_gpu(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    state = tmp_path / "nvml.json"
+    nvml_state(state, 20000, os.getpid())  # another program holds most of it
+    fake_nvml_for_shims(systemd_sandbox, tmp_path, state)
+    port = free_port()
+    config = write_config(
+        tmp_path / "config.json",
+        [fake_model("a", port, needs={"VRAM-GPU-0": 16000})],
+        ResourcesAvailable={"VRAM-GPU-0": {"Gpu": "0", "Amount": "auto"}},
+        MaxTimeToWaitForServiceToCloseConnectionBeforeGivingUpSeconds=2,
+        SwapAfterWaitingSeconds=1,
+    )
+    assert install_with_fake_nvml(systemd_sandbox, config, state, "--now").returncode == 0
+    assert turned_away(port)
+    said = journal(systemd_sandbox, "LMPROXY_SERVICE=a")
+    assert "gave up after 2 s" in said
+    assert f"held outside lmproxy: GPU 0: 20000 MiB by pid {os.getpid()} (" in said
