@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lmproxy import __version__
+from lmproxy.commands.analyze import analyze, plan
 from lmproxy.commands.control import sleep, start, stop, wake
 from lmproxy.commands.demo import demo
 from lmproxy.commands.gpus import gpus
@@ -41,6 +42,8 @@ for command in (
     wake,
     logs,
     gpus,
+    analyze,
+    plan,
     shim,
     demo,
 ):
