@@ -33,7 +33,7 @@ import time
 from lmproxy import minibus, unitnames
 
 PLAN_NAME = "start-plan.json"
-PLAN_VERSION = 3  # 2: with the generation; 3: and the measured resources
+PLAN_VERSION = 4  # 2: with the generation; 3: the measured resources; 4: the split ones
 LEDGER_VERSION = 2  # lmproxy.ledger.FORMAT_VERSION
 MAX_LEDGER_BYTES = 4 * 1024 * 1024  # lmproxy.ledger.MAX_LEDGER_BYTES
 RUNNING_STATES = ("active", "activating", "deactivating", "reloading")  # lmproxy.systemd
@@ -286,11 +286,13 @@ class Plan:
         needs: dict[str, dict[str, int]],
         generation: int,
         checked: list[str],
+        split: list[str],
     ) -> None:
         self.available = available
         self.needs = needs
         self.generation = generation
-        self.checked = checked  # resources a CheckCommand measures
+        self.checked = checked  # resources a CheckCommand (or NVML) measures
+        self.split = split  # services whose shim computes their TensorSplit first
 
 
 def read_plan(config_path: str) -> Plan:
@@ -309,12 +311,14 @@ def read_plan(config_path: str) -> Plan:
     if made_from != (len(config), binascii.crc32(config)):
         raise Declined("the config changed since `lmproxy install` wrote the start plan")
     available, needs, generation = plan["available"], plan["needs"], plan.get("generation")
-    checked = plan.get("checked")
+    checked, split = plan.get("checked"), plan.get("split")
     if not (_is_amounts(available) and isinstance(needs, dict) and type(generation) is int):
         raise Declined("the start plan is not in the expected form")
-    if not (all(_is_amounts(n) for n in needs.values()) and isinstance(checked, list)):
+    if not all(_is_amounts(n) for n in needs.values()):
         raise Declined("the start plan is not in the expected form")
-    return Plan(available, needs, generation, checked)
+    if not (isinstance(checked, list) and isinstance(split, list)):
+        raise Declined("the start plan is not in the expected form")
+    return Plan(available, needs, generation, checked, split)
 
 
 def _environ(name: str) -> str | None:
@@ -360,6 +364,8 @@ def quick_start(system: bool, config_path: str, name: str, arrived: float) -> Ea
         raise Declined(f"{name} is not in the start plan")
     if any(needs[name].get(resource) for resource in plan.checked):
         raise Declined(f"{name} needs a resource that a CheckCommand measures")
+    if name in plan.split:
+        raise Declined(f"{name}'s TensorSplit is computed before its start, by the shim")
     units = [u for n in needs for u in (unitnames.backend_unit(n), unitnames.shim_unit(n))]
     folder = runtime_dir(system)
     _make_own_dir(folder)

@@ -54,6 +54,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--fail-sleep", action="store_true", help="answer /sleep with 500")
     parser.add_argument("--fail-wake", action="store_true", help="answer /wake_up with 500")
     parser.add_argument("--memory", type=int, default=1000, help="MiB in use while awake")
+    # llama-server's, taken and reported (GET /) as it would use them.
+    parser.add_argument("-m", "--model", default=None, help="the model file (llama-server's)")
+    parser.add_argument("-ts", "--tensor-split", default=None, help="(llama-server's)")
+    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=None, help="(llama-server's)")
+    parser.add_argument("-c", "--ctx-size", type=int, default=None, help="(llama-server's)")
     return parser.parse_args(argv)
 
 
@@ -94,7 +99,18 @@ def make_handler(args: argparse.Namespace) -> type[BaseHTTPRequestHandler]:
                 self._reply(200, {"is_sleeping": sleeper.level != 0})
             else:
                 asleep = sleeper.level != 0
-                self._reply(200, {"model": args.name, "pid": os.getpid(), "asleep": asleep})
+                answer: dict[str, object] = {
+                    "model": args.name,
+                    "pid": os.getpid(),
+                    "asleep": asleep,
+                }
+                if args.model is not None:  # as llama-server was told to place it
+                    answer["split"] = {
+                        "tensor_split": args.tensor_split,
+                        "n_gpu_layers": args.n_gpu_layers,
+                        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                    }
+                self._reply(200, answer)
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jinja2
 
-from lmproxy import earlystart, ledger, resources, unitnames, unitsyntax
+from lmproxy import autosplit, earlystart, ledger, resources, unitnames, unitsyntax
 from lmproxy.config import Config, Service
 from lmproxy.paths import Scope
 
@@ -135,6 +135,7 @@ def render_start_plan(config: Config, config_bytes: bytes, generation: int = 0) 
         "version": earlystart.PLAN_VERSION,
         "generation": generation,
         "checked": sorted(config.resource_checks),
+        "split": sorted(s.name for s in config.services if s.split_model is not None),
         "config_size": len(config_bytes),
         "config_crc32": binascii.crc32(config_bytes),
         "available": dict(config.resources_available),
@@ -260,7 +261,14 @@ def _values(
         "shim_environment": [
             Escaped(unitsyntax.environment_assignment(k, v)) for k, v in shim_environment.items()
         ],
-        "exec_start": Escaped(unitsyntax.exec_line(backend_argv)),
+        # TensorSplit: the split its shim computed at this start, as separate words.
+        "exec_start": Escaped(
+            unitsyntax.exec_line(backend_argv)
+            + (f" ${autosplit.SPLIT_VARIABLE}" if service.split_model is not None else "")
+        ),
+        "split_file": Escaped(autosplit.unit_split_file(name))
+        if service.split_model is not None
+        else None,
         "exec_stop": Escaped(unitsyntax.exec_line(["/bin/sh", "-c", service.kill_command]))
         if service.kill_command
         else None,

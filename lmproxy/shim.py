@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmproxy import checks, eviction, lifecycle
+from lmproxy import autosplit, checks, eviction, lifecycle
 from lmproxy.activation import inherited_listener, notify
 from lmproxy.backend import JOB_TIMEOUT_S, Backend
 from lmproxy.config import Config, Service
@@ -426,6 +426,8 @@ class Shim:
                         f" `systemctl {self.scope.systemctl_flag} status {self.backend}`"
                         " and the unit's journal",
                     )
+                if self.service.split_model is not None:
+                    autosplit.prepare(self.service, paths_for(self.scope).runtime_dir, self.log)
                 self.server.start()
             self.server.watch()
             self.server.wait_until_ready(started)

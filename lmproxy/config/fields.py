@@ -293,3 +293,57 @@ def user(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
 def accepted(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
     """LogLevel: a string, read and checked, with no meaning here."""
     return r.text(f, name)
+
+
+_MODEL_OPTIONS = ("-m", "--model")
+_CONTEXT_OPTIONS = ("-c", "--ctx-size")
+_SPLIT_OPTIONS = ("-ts", "--tensor-split", "-ngl", "--gpu-layers", "--n-gpu-layers")
+
+
+def _option(argv: tuple[str, ...], names: tuple[str, ...]) -> str | None:
+    """The value of an option of argv, given as `-m X`, `--model X` or `--model=X`; the
+    last one, as llama-server reads its options."""
+    for i in range(len(argv) - 1, 0, -1):
+        arg = argv[i]
+        if arg in names and i + 1 < len(argv):
+            return argv[i + 1]
+        name, equals, value = arg.partition("=")
+        if equals and name in names:
+            return value
+    return None
+
+
+def tensor_split(r: ConfigReader, f: Fields, v: Values, _d: Defaults | None) -> Values:
+    """ "TensorSplit": "auto": llama.cpp's split computed at each start from the model file
+    its Args name (-m/--model) and the GPUs' free memory then; so its Args must name
+    one, and neither its Args nor its Environment may set the split themselves."""
+    off: Values = {"split_model": None, "split_context": None}
+    got = f.get("TensorSplit")
+    if got is None:
+        return off
+    where, value = got
+    if value != "auto":
+        r.error(where, f'expected "auto" or null, got {show(value)}')
+        return off
+    argv = v["argv"]
+    if not isinstance(argv, tuple):
+        return off  # Command or Args are wrong, and said so
+    model = _option(argv, _MODEL_OPTIONS)
+    if model is None:
+        r.error(where, "TensorSplit needs the model file in Args (-m PATH or --model PATH)")
+        return off
+    present = [a.partition("=")[0] for a in argv if a.partition("=")[0] in _SPLIT_OPTIONS]
+    if present:
+        r.error(where, f"TensorSplit computes the split: leave {present[0]} out of Args")
+    environment = v["environment"]
+    if isinstance(environment, dict) and "CUDA_VISIBLE_DEVICES" in environment:
+        r.error(
+            where,
+            "TensorSplit chooses the GPUs: leave CUDA_VISIBLE_DEVICES out of Environment",
+        )
+    context = _option(argv, _CONTEXT_OPTIONS)
+    work_dir = v["work_dir"]
+    return {
+        "split_model": absolute(str(work_dir) if work_dir else r.base_dir, model),
+        "split_context": int(context) if context is not None and context.isdigit() else None,
+    }

@@ -76,6 +76,10 @@ class Service:
     socket_user: str | None = None
     socket_group: str | None = None
     socket_mode: str | None = None  # octal digits, as SocketMode= takes them
+    # "TensorSplit": "auto" (llama.cpp): the model file its Args name, whose layers are
+    # split across the GPUs by their free memory at each start (lmproxy.autosplit).
+    split_model: str | None = None
+    split_context: int | None = None  # its Args' -c/--ctx-size, for the KV cache
 
     @property
     def listen_stream(self) -> str:

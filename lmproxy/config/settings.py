@@ -30,6 +30,7 @@ from lmproxy.config.fields import (
     service_name,
     service_shutdown,
     service_url,
+    tensor_split,
     unix_socket,
     user,
 )
@@ -331,6 +332,7 @@ SERVICE_SETTINGS: tuple[Setting, ...] = (
         lmproxy=True,
     ),
     field("Protocol", "protocol", choice(PROTOCOLS), lmproxy=True),
+    Setting(("TensorSplit",), tensor_split, lmproxy=True),
 )
 
 TOP_LEVEL_FIELDS = names(TOP_LEVEL_SETTINGS)

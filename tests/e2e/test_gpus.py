@@ -268,3 +268,72 @@ def test_a_start_that_gives_up_names_what_holds_the_gpu(
     said = journal(systemd_sandbox, "LMPROXY_SERVICE=a")
     assert "gave up after 2 s" in said
     assert f"held outside lmproxy: GPU 0: 20000 MiB by pid {os.getpid()} (" in said
+
+
+# --- TensorSplit "auto": the split computed at each start (issue 15, point 6) ---------------
+
+
+def test_tensor_split_auto_follows_the_gpus_free_memory_at_each_start(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    from tests.e2e.test_analyze import model
+
+    path, gguf_site = model(tmp_path, 10, 4)  # 10 layers of 4 MiB
+    state = tmp_path / "nvml.json"
+    fake_nvml_for_shims(systemd_sandbox, tmp_path, state)
+    # The shims find gguf where a user's own packages are (a .pth, as pip would).
+    userbase = tmp_path / "userbase"
+    site = Path(sysconfig.get_path("purelib", "posix_user", vars={"userbase": str(userbase)}))
+    (site / "gguf-site.pth").write_text(gguf_site + "\n")
+
+    def gpus_free(first: int, second: int) -> None:
+        """Two GPUs with this much free (the reserve is 1024 MiB, the minimum budget too)."""
+        state.write_text(
+            json.dumps(
+                {
+                    "gpus": [
+                        {"name": "A", "uuid": "GPU-aaaaaaaa-0000", "total_mib": 4096,
+                         "used_mib": 4096 - first},
+                        {"name": "B", "uuid": "GPU-bbbbbbbb-0000", "total_mib": 4096,
+                         "used_mib": 4096 - second},
+                    ]
+                }
+            )
+        )  # fmt: skip
+
+    port = free_port()
+    service = fake_model("llama", port, extra_args=f"--model {path} -c 1024", TensorSplit="auto")
+    install(systemd_sandbox, write_config(tmp_path / "config.json", [service]))
+
+    # 10 layers of 5 MiB with their KV cache and a 4 MiB output: all fit on the GPU with
+    # the most free memory, which is the one llama.cpp gets (the split across several is
+    # tests/unit/test_layerplan.py's and test_analyze.py's).
+    gpus_free(2100, 3000)
+    split = http_get(port)["split"]
+    assert split == {"tensor_split": "11", "n_gpu_layers": 11, "cuda_visible_devices": "1"}
+    said = journal(systemd_sandbox, "LMPROXY_EVENT=split")
+    assert "split llama: CUDA_VISIBLE_DEVICES=1 --tensor-split 11 --n-gpu-layers 11" in said
+
+    stopped = subprocess.run(
+        systemd_sandbox.command([*lmproxy_command(), "stop", "--user", "llama"]),
+        env=systemd_sandbox.env(dict(current_interpreter().environment)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert stopped.returncode == 0, stopped.stderr
+    gpus_free(3000, 2100)  # now GPU 0 has more free
+    assert http_get(port)["split"]["cuda_visible_devices"] == "0"
+
+
+def test_tensor_split_without_nvml_leaves_the_split_to_llama_cpp(
+    systemd_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    port = free_port()
+    service = fake_model("llama", port, extra_args="--model /nonexistent.gguf", TensorSplit="auto")
+    install(systemd_sandbox, write_config(tmp_path / "config.json", [service]))
+    split = http_get(port)["split"]  # it starts all the same
+    assert split == {"tensor_split": None, "n_gpu_layers": None, "cuda_visible_devices": None}
+    said = journal(systemd_sandbox, "LMPROXY_EVENT=split-failed")
+    assert "cannot split llama across the GPUs" in said and "llama.cpp splits by itself" in said

@@ -1753,3 +1753,42 @@ def test_sleep_problems_name_the_field(sleep: object, path: str, message: str) -
     where, problem = only_problem(document(sleepy, ResourcesAvailable={"VRAM": 24000}))
     assert where.endswith(path), where
     assert message in problem
+
+
+# --- TensorSplit ---------------------------------------------------------------------------
+
+
+def test_tensor_split_auto_takes_the_model_its_args_name() -> None:
+    service = one_service(
+        Command="/opt/llama-server",
+        Args="--port 1 -m first.gguf -c 8192 --model models/qwen.gguf",
+        WorkDir="/srv/llm",
+        TensorSplit="auto",
+    )
+    assert service.split_model == "/srv/llm/models/qwen.gguf"  # the last -m, as llama reads
+    assert service.split_context == 8192
+    assert one_service(Args="--model=/m.gguf", TensorSplit="auto").split_model == "/m.gguf"
+    assert one_service(TensorSplit=None).split_model is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"TensorSplit": "yes"}, 'expected "auto" or null'),
+        ({"TensorSplit": "auto"}, "TensorSplit needs the model file in Args"),
+        ({"TensorSplit": "auto", "Args": "-m m.gguf -ts 1,1"}, "leave -ts out of Args"),
+        ({"TensorSplit": "auto", "Args": "-m m.gguf --n-gpu-layers=99"}, "leave --n-gpu-layers"),
+        (
+            {
+                "TensorSplit": "auto",
+                "Args": "-m m.gguf",
+                "Environment": {"CUDA_VISIBLE_DEVICES": "0"},
+            },
+            "leave CUDA_VISIBLE_DEVICES out of Environment",
+        ),
+    ],
+)
+def test_tensor_split_problems(fields: dict[str, Any], message: str) -> None:
+    path, problem = service_problem(**fields)
+    assert path == "$.Services[0].TensorSplit"
+    assert message in problem

@@ -1140,3 +1140,13 @@ def test_the_management_api_listens_where_the_services_do() -> None:
     config = make_config(service(), ManagementApi={"ListenPort": 7070}, ListenAddress="::1")
     units = render_parsed(config)
     assert units["lmproxy-api@management.socket"].values("Socket", "ListenStream") == ["[::1]:7070"]
+
+
+def test_tensor_split_auto_gives_the_backend_the_split_its_shim_writes() -> None:
+    units = render_parsed(make_config(service(Args="-m /m/q.gguf", TensorSplit="auto")))
+    backend = units["lmproxy-backend@llm.service"]
+    assert backend.value("Service", "ExecStart").endswith(" $LMPROXY_SPLIT_ARGS")
+    assert "-%t/lmproxy/split/llm.env" in backend.values("Service", "EnvironmentFile")
+    plain = render_parsed(make_config(service(Args="-m /m/q.gguf")))["lmproxy-backend@llm.service"]
+    assert "$LMPROXY_SPLIT_ARGS" not in plain.value("Service", "ExecStart")
+    assert not plain.has("Service", "EnvironmentFile")
