@@ -228,6 +228,8 @@ def uninstall(scope: Scope, *, say: Say) -> None:
                 (paths.unit_dir / name).unlink()
         folder = environment_dir(paths)
         environment = list(folder.glob("*.env")) if folder.is_dir() else []
+        splits = paths.runtime_dir / "split"  # TensorSplit's (lmproxy.autosplit)
+        environment += list(splits.glob("*.env")) if splits.is_dir() else []
         leftovers = (
             paths.installed_config,
             paths.start_plan,
@@ -238,8 +240,9 @@ def uninstall(scope: Scope, *, say: Say) -> None:
         for leftover in (*leftovers, *environment):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+        for emptied in (folder, splits):
+            with contextlib.suppress(OSError):
+                emptied.rmdir()
         manager.reload()
     say(f"removed {len(installed)} unit(s) from the {scope.value} manager")
 

@@ -325,6 +325,18 @@ def test_tensor_split_auto_follows_the_gpus_free_memory_at_each_start(
     assert stopped.returncode == 0, stopped.stderr
     gpus_free(3000, 2100)  # now GPU 0 has more free
     assert http_get(port)["split"]["cuda_visible_devices"] == "0"
+    split_file = Path(systemd_sandbox.env()["XDG_RUNTIME_DIR"]) / "lmproxy" / "split" / "llama.env"
+    assert split_file.read_text().startswith("LMPROXY_SPLIT_ARGS=--tensor-split 11 ")
+    removed = subprocess.run(
+        systemd_sandbox.command([*lmproxy_command(), "uninstall", "--user"]),
+        env=systemd_sandbox.env(dict(current_interpreter().environment)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert removed.returncode == 0, removed.stderr
+    assert not split_file.parent.exists()
 
 
 def test_tensor_split_without_nvml_leaves_the_split_to_llama_cpp(
