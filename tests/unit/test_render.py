@@ -1150,3 +1150,17 @@ def test_tensor_split_auto_gives_the_backend_the_split_its_shim_writes() -> None
     plain = render_parsed(make_config(service(Args="-m /m/q.gguf")))["lmproxy-backend@llm.service"]
     assert "$LMPROXY_SPLIT_ARGS" not in plain.value("Service", "ExecStart")
     assert not plain.has("Service", "EnvironmentFile")
+
+
+def test_a_system_shim_that_reads_nvml_may_open_nvidias_devices_and_no_other() -> None:
+    gpu = {"VRAM-GPU-0": {"Gpu": "0", "Amount": 24000}}
+    needs = service(ResourceRequirements={"VRAM-GPU-0": 1000})
+    units = render_parsed(make_config(needs, ResourcesAvailable=gpu), scope=Scope.SYSTEM)
+    shim = units["lmproxy-llm.service"]
+    assert shim.values("Service", "PrivateDevices") == ["no"]
+    assert shim.values("Service", "DevicePolicy") == ["closed"]
+    assert shim.values("Service", "DeviceAllow") == ["char-nvidia-frontend rw"]
+    assert not shim.has("Service", "ProcSubset")
+    plain = render_parsed(make_config(service()), scope=Scope.SYSTEM)["lmproxy-llm.service"]
+    assert plain.values("Service", "PrivateDevices") == ["yes"]
+    assert not plain.has("Service", "DeviceAllow")
