@@ -23,6 +23,7 @@ from tests.e2e.helpers import (
     http_get,
     install,
     journal,
+    lmproxy,
     lmproxy_command,
     service_state,
     status_json,
@@ -314,27 +315,13 @@ def test_tensor_split_auto_follows_the_gpus_free_memory_at_each_start(
     said = journal(systemd_sandbox, "LMPROXY_EVENT=split")
     assert "split llama: CUDA_VISIBLE_DEVICES=1 --tensor-split 11 --n-gpu-layers 11" in said
 
-    stopped = subprocess.run(
-        systemd_sandbox.command([*lmproxy_command(), "stop", "--user", "llama"]),
-        env=systemd_sandbox.env(dict(current_interpreter().environment)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    stopped = lmproxy(systemd_sandbox, "stop", "--user", "llama")
     assert stopped.returncode == 0, stopped.stderr
     gpus_free(3000, 2100)  # now GPU 0 has more free
     assert http_get(port)["split"]["cuda_visible_devices"] == "0"
     split_file = Path(systemd_sandbox.env()["XDG_RUNTIME_DIR"]) / "lmproxy" / "split" / "llama.env"
     assert split_file.read_text().startswith("LMPROXY_SPLIT_ARGS=--tensor-split 11 ")
-    removed = subprocess.run(
-        systemd_sandbox.command([*lmproxy_command(), "uninstall", "--user"]),
-        env=systemd_sandbox.env(dict(current_interpreter().environment)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    removed = lmproxy(systemd_sandbox, "uninstall", "--user")
     assert removed.returncode == 0, removed.stderr
     assert not split_file.parent.exists()
 
