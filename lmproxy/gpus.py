@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lmproxy import unitnames
@@ -31,7 +32,7 @@ def by_free_memory(readings: Iterable[GpuReading]) -> list[GpuReading]:
     return sorted(readings, key=lambda r: (-r.free_mib, r.facts.index))
 
 
-def unit_of(pid: int, proc: str = "/proc") -> str | None:
+def unit_of(pid: int | str, proc: str = "/proc") -> str | None:
     """The systemd unit whose cgroup holds pid (cgroup v2), or None."""
     try:
         with open(f"{proc}/{pid}/cgroup", encoding="utf-8", errors="replace") as file:
@@ -55,18 +56,54 @@ def command_of(pid: int, proc: str = "/proc") -> str:
     return " ".join(arg.decode(errors="replace") for arg in argv if arg) or "(no command line)"
 
 
-def holders(reading: GpuReading, services: Sequence[str], proc: str = "/proc") -> list[Holder]:
+def holders(
+    reading: GpuReading,
+    services: Sequence[str],
+    proc: str = "/proc",
+    known: Mapping[int, str] | None = None,
+) -> list[Holder]:
     """Who holds reading's GPU memory; services: the configured names, to name a
-    backend by (a backend of a service no longer configured shows its unit)."""
+    backend by (a backend of a service no longer configured shows its unit); known: the
+    backends' processes by pid, where their /proc entries cannot be read (a shim under
+    the system manager sees no other user's: backend_pids)."""
     backends = {unitnames.backend_unit(name): name for name in services}
     found = []
     for process in reading.processes:
-        unit = unit_of(process.pid, proc)
-        service = None
+        service = (known or {}).get(process.pid)
+        unit = unit_of(process.pid, proc) if service is None else None
         if unit is not None and unitnames.is_backend_unit(unit):
             service = backends.get(unit, unit)
         found.append(Holder(process.pid, process.used_mib, service, command_of(process.pid, proc)))
     return found
+
+
+def backend_pids(
+    services: Sequence[str], proc: str = "/proc", cgroups: str = "/sys/fs/cgroup"
+) -> dict[int, str]:
+    """The processes of each service's backend, by pid, from the cgroup tree (readable by
+    every user): the backends' cgroups are the siblings of this process's own, the shim's,
+    in lmproxy.slice. Empty where that is not where this process runs."""
+    own = unit_of("self", proc)
+    try:
+        with open(f"{proc}/self/cgroup", encoding="utf-8") as file:
+            lines = [line for line in file.read().splitlines() if line.startswith("0::")]
+    except OSError:
+        return {}
+    if own is None or not lines:
+        return {}
+    root = Path(cgroups)
+    if not (root / "cgroup.controllers").exists() and (root / "unified").is_dir():
+        root = root / "unified"  # a hybrid hierarchy: cgroup v2 beside v1's
+    slice_dir = Path(str(root) + lines[0][3:]).parent
+    pids: dict[int, str] = {}
+    for name in services:
+        unit_dir = slice_dir / unitnames.backend_unit(name)
+        for members in unit_dir.rglob("cgroup.procs") if unit_dir.is_dir() else ():
+            try:
+                pids.update({int(pid): name for pid in members.read_text().split()})
+            except (OSError, ValueError):
+                continue
+    return pids
 
 
 def used_by_service(

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 
 from lmproxy.config import Config, Service
-from lmproxy.gpus import holders
+from lmproxy.gpus import backend_pids, holders
 from lmproxy.journal import Logger
 from lmproxy.nvml import NvmlError, session
 
@@ -36,12 +36,13 @@ class VramWatch:
     def used_mib(self) -> dict[str, int]:
         """What the service's processes use of each of its GPU resources now."""
         used = {}
+        known = backend_pids([self.service.name])
         with session() as nvml:
             for resource, (gpu, _) in self.resources.items():
                 reading = nvml.reading(gpu)
                 used[resource] = sum(
                     h.used_mib or 0
-                    for h in holders(reading, [self.service.name])
+                    for h in holders(reading, [self.service.name], known=known)
                     if h.service == self.service.name
                 )
         return used
@@ -81,6 +82,7 @@ class VramWatch:
         """Who holds the service's GPUs' memory outside lmproxy now, one line per GPU, for
         a start that gave up: 'GPU 0: 4000 MiB by pid 4242 (python3 train.py)'."""
         lines = []
+        known = backend_pids(services)
         try:
             with session() as nvml:
                 for gpu in sorted({gpu for gpu, _ in self.resources.values()}):
@@ -88,7 +90,7 @@ class VramWatch:
                     others = [
                         f"{h.used_mib if h.used_mib is not None else '?'} MiB by pid {h.pid} "
                         f"({h.command})"
-                        for h in holders(reading, services)
+                        for h in holders(reading, services, known=known)
                         if h.service is None
                     ]
                     if others:

@@ -134,3 +134,30 @@ def test_install_settles_auto_amounts_and_refuses_what_cannot_fit(nvml_state: Pa
     plain = parse_config(json.dumps({"ResourcesAvailable": {"RAM": 1}}), Path("/srv"))
     write(nvml_state, driver=False)
     assert settle(plain) == (plain, {})  # no GPU resource: NVML is not even asked
+
+
+def test_backends_are_found_through_the_cgroup_tree_where_proc_hides_them(
+    tmp_path: Path,
+) -> None:
+    """A shim under the system manager sees no other user's /proc entries: the backends'
+    cgroups, siblings of its own, say which processes are theirs."""
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text("0::/lmproxy.slice/lmproxy-a.service\n")
+    backend = cgroups / "lmproxy.slice" / "lmproxy-backend@a.service"
+    (backend / "child").mkdir(parents=True)
+    (backend / "cgroup.procs").write_text("123\n124\n")
+    (backend / "child" / "cgroup.procs").write_text("125\n")
+    pids = gpus.backend_pids(["a", "b"], str(proc), str(cgroups))
+    assert pids == {123: "a", 124: "a", 125: "a"}
+    reading = GpuReading(
+        GpuFacts(0, "GPU-aaaaaaaa-0000", "A100", 40960),
+        30000,
+        10960,
+        None,
+        (GpuProcess(124, 20000), GpuProcess(999, 4000)),
+    )
+    held = gpus.holders(reading, ["a"], str(proc), known=pids)
+    assert [(h.pid, h.service) for h in held] == [(124, "a"), (999, None)]
+    (proc / "self" / "cgroup").write_text("0::/user.slice/session-1.scope\n")
+    assert gpus.backend_pids(["a"], str(proc), str(cgroups)) == {}  # not in a shim's unit
