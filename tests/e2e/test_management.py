@@ -101,8 +101,9 @@ def test_status_is_large_model_proxys_and_nothing_runs_before_it_is_asked(
     }
 
     assert http_get(small)["model"] == "small/model"
+    # The shim relays its first clients before it records the model ready: a moment later.
+    wait_for(lambda: by_name(status(api))["small/model"]["status"] == "running")
     services = by_name(status(api))
-    assert services["small/model"]["status"] == "running"
     assert services["small/model"]["last_used"].endswith("Z")
     assert status(api)["resources"]["VRAM"]["usage_by_service"] == {"small/model": 16000}
 
@@ -179,13 +180,27 @@ def browser() -> Any:
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
-def row_text(driver: Any, name: str) -> str:
-    from selenium.webdriver.common.by import By
+# Read in one script: the page redraws its rows every second, and an element found in
+# one call may be gone by the next.
+ROW_TEXT = """
+for (const row of document.querySelectorAll("#services tbody tr"))
+  if (row.dataset.name === arguments[0]) return row.innerText;
+return "";
+"""
+LINK = """
+for (const row of document.querySelectorAll("#services tbody tr"))
+  if (row.dataset.name === arguments[0]) return row.querySelector("a")?.href ?? null;
+return null;
+"""
+RESOURCES = 'return document.querySelector("#resources tbody").innerText;'
 
-    for row in driver.find_elements(By.CSS_SELECTOR, "#services tbody tr"):
-        if row.get_attribute("data-name") == name:
-            return str(row.text)
-    return ""
+
+def row_text(driver: Any, name: str) -> str:
+    return str(driver.execute_script(ROW_TEXT, name))
+
+
+def resources_text(driver: Any) -> str:
+    return " ".join(str(driver.execute_script(RESOURCES)).split())
 
 
 def test_the_status_page_shows_the_services_and_follows_a_model_starting(
@@ -198,17 +213,18 @@ def test_the_status_page_shows_the_services_and_follows_a_model_starting(
         assert driver.title == "lmproxy"
         assert "stopped" in row_text(driver, "small/model")
         assert "stopped" in row_text(driver, "large")
-        link = driver.find_element("link text", "small/model")
-        assert link.get_attribute("href") == f"http://localhost:{small}/"
-        resources = driver.find_element("id", "resources").text
-        assert "VRAM 24000 0 24000" in resources
+        assert driver.execute_script(LINK, "small/model") == f"http://localhost:{small}/"
+        assert "VRAM 24000 0 24000" in resources_text(driver)
 
         assert http_get(small)["model"] == "small/model"  # no reload: the page follows
         deadline = time.monotonic() + 10
         while "running" not in row_text(driver, "small/model"):
             assert time.monotonic() < deadline, row_text(driver, "small/model")
             time.sleep(0.2)
-        assert "VRAM 24000 16000 8000" in driver.find_element("id", "resources").text
+        wait = time.monotonic() + 5  # (recorded as it became ready, a moment later)
+        while "VRAM 24000 16000 8000" not in resources_text(driver):
+            assert time.monotonic() < wait, resources_text(driver)
+            time.sleep(0.2)
         assert "updated" in driver.find_element("id", "updated").text
     finally:
         driver.quit()
