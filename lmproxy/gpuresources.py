@@ -10,10 +10,13 @@ refuses, naming the resource, where NVML cannot be used or the GPU does not exis
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from lmproxy.config import Config, ConfigError
 from lmproxy.config.jsonc import child
-from lmproxy.nvml import GpuReading, NvmlError, session
+
+if TYPE_CHECKING:
+    from lmproxy.nvml import GpuReading
 
 DEFAULT_RESERVE_MIB = 1024
 
@@ -29,6 +32,8 @@ def settle(config: Config, reserve_mib: int = DEFAULT_RESERVE_MIB) -> tuple[Conf
     wanted = gpu_resources(config)
     if not wanted:
         return config, {}
+    from lmproxy.nvml import NvmlError, session  # only for GPU resources
+
     try:
         with session() as nvml:
             readings = nvml.readings()

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmproxy import unitnames
-from lmproxy.nvml import GpuReading
+
+if TYPE_CHECKING:
+    from lmproxy.nvml import GpuReading
 
 OUTSIDE = "outside lmproxy"
 

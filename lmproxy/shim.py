@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmproxy import autosplit, checks, eviction, lifecycle
+from lmproxy import checks, eviction, lifecycle
 from lmproxy.activation import inherited_listener, notify
 from lmproxy.backend import JOB_TIMEOUT_S, Backend
 from lmproxy.config import Config, Service
@@ -45,10 +45,10 @@ from lmproxy.paths import Scope, paths_for
 from lmproxy.readiness import ReadinessError
 from lmproxy.relay import Relay
 from lmproxy.systemd import SystemdError
-from lmproxy.vramwatch import VramWatch
 
 if TYPE_CHECKING:
     from lmproxy.earlystart import Early
+    from lmproxy.vramwatch import VramWatch
     from lmproxy.watch import DirectoryWatch, PollingWatch
 
 # How often the ledger learns of relay activity (last used time, for LRU).
@@ -159,7 +159,7 @@ class Shim:
         )
         self._last_measured: dict[str, int] | None = None
         self._waited_for: str | None = None
-        self.vram = VramWatch(config, service, self.log)
+        self.vram = _vram_watch(config, service, self.log)
         self._over_limit_warning = Every(REFUSED_LOG_EVERY_S)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._published = threading.Event()
@@ -233,14 +233,16 @@ class Shim:
                 opening = self._acquire()
             except StartError as failure:
                 self.log.error(f"cannot serve {self.name}: {failure}", event="failed")
-                for line in self.vram.held_outside([s.name for s in self.config.services]):
-                    self.log.info(f"held outside lmproxy: {line}", event="gpu-held")
+                if self.vram is not None:
+                    for line in self.vram.held_outside([s.name for s in self.config.services]):
+                        self.log.info(f"held outside lmproxy: {line}", event="gpu-held")
                 turned_away = self._close_pending() + self._turn_away_waiting_clients()
                 self.log.info(f"closed {turned_away} waiting client(s)", event="turned-away")
                 with contextlib.suppress(SystemdError, OSError):
                     self.ledger.reconcile()
                 return 1
-            self.vram.start(lambda: not self.server.gone.is_set())
+            if self.vram is not None:
+                self.vram.start(lambda: not self.server.gone.is_set())
             outcome = (self._open(opening) if opening is not None else None) or self._serve()
             self.relay.stop_accepting()
             if outcome is Outcome.NOT_ADMITTING:
@@ -427,6 +429,8 @@ class Shim:
                         " and the unit's journal",
                     )
                 if self.service.split_model is not None:
+                    from lmproxy import autosplit  # (only for TensorSplit)
+
                     autosplit.prepare(self.service, paths_for(self.scope).runtime_dir, self.log)
                 self.server.start()
             self.server.watch()
@@ -871,6 +875,18 @@ class Shim:
                 return closed
             client.close()
             closed += 1
+
+
+def _vram_watch(config: Config, service: Service, log: Logger) -> VramWatch | None:
+    """The GPU memory watch of a service that needs a GPU resource; imported only then."""
+    if not any(
+        check.gpu is not None and service.resource_requirements.get(resource)
+        for resource, check in config.resource_checks.items()
+    ):
+        return None
+    from lmproxy.vramwatch import VramWatch
+
+    return VramWatch(config, service, log)
 
 
 class Every:
