@@ -125,7 +125,7 @@ class Ledger:
             present = self.path.exists()
             if not present and os.fstat(lock_fd).st_size > 0:
                 self._note(f"ledger {self.path} was missing; rebuilt it from systemd's unit states")
-            stored, generation, measurements = self._load_with_generation()
+            stored, generation, measurements = self._load()
             if generation > self.generation:
                 self._catch_up(generation)
             kept = {r: m for r, m in measurements.items() if r in self.available}
@@ -184,15 +184,15 @@ class Ledger:
 
     def snapshot(self) -> dict[str, Entry]:
         """The ledger as last written, without locking or reconciling (for status)."""
-        return self._load_with_generation(quiet=True)[0]
+        return self._load(quiet=True)[0]
 
-    def measurements(self) -> dict[str, Measurement]:
-        """The last measurement of each resource a CheckCommand measures (for status)."""
-        return self._load_with_generation(quiet=True)[2]
+    def snapshot_and_measurements(self) -> tuple[dict[str, Entry], dict[str, Measurement]]:
+        """The entries and the last measurement of each measured resource, from one read
+        of the ledger as last written (for status)."""
+        entries, _, measurements = self._load(quiet=True)
+        return entries, measurements
 
-    def _load_with_generation(
-        self, *, quiet: bool = False
-    ) -> tuple[dict[str, Entry], int, dict[str, Measurement]]:
+    def _load(self, *, quiet: bool = False) -> tuple[dict[str, Entry], int, dict[str, Measurement]]:
         """The entries, the generation that wrote them (0: none yet) and the last
         measurements. quiet: a read-only look (status): another user's ledger may be
         read (root reads the system shims'), never written."""

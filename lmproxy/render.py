@@ -169,10 +169,7 @@ def render_units(
     units: dict[str, str] = {}
     for service in config.services:
         values = _values(service, scope, config_path, interpreter, config.base_dir)
-        values["gpu"] = service.split_model is not None or any(
-            check.gpu is not None and service.resource_requirements.get(resource)
-            for resource, check in config.resource_checks.items()
-        )
+        values["gpu"] = service.split_model is not None or bool(config.gpus_of(service))
         units[unitnames.socket_unit(service.name)] = env.get_template("socket.j2").render(values)
         units[unitnames.shim_unit(service.name)] = env.get_template("shim.service.j2").render(
             values

@@ -149,11 +149,7 @@ class Shim:
         )
         self._refused_since_log = 0
         # The measured resources it needs (a CheckCommand's), and what was last found.
-        self._checks = {
-            name: config.resource_checks[name]
-            for name, amount in service.resource_requirements.items()
-            if amount and name in config.resource_checks
-        }
+        self._checks = config.checks_of(service)
         self._check_interval_s = min(
             (check.interval_ms / 1000 for check in self._checks.values()), default=1.0
         )
@@ -879,10 +875,7 @@ class Shim:
 
 def _vram_watch(config: Config, service: Service, log: Logger) -> VramWatch | None:
     """The GPU memory watch of a service that needs a GPU resource; imported only then."""
-    if not any(
-        check.gpu is not None and service.resource_requirements.get(resource)
-        for resource, check in config.resource_checks.items()
-    ):
+    if not config.gpus_of(service):
         return None
     from lmproxy.vramwatch import VramWatch
 

@@ -96,8 +96,7 @@ def gpu_usage(services: Sequence[str]) -> dict[str, dict[int, int]] | None:
 def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[ResourceStatus]]:
     paths = paths_for(scope)
     entries = Ledger(paths.runtime_dir, config.resources_available, {}, lambda _: {}, _ignore)
-    snapshot = entries.snapshot()
-    measurements = entries.measurements()
+    snapshot, measurements = entries.snapshot_and_measurements()
     names = [
         u
         for s in config.services

@@ -27,9 +27,8 @@ class VramWatch:
         self.log = log
         # resource -> (its GPU, as the config names it; what the service declares)
         self.resources = {
-            resource: (check.gpu, service.resource_requirements[resource])
-            for resource, check in config.resource_checks.items()
-            if check.gpu is not None and service.resource_requirements.get(resource)
+            resource: (gpu, service.resource_requirements[resource])
+            for resource, gpu in config.gpus_of(service).items()
         }
         self.warned: set[str] = set()
 

@@ -122,3 +122,15 @@ class Config:
             if service.name == name:
                 return service
         raise KeyError(name)
+
+    def checks_of(self, service: Service) -> dict[str, ResourceCheck]:
+        """The measured resources (CheckCommand, Gpu) that service needs some of."""
+        return {
+            resource: check
+            for resource, check in self.resource_checks.items()
+            if service.resource_requirements.get(resource)
+        }
+
+    def gpus_of(self, service: Service) -> dict[str, str]:
+        """The GPU resources that service needs some of: resource -> its GPU."""
+        return {r: c.gpu for r, c in self.checks_of(service).items() if c.gpu is not None}

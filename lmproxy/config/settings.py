@@ -127,8 +127,8 @@ def resources_available(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | N
             continue
         check = None
         if isinstance(amount, JsonObject):
-            checked, check = resource_object(r, key_path, amount)
-            if _auto(amount):
+            checked, check, auto = resource_object(r, key_path, amount)
+            if auto:
                 r.auto_amounts.add(key)
         else:
             checked = r.int_value(key_path, amount, 0, MAX_RESOURCE_AMOUNT)
@@ -143,10 +143,11 @@ def resources_available(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | N
 
 def resource_object(
     r: ConfigReader, where: str, obj: JsonObject
-) -> tuple[int | None, ResourceCheck | None]:
+) -> tuple[int | None, ResourceCheck | None, bool]:
     """{"Amount": N} and/or {"CheckCommand": ...}, as large-model-proxy writes a resource,
     or a GPU's memory ({"Gpu": "0", "Amount": N or "auto"}, lmproxy's): its amount
-    (UNBOUNDED when measured alone, or "auto" until install reads it) and its check."""
+    (UNBOUNDED when measured alone, or "auto" until install reads it), its check, and
+    whether the amount is "auto"."""
     fields = Fields(r, obj, where, names(RESOURCE_SETTINGS))
     problems = len(r.problems)
     values: Values = {}
@@ -170,7 +171,7 @@ def resource_object(
     if command is None and gpu_id is None and amount is None and len(r.problems) == problems:
         r.error(fields.path_of("Amount"), "Amount is required (or a CheckCommand, or a Gpu)")
     if len(r.problems) != problems:
-        return None, None
+        return None, None, False
     assert isinstance(interval, int)
     check = None
     if command is not None or gpu_id is not None:
@@ -180,14 +181,9 @@ def resource_object(
             None if gpu_id is None else str(gpu_id),
         )
     if amount == AUTO or amount is None:
-        return UNBOUNDED, check
+        return UNBOUNDED, check, amount == AUTO
     assert isinstance(amount, int)
-    return amount, check
-
-
-def _auto(obj: JsonObject) -> bool:
-    """Whether a resource object's Amount is "auto" (its keys folded as field names are)."""
-    return any(key.lower() == "amount" and value == AUTO for key, value in obj.pairs)
+    return amount, check, False
 
 
 def optional_amount(

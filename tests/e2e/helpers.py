@@ -73,13 +73,18 @@ def lmproxy_command() -> list[str]:
 
 
 def lmproxy(
-    sandbox: Sandbox, *args: str, timeout: float = 120, cwd: Path | None = None
+    sandbox: Sandbox,
+    *args: str,
+    timeout: float = 120,
+    cwd: Path | None = None,
+    environment: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Runs the lmproxy CLI inside the sandbox (so journalctl sees its journal)."""
+    """Runs the lmproxy CLI inside the sandbox (so journalctl sees its journal);
+    environment: in place of what a checkout needs (current_interpreter's)."""
     # A checkout is found from anywhere, as an installed lmproxy is.
     return subprocess.run(
         sandbox.command([*lmproxy_command(), *args], cwd),
-        env=sandbox.env(dict(current_interpreter().environment)),
+        env=sandbox.env(environment or dict(current_interpreter().environment)),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -24,7 +24,6 @@ from tests.e2e.helpers import (
     install,
     journal,
     lmproxy,
-    lmproxy_command,
     service_state,
     status_json,
     turned_away,
@@ -123,7 +122,7 @@ def test_the_fake_binding_is_the_real_ones_shape_and_the_real_one_is_understood(
 # --- GPU resources: NVML's free memory bounds admission (issue 15, points 2, 3 and 7) -------
 
 
-def fake_nvml_for_shims(sandbox: Sandbox, tmp_path: Path, state: Path) -> None:
+def fake_nvml_for_shims(sandbox: Sandbox, tmp_path: Path, state: Path) -> Path:
     """The fake binding where the shims' Python finds a user's own packages (the user
     base of the manager's environment), reading state: what `pip install --user
     nvidia-ml-py` would give them on a real machine."""
@@ -135,6 +134,7 @@ def fake_nvml_for_shims(sandbox: Sandbox, tmp_path: Path, state: Path) -> None:
         "set-environment", f"PYTHONUSERBASE={userbase}", f"FAKE_NVML={state}"
     )
     assert result.returncode == 0, result.stderr
+    return site
 
 
 def nvml_state(state: Path, used_mib: int, *pids: int) -> None:
@@ -156,14 +156,7 @@ def with_fake_nvml(sandbox: Sandbox, state: Path, *args: str) -> subprocess.Comp
     paths = [str(FAKES), environment.get("PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")]
     environment["PYTHONPATH"] = ":".join(p for p in paths if p)
     environment["FAKE_NVML"] = str(state)
-    return subprocess.run(
-        sandbox.command([*lmproxy_command(), *args]),
-        env=sandbox.env(environment),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return lmproxy(sandbox, *args, environment=environment)
 
 
 def install_with_fake_nvml(
@@ -281,10 +274,8 @@ def test_tensor_split_auto_follows_the_gpus_free_memory_at_each_start(
 
     path, gguf_site = model(tmp_path, 10, 4)  # 10 layers of 4 MiB
     state = tmp_path / "nvml.json"
-    fake_nvml_for_shims(systemd_sandbox, tmp_path, state)
+    site = fake_nvml_for_shims(systemd_sandbox, tmp_path, state)
     # The shims find gguf where a user's own packages are (a .pth, as pip would).
-    userbase = tmp_path / "userbase"
-    site = Path(sysconfig.get_path("purelib", "posix_user", vars={"userbase": str(userbase)}))
     (site / "gguf-site.pth").write_text(gguf_site + "\n")
 
     def gpus_free(first: int, second: int) -> None:
