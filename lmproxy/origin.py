@@ -110,10 +110,12 @@ def installed_base_dir(installed_config: Path) -> Path:
 def load_installed(installed_config: Path) -> Installed:
     """The installed config, its relative paths resolved as they were at install, and
     its generation."""
-    from lmproxy.gpuresources import with_amounts
-
     origin = read_origin(installed_config)
-    config = with_amounts(load_config(installed_config, origin.base_dir), dict(origin.amounts))
+    config = load_config(installed_config, origin.base_dir)
+    if origin.amounts:  # GPU resources' "auto" amounts, as install read them
+        from lmproxy.gpuresources import with_amounts
+
+        config = with_amounts(config, dict(origin.amounts))
     return Installed(config, origin.generation)
 
 
