@@ -175,12 +175,13 @@ class Control:
     def _connect(self) -> socket.socket:
         service = self.service
         try:
-            if service.listen_path is not None:
+            path = paths_for(self.scope).socket_path(service)
+            if path is not None:
                 client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                client.connect(service.listen_path)
+                client.connect(path)
                 return client
             assert service.listen_port is not None
-            return socket.create_connection((_reachable(service), service.listen_port), 10)
+            return socket.create_connection((service.connect_host, service.listen_port), 10)
         except OSError as error:
             raise ControlError(f"cannot connect to {service.listen_stream}: {error}") from error
 
@@ -217,15 +218,6 @@ def _peek(client: socket.socket) -> bool:
         return True
     except OSError:
         return False
-
-
-def _reachable(service: Service) -> str:
-    """Where to connect to reach what listens on ListenAddress (any address: loopback)."""
-    if service.listen_address == "0.0.0.0":
-        return "127.0.0.1"
-    if service.listen_address == "::":
-        return "::1"
-    return service.listen_address
 
 
 def run(

@@ -196,6 +196,7 @@ def install(
         sockets = _sockets(config)
         if now:
             _start_sockets(manager, sockets, plan, say)
+        _reload_router(manager, config, say)
     for name in plan.remove:
         say(f"removed {name}")
     for name in plan.write:
@@ -275,6 +276,15 @@ def _listeners(config: Config) -> list[tuple[str, str, str, int]]:
         for index, service in enumerate(config.services)
         if service.listen_port is not None  # a unix socket: systemd replaces a stale one
     ]
+    if config.openai_api_listen_port is not None:
+        found.append(
+            (
+                "$.OpenAiApi.ListenPort",
+                unitnames.api_socket(unitnames.ROUTER),
+                config.listen_address,
+                config.openai_api_listen_port,
+            )
+        )
     if config.management_api_listen_port is not None:
         found.append(
             (
@@ -290,6 +300,8 @@ def _listeners(config: Config) -> list[tuple[str, str, str, int]]:
 def _sockets(config: Config) -> list[str]:
     """Every socket unit of an install, to start with --now."""
     sockets = [unitnames.socket_unit(s.name) for s in config.services]
+    if config.openai_api_listen_port is not None:
+        sockets.append(unitnames.api_socket(unitnames.ROUTER))
     if config.management_api_listen_port is not None:
         sockets.append(unitnames.api_socket(unitnames.MANAGEMENT))
     return sockets
@@ -340,6 +352,22 @@ def _stop_order(units: Sequence[str]) -> list[str]:
 
 def _enableable(name: str) -> bool:
     return name.endswith(".socket") or name == unitnames.TARGET
+
+
+def _reload_router(manager: Manager, config: Config, say: Say) -> None:
+    """A running router reads the new config (models added or removed) without a
+    restart: requests in flight go on. One that is not running reads it when it starts."""
+    if config.openai_api_listen_port is None:
+        return
+    name = unitnames.api_service(unitnames.ROUTER)
+    if manager.unit_state(name).active_state != "active":
+        return
+    try:
+        manager.reload_unit(name, JOB_TIMEOUT_S)
+    except SystemdError as error:
+        say(f"warning: {error}")
+    else:
+        say(f"reloaded {name}")
 
 
 def _stop_units(manager: Manager, units: Sequence[str], say: Say) -> None:

@@ -7,6 +7,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lmproxy.config.model import PRIVATE_SOCKET_DIR
+
+if TYPE_CHECKING:
+    from lmproxy.config import Service
 
 
 class Scope(enum.Enum):
@@ -60,6 +66,16 @@ class Paths:
     def intent(self) -> Path:
         """A switch of installed files under way (see lmproxy.installer.switch_files)."""
         return self.config_dir / ".install-intent.json"
+
+    def socket_path(self, service: Service) -> str | None:
+        """The unix socket a service listens on: its ListenPath, or the private one of a
+        service that only the OpenAI router reaches; None for a TCP port."""
+        if service.listen_path is not None:
+            return service.listen_path
+        if service.router_only:
+            # The unit says %t/...: the manager's runtime directory, this one's parent.
+            return str(self.runtime_dir.parent / PRIVATE_SOCKET_DIR / service.private_socket_name)
+        return None
 
     @property
     def manifest(self) -> Path:

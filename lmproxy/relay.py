@@ -727,7 +727,13 @@ class _Loop:
             return True
         if pair.up.knocked:
             if pair.down.eof:
-                self._detach(pair)
+                if _closed_by_client(pair.client):
+                    # A FIN, not a request: the client closed its pooled connection as
+                    # the backend went (a proxy's pool does). Given back, it would count
+                    # as a client waiting and start the model again for nobody.
+                    self._close(pair)
+                else:
+                    self._detach(pair)
                 return True
             if pair not in self.knocked:
                 return self._knock(pair) or moved > 0
@@ -1105,6 +1111,16 @@ def _no_delay(sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+
+
+def _closed_by_client(client: socket.socket) -> bool:
+    """Whether what a readable client sent is its FIN (or a reset), not a request."""
+    try:
+        return not client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 class Relay:
     """Relays bytes between pairs of connected sockets until both sides are done.

@@ -19,7 +19,7 @@ from pathlib import Path
 import jinja2
 
 from lmproxy import autosplit, earlystart, ledger, resources, unitnames, unitsyntax
-from lmproxy.config import Config, Service
+from lmproxy.config import SHIM_USER, Config, Service
 from lmproxy.paths import Scope
 
 BACKEND_STOP_TIMEOUT_S = 30
@@ -177,6 +177,19 @@ def render_units(
         units[unitnames.backend_unit(service.name)] = env.get_template("backend.service.j2").render(
             values
         )
+    if config.openai_api_listen_port is not None:
+        units.update(
+            _api_units(
+                unitnames.ROUTER,
+                "OpenAI-compatible router",
+                "lmproxy.router",
+                unitsyntax.listen_stream(config.listen_address, config.openai_api_listen_port),
+                scope=scope,
+                config_path=config_path,
+                interpreter=interpreter,
+                reloads=True,
+            )
+        )
     if config.management_api_listen_port is not None:
         units.update(
             _api_units(
@@ -204,10 +217,12 @@ def _api_units(
     scope: Scope,
     config_path: Path,
     interpreter: Interpreter,
+    reloads: bool = False,
 ) -> dict[str, str]:
-    """One of lmproxy's own socket-activated services (the management API): its socket
-    unit and its service unit, which runs `python3 -P -m module --user|--system --config
-    PATH` unprivileged and hardened like the shims in system mode."""
+    """One of lmproxy's own socket-activated services (the router, the management API):
+    its socket unit and its service unit, which runs `python3 -P -m module --user|--system
+    --config PATH` unprivileged and hardened like the shims in system mode. reloads: it
+    reads the installed config again on SIGHUP (`systemctl reload`)."""
     env = _environment()
     argv = interpreter.module(module, scope.systemctl_flag, "--config", str(config_path))
     values = {
@@ -222,10 +237,29 @@ def _api_units(
         ],
         "syslog_identifier": Escaped(f"lmproxy-{api}"),
         "system": scope is Scope.SYSTEM,
+        "reloads": reloads,
     }
     return {
         unitnames.api_socket(api): env.get_template("api.socket.j2").render(values),
         unitnames.api_service(api): env.get_template("api.service.j2").render(values),
+    }
+
+
+def _socket_owner(service: Service, scope: Scope) -> dict[str, Escaped | None]:
+    """A ListenPath's owner and mode as the config says; the private socket of a service
+    that only the router reaches is for its shim and the router alone (both run as
+    lmproxy under the system manager, as the user under theirs)."""
+    if service.router_only:
+        system = scope is Scope.SYSTEM
+        return {
+            "socket_user": Escaped(SHIM_USER) if system else None,
+            "socket_group": Escaped(SHIM_USER) if system else None,
+            "socket_mode": Escaped("0600"),
+        }
+    return {
+        "socket_user": _quoted(service.socket_user),
+        "socket_group": _quoted(service.socket_group),
+        "socket_mode": _quoted(service.socket_mode),
     }
 
 
@@ -254,10 +288,8 @@ def _values(
         "socket": Escaped(unitnames.socket_unit(name)),
         "backend": Escaped(unitnames.backend_unit(name)),
         "listen": Escaped(service.listen_stream),
-        "socket_user": _quoted(service.socket_user),
-        "socket_group": _quoted(service.socket_group),
-        "socket_mode": _quoted(service.socket_mode),
-        "unix_socket": service.listen_path is not None,
+        **_socket_owner(service, scope),
+        "unix_socket": service.listen_path is not None or service.router_only,
         "shim_exec": Escaped(unitsyntax.exec_line(shim_argv)),
         "shim_environment": [
             Escaped(unitsyntax.environment_assignment(k, v)) for k, v in shim_environment.items()

@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmproxy import checks, eviction, lifecycle
+from lmproxy import checks, eviction, lifecycle, turnaway
 from lmproxy.activation import inherited_listener, notify
 from lmproxy.backend import JOB_TIMEOUT_S, Backend
 from lmproxy.config import Config, Service
@@ -229,6 +229,8 @@ class Shim:
                 opening = self._acquire()
             except StartError as failure:
                 self.log.error(f"cannot serve {self.name}: {failure}", event="failed")
+                # Before its clients are closed: the router reads it when they are.
+                turnaway.record(self.ledger.runtime_dir, self.name, str(failure))
                 if self.vram is not None:
                     for line in self.vram.held_outside([s.name for s in self.config.services]):
                         self.log.info(f"held outside lmproxy: {line}", event="gpu-held")

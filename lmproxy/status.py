@@ -115,7 +115,8 @@ def collect(config: Config, scope: Scope) -> tuple[list[ServiceStatus], list[Res
             units[unitnames.shim_unit(service.name)],
         )
         held = dict(entry.reserved) if entry and state != "cold" else {}
-        listen = service.listen_stream
+        # A service only the router reaches: its private socket is no address to give out.
+        listen = "router only" if service.router_only else service.listen_stream
         services.append(
             ServiceStatus(
                 name=service.name,

@@ -278,6 +278,10 @@ class Manager:
         defines it for the unit's Type=), or raises SystemdError with the job's result."""
         self._run_job("StartUnit", "start", name, timeout)
 
+    def reload_unit(self, name: str, timeout: float) -> None:
+        """Reloads name (its ExecReload=) and returns once the reload job is done."""
+        self._run_job("ReloadUnit", "reload", name, timeout)
+
     def stop_unit(self, name: str, timeout: float) -> None:
         """Stops name and returns once its processes are gone; a unit that is not loaded
         or already inactive is already stopped, which is success."""

@@ -70,6 +70,7 @@ def backend_unit(service: str) -> str:
 # service's units can take their names, and polkit's rule for backends never matches them.
 API_PREFIX = f"{PREFIX}api@"
 MANAGEMENT = "management"
+ROUTER = "openai"  # the OpenAI-compatible router (lmproxy.router)
 
 
 def api_socket(api: str) -> str:

@@ -8,12 +8,14 @@ import shutil
 import click
 
 from lmproxy import journal, unitnames
+from lmproxy.router import requestlog
 from lmproxy.commands.common import fail
 
 
 def journalctl_argv(name: str, *, follow: bool, lines: int | None) -> list[str]:
-    """Both sources, interleaved: the backend's SyslogIdentifier, or the shim's
-    messages about this service (journalctl's `+` is a logical or)."""
+    """Every source, interleaved: the backend's SyslogIdentifier, the shim's messages
+    about this service, and the router's lines for its requests (journalctl's `+` is a
+    logical or)."""
     argv = ["journalctl", "--no-pager", "--output=short-precise"]
     if follow:
         argv.append("--follow")
@@ -23,6 +25,9 @@ def journalctl_argv(name: str, *, follow: bool, lines: int | None) -> list[str]:
         f"SYSLOG_IDENTIFIER={unitnames.syslog_identifier(name)}",
         "+",
         f"SYSLOG_IDENTIFIER={journal.IDENTIFIER}",
+        f"LMPROXY_SERVICE={name}",
+        "+",
+        f"SYSLOG_IDENTIFIER={requestlog.IDENTIFIER}",
         f"LMPROXY_SERVICE={name}",
     ]
     return argv

@@ -88,16 +88,9 @@ def unix_socket(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> 
 
 def listen_port(r: ConfigReader, f: Fields, v: Values, _d: Defaults | None) -> Values:
     by_path = v["listen_path"] is not None
-    port = r.port(
-        f,
-        "ListenPort",
-        required=None
-        if by_path
-        else (
-            "ListenPort is required (or ListenPath, for a unix socket): lmproxy has no "
-            "OpenAI API router yet, so a service without either would be unreachable"
-        ),
-    )
+    # Neither (a service reachable only through the router) is checked by the parser, which
+    # knows the service's OpenAiApi and the top level's.
+    port = r.port(f, "ListenPort")
     if port is not None and by_path:
         r.error(
             f.path_of("ListenPath"),

@@ -51,6 +51,7 @@ class Defaults:
     swap_after_waiting_s: int
     min_loaded_s: int
     service_url: str | None = None
+    router: bool = False  # the top level has an OpenAiApi.ListenPort
 
 
 class ConfigReader(Reader):

@@ -6,7 +6,13 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
+from binascii import crc32
+
 from lmproxy import unitsyntax
+
+# Where the sockets of services reachable only through the router are, in the manager's
+# runtime directory (beside lmproxy's own, which its shims own: this one is systemd's).
+PRIVATE_SOCKET_DIR = "lmproxy-private"
 
 
 class ConfigError(ValueError):
@@ -38,6 +44,27 @@ class Sleep:
     holds: Mapping[str, int]  # what it still holds asleep (its ResourceRequirements)
     sleep_command: str | None = None  # both or neither
     wake_command: str | None = None
+
+
+# The router's body limit: a JSON body is read whole to find its model (a multipart one only
+# up to its model field), so this bounds the memory one request can take.
+DEFAULT_MAX_REQUEST_BODY_BYTES = 64 * 1024 * 1024
+# How long the router waits for a model's answer to begin (a cold start included).
+DEFAULT_RESPONSE_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Router:
+    """lmproxy's additions to `OpenAiApi` (lmproxy.router): who may use it, and its limits."""
+
+    api_keys: tuple[str, ...] = ()  # none (and no file): anyone who reaches the port
+    api_keys_file: str | None = None  # one key per line, read at start and at each reload
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    response_timeout_s: int = DEFAULT_RESPONSE_TIMEOUT_S  # 0: no limit
+
+    @property
+    def needs_keys(self) -> bool:
+        return bool(self.api_keys) or self.api_keys_file is not None
 
 
 @dataclass(frozen=True)
@@ -82,11 +109,40 @@ class Service:
     split_context: int | None = None  # its Args' -c/--ctx-size, for the KV cache
 
     @property
+    def connect_host(self) -> str:
+        """Where to connect to reach what listens on ListenAddress (any address: loopback)."""
+        if self.listen_address == "0.0.0.0":
+            return "127.0.0.1"
+        if self.listen_address == "::":
+            return "::1"
+        return self.listen_address
+
+    @property
+    def router_only(self) -> bool:
+        """Reachable only through the OpenAI router: it has neither ListenPort nor
+        ListenPath, and listens on a private unix socket (`private_socket`)."""
+        return self.listen_port is None and self.listen_path is None
+
+    @property
+    def private_socket_name(self) -> str:
+        """Its private socket's file name: short, for a unix socket's path has at most
+        107 bytes wherever the runtime directory is."""
+        return f"{crc32(self.name.encode('utf-8', 'surrogatepass')):08x}.sock"
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        """The model ids the router knows it by: its OpenAiApiModels, else its Name."""
+        return self.openai_api_models or (self.name,)
+
+    @property
     def listen_stream(self) -> str:
         """Its socket unit's ListenStream= value, escaped: the unix socket's path, or
         address and port. Validated when the config was read: this cannot fail."""
         if self.listen_path is not None:
             return unitsyntax.listen_stream_path(self.listen_path)
+        if self.router_only:
+            # %t: the manager's runtime directory, as lmproxy.paths.Paths.socket_path says.
+            return f"%t/{PRIVATE_SOCKET_DIR}/{self.private_socket_name}"
         assert self.listen_port is not None
         return unitsyntax.listen_stream(self.listen_address, self.listen_port)
 
@@ -104,7 +160,7 @@ class Config:
     min_loaded_s: int
     output_service_logs: bool
     listen_address: str
-    openai_api_listen_port: int | None
+    openai_api_listen_port: int | None  # the router's port (lmproxy.router); None: no router
     management_api_listen_port: int | None
     default_service_url: str | None
     # Where relative paths were resolved, and where a service without WorkDir runs: the
@@ -116,6 +172,14 @@ class Config:
     # GPU resources whose Amount is "auto": the GPU's total less a reserve, which
     # `lmproxy install` reads from NVML (until then UNBOUNDED; lmproxy.gpuresources).
     auto_amounts: AbstractSet[str] = frozenset()
+    router: Router = field(default_factory=Router)
+
+    @property
+    def routed(self) -> tuple[Service, ...]:
+        """The services the OpenAI router serves ("OpenAiApi": true), none without it."""
+        if self.openai_api_listen_port is None:
+            return ()
+        return tuple(s for s in self.services if s.openai_api)
 
     def service(self, name: str) -> Service:
         for service in self.services:

@@ -49,6 +49,7 @@ class Parser(ConfigReader):
             swap_after_waiting_s=_int(values["swap_after_waiting_s"]),
             min_loaded_s=_int(values["min_loaded_s"]),
             service_url=_str(values["default_service_url"]),
+            router=values["openai_api_listen_port"] is not None,
         )
         entries: list[_Entry] = []
         got = fields.get("Services")
@@ -64,6 +65,8 @@ class Parser(ConfigReader):
         self.check_names(entries)
         self.check_ports(entries)
         self.check_api_ports(entries, values)
+        if values["openai_api_listen_port"] is not None:
+            self.check_model_ids(entries)
         try:
             unitsyntax.path_value(self.base_dir)
         except ValueError as error:
@@ -82,7 +85,7 @@ class Parser(ConfigReader):
             values.update(setting.read(self, fields, values, defaults))
         self.unit_safety(fields, values, clean=len(self.problems) == problems_before)
         service = None
-        reachable = values["listen_port"] is not None or values["listen_path"] is not None
+        reachable = self.reachable(fields, values, defaults)
         known = all(values[attr] is not None for attr in _REQUIRED)
         if len(self.problems) == problems_before and reachable and known:
             service = Service(**values)  # type: ignore[arg-type]
@@ -96,6 +99,23 @@ class Parser(ConfigReader):
             target_port=values["proxy_target_port"],  # type: ignore[arg-type]
             service=service,
         )
+
+    def reachable(self, fields: Fields, values: Values, defaults: Defaults) -> bool:
+        """A service listens on a port, a path, or (with "OpenAiApi": true and the top
+        level's OpenAiApi) a private unix socket that only the router reaches."""
+        if values["listen_port"] is not None or values["listen_path"] is not None:
+            return True
+        if values["openai_api"] is True and defaults.router:
+            return True
+        got = fields.get("ListenPort")
+        if got is None or got[1] == "":  # (an invalid one was reported as such)
+            self.error(
+                fields.path_of("ListenPort"),
+                "ListenPort is required (or ListenPath, for a unix socket): a service "
+                "without either is unreachable, unless it has \"OpenAiApi\": true and the "
+                "top level an OpenAiApi.ListenPort (then only the OpenAI router reaches it)",
+            )
+        return False
 
     def unit_safety(self, fields: Fields, values: Values, *, clean: bool) -> None:
         """Records each value that systemd's unit syntax cannot carry safely: what validate
@@ -130,17 +150,42 @@ class Parser(ConfigReader):
     # Checks across services
 
     def check_api_ports(self, entries: list[_Entry], values: Values) -> None:
-        """lmproxy's own ports (the management API's) are no service's."""
-        port = values["management_api_listen_port"]
-        if port is None:
-            return
+        """lmproxy's own ports (the router's, the management API's) are no service's, nor
+        each other's."""
+        apis = [
+            ("$.OpenAiApi.ListenPort", values["openai_api_listen_port"]),
+            ("$.ManagementApi.ListenPort", values["management_api_listen_port"]),
+        ]
+        if apis[0][1] is not None and apis[0][1] == apis[1][1]:
+            self.error(apis[1][0], f"ListenPort {apis[1][1]} is already used by {apis[0][0]}")
+        for path, port in apis:
+            for entry in entries:
+                if port is not None and entry.listen_port == port:
+                    self.error(
+                        path,
+                        f"ListenPort {port} is already used by {_describe(entry, None)} "
+                        f"($.Services[{entry.index}])",
+                    )
+
+    def check_model_ids(self, entries: list[_Entry]) -> None:
+        """Each model id the router knows names one service: a request for it could not
+        be routed otherwise."""
+        owners: dict[str, _Entry] = {}
         for entry in entries:
-            if entry.listen_port == port:
-                self.error(
-                    "$.ManagementApi.ListenPort",
-                    f"ListenPort {port} is already used by {_describe(entry, None)} "
-                    f"($.Services[{entry.index}])",
-                )
+            service = entry.service
+            if service is None or not service.openai_api:
+                continue
+            for model in dict.fromkeys(service.model_ids):
+                first = owners.setdefault(model, entry)
+                if first is not entry:
+                    self.error(
+                        entry.fields.path_of(
+                            "OpenAiApiModels" if service.openai_api_models else "Name"
+                        ),
+                        f"the model id {show(model)} is $.Services[{first.index}]'s "
+                        f"({show(first.name)}) too: the OpenAI router would not know "
+                        "which one to route it to",
+                    )
 
     def check_names(self, entries: list[_Entry]) -> None:
         first_with_name: dict[str, _Entry] = {}

@@ -62,7 +62,13 @@ from lmproxy.config.kinds import (
     names,
     optional_text,
 )
-from lmproxy.config.model import ResourceCheck, Sleep
+from lmproxy.config.model import (
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    DEFAULT_RESPONSE_TIMEOUT_S,
+    ResourceCheck,
+    Router,
+    Sleep,
+)
 from lmproxy.config.reader import Fields
 
 
@@ -98,6 +104,41 @@ def api_port(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | N
     if got is None:
         return None
     return r.port(Fields(r, got[1], got[0], names(API_SETTINGS)), "ListenPort")
+
+
+def openai_api(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
+    """The router's object: large-model-proxy's {"ListenPort": ...} and lmproxy's additions."""
+    got = r.object_field(f, "OpenAiApi")
+    if got is None:
+        return {"openai_api_listen_port": None, "router": Router()}
+    router_fields = Fields(r, got[1], got[0], names(ROUTER_SETTINGS))
+    values: Values = {}
+    for setting in ROUTER_SETTINGS:
+        values.update(setting.read(r, router_fields, values, None))
+    port = values.pop("listen_port")
+    return {"openai_api_listen_port": port, "router": Router(**values)}  # type: ignore[arg-type]
+
+
+def api_keys(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
+    """Bearer keys: printable, no spaces (an Authorization header carries them)."""
+    got = f.get(name)
+    if got is None:
+        return ()
+    where, value = got
+    if not isinstance(value, list):
+        r.error(where, f"expected an array of strings, got {show(value)}")
+        return ()
+    keys = []
+    for index, item in enumerate(value):
+        key = r.string_value(f"{where}[{index}]", item)
+        if key is None:
+            continue
+        if not API_KEY_RE.fullmatch(key):
+            # The key itself is not repeated: an error message may end up in a log.
+            r.error(f"{where}[{index}]", f"an API key must be {API_KEY_RULE}")
+            continue
+        keys.append(key)
+    return tuple(keys)
 
 
 def resources_available(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> Values:
@@ -231,6 +272,29 @@ SLEEP_SETTINGS: tuple[Setting, ...] = (
 
 API_SETTINGS: tuple[Setting, ...] = (field("ListenPort", None, lambda *_: None),)
 
+API_KEY_RE = re.compile(r"[\x21-\x7e]{1,4096}")
+API_KEY_RULE = "1 to 4096 printable ASCII characters without spaces"
+
+# Top-level "OpenAiApi": the router (lmproxy.router).
+ROUTER_SETTINGS: tuple[Setting, ...] = (
+    # Absent or "": no router (large-model-proxy's reading), whatever else the object says.
+    field("ListenPort", "listen_port", lambda r, f, name, _v, _d: r.port(f, name)),
+    field("ApiKeys", "api_keys", api_keys, lmproxy=True),
+    field("ApiKeysFile", "api_keys_file", path, lmproxy=True),
+    field(
+        "MaxRequestBodyBytes",
+        "max_request_body_bytes",
+        integer(1, MAX_RESOURCE_AMOUNT, DEFAULT_MAX_REQUEST_BODY_BYTES),
+        lmproxy=True,
+    ),
+    field(
+        "ResponseTimeoutSeconds",
+        "response_timeout_s",
+        integer(0, MAX_SECONDS, DEFAULT_RESPONSE_TIMEOUT_S),
+        lmproxy=True,
+    ),
+)
+
 # A resource in object form (large-model-proxy's), instead of an amount.
 RESOURCE_SETTINGS: tuple[Setting, ...] = (
     field("Amount", "amount", optional_amount),
@@ -273,7 +337,7 @@ TOP_LEVEL_SETTINGS: tuple[Setting, ...] = (
     field("ClientRequestBufferLimitBytes", None, integer(0, MAX_RESOURCE_AMOUNT, 0)),
     field("DefaultServiceUrl", "default_service_url", optional_text),
     field("ListenAddress", "listen_address", listen_address, lmproxy=True),
-    field("OpenAiApi", "openai_api_listen_port", api_port),
+    Setting(("OpenAiApi",), openai_api),
     field("ManagementApi", "management_api_listen_port", api_port),
     Setting(("ResourcesAvailable",), resources_available),
     Setting(("Services",), lambda *_: {}),  # read by lmproxy.config.parser, one by one
@@ -335,4 +399,5 @@ TOP_LEVEL_FIELDS = names(TOP_LEVEL_SETTINGS)
 SERVICE_FIELDS = names(SERVICE_SETTINGS)
 SLEEP_FIELDS = names(SLEEP_SETTINGS)
 API_FIELDS = names(API_SETTINGS)
+ROUTER_FIELDS = names(ROUTER_SETTINGS)
 RESOURCE_FIELDS = names(RESOURCE_SETTINGS)
