@@ -26,7 +26,7 @@ from pathlib import Path
 
 from lmproxy import lifecycle, unitnames
 from lmproxy.backend import JOB_TIMEOUT_S
-from lmproxy.config import SHIM_USER, Config, Service
+from lmproxy.config import SHIM_USER, Config
 from lmproxy.journal import Logger
 from lmproxy.ledger import Ledger, LedgerError, installed_generation, profiles
 from lmproxy.lifecycle import Entry, Phase

@@ -1112,7 +1112,6 @@ def _no_delay(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-
 def _closed_by_client(client: socket.socket) -> bool:
     """Whether what a readable client sent is its FIN (or a reset), not a request."""
     try:
@@ -1121,6 +1120,7 @@ def _closed_by_client(client: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
 
 class Relay:
     """Relays bytes between pairs of connected sockets until both sides are done.

@@ -8,8 +8,8 @@ import shutil
 import click
 
 from lmproxy import journal, unitnames
-from lmproxy.router import requestlog
 from lmproxy.commands.common import fail
+from lmproxy.router import requestlog
 
 
 def journalctl_argv(name: str, *, follow: bool, lines: int | None) -> list[str]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from binascii import crc32
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-
-from binascii import crc32
 
 from lmproxy import unitsyntax
 

@@ -112,7 +112,7 @@ class Parser(ConfigReader):
             self.error(
                 fields.path_of("ListenPort"),
                 "ListenPort is required (or ListenPath, for a unix socket): a service "
-                "without either is unreachable, unless it has \"OpenAiApi\": true and the "
+                'without either is unreachable, unless it has "OpenAiApi": true and the '
                 "top level an OpenAiApi.ListenPort (then only the OpenAI router reaches it)",
             )
         return False

@@ -12,7 +12,7 @@ from lmproxy.activation import inherited_listener, notify
 from lmproxy.paths import Scope, paths_for
 from lmproxy.router.requestlog import RequestLog
 from lmproxy.router.server import Router
-from lmproxy.router.settings import KeysUnreadable, Settings, settings_of
+from lmproxy.router.settings import KeysFileError, Settings, settings_of
 
 # How long a stopping router lets requests in flight finish (its unit's TimeoutStopSec is
 # longer).
@@ -25,7 +25,7 @@ def load(config_path: Path, scope: Scope, log: RequestLog) -> Settings:
     config = load_installed_config(config_path)
     created = int(config_path.stat().st_mtime)
     settings = settings_of(config, paths_for(scope), created)
-    if isinstance(settings.keys, KeysUnreadable):
+    if isinstance(settings.keys, KeysFileError):
         log.send("error", f"refusing every request: {settings.keys}", event="keys-unreadable")
     return settings
 
@@ -41,7 +41,7 @@ async def serve(config_path: Path, scope: Scope) -> None:
         notify("RELOADING=1")
         try:
             router.reload(load(config_path, scope, log))
-        except Exception as error:  # noqa: BLE001 - a bad reload keeps what works
+        except Exception as error:
             log.send("error", f"reload failed, serving as before: {error}", event="reload-failed")
         else:
             count = len(router.settings.catalog.listing)

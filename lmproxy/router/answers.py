@@ -99,7 +99,8 @@ def missing_key() -> Refusal:
 def keys_unreadable() -> Refusal:
     return Refusal(
         503,
-        "the router cannot read its API keys file; see its journal (`journalctl -t lmproxy-openai`)",
+        "the router cannot read its API keys file; see its journal "
+        "(`journalctl -t lmproxy-openai`)",
         type="server_error",
         code="api_keys_unreadable",
     )

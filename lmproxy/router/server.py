@@ -38,7 +38,7 @@ from lmproxy.router.routing import (
     multipart_boundary,
     unknown_model,
 )
-from lmproxy.router.settings import KeysUnreadable, Settings, service_states
+from lmproxy.router.settings import KeysFileError, Settings, service_states
 from lmproxy.turnaway import reason_since
 
 # Headers that belong to one connection, not to the request: never forwarded upstream.
@@ -133,6 +133,7 @@ class Router:
         if upstream.path is not None:
             _, protocol = await self.loop.create_unix_connection(factory, upstream.path)
         else:
+            assert upstream.host is not None and upstream.port is not None
             _, protocol = await self.loop.create_connection(factory, upstream.host, upstream.port)
         return protocol
 
@@ -151,26 +152,26 @@ class Request:
     """One request of a client connection, from its head to the end of its answer."""
 
     __slots__ = (
-        "method",
-        "target",
-        "headers",
-        "keep_alive",
-        "content_length",
-        "chunked",
-        "content_type",
+        "answered",
         "authorization",
-        "expect_continue",
         "body",
         "body_size",
+        "chunked",
         "complete",
-        "route_kind",
-        "multipart",
-        "upstream",
-        "model",
+        "content_length",
+        "content_type",
         "exchange",
+        "expect_continue",
+        "headers",
+        "keep_alive",
+        "method",
+        "model",
+        "multipart",
         "replay",
+        "route_kind",
         "started",
-        "answered",
+        "target",
+        "upstream",
     )
 
     def __init__(self) -> None:
@@ -358,7 +359,7 @@ class ClientConnection(asyncio.Protocol):
         if authorized is not True:
             refusal = (
                 answers.keys_unreadable()
-                if isinstance(authorized, KeysUnreadable)
+                if isinstance(authorized, KeysFileError)
                 else answers.missing_key()
             )
             self._answer(request, refusal)
@@ -539,22 +540,27 @@ class Exchange:
     """One request sent upstream and its answer coming back."""
 
     __slots__ = (
-        "client",
-        "request",
-        "connection",
-        "reused",
-        "parser",
-        "status",
-        "first_byte",
-        "bytes_out",
-        "response_done",
         "body_sent",
-        "timer",
+        "bytes_out",
         "cancelled",
+        "client",
+        "connection",
+        "first_byte",
+        "parser",
+        "request",
+        "response_done",
+        "reused",
+        "status",
+        "timer",
     )
 
     def __init__(
-        self, client: ClientConnection, request: Request, connection: UpstreamConnection, *, reused: bool
+        self,
+        client: ClientConnection,
+        request: Request,
+        connection: UpstreamConnection,
+        *,
+        reused: bool,
     ) -> None:
         self.client = client
         self.request = request
@@ -648,8 +654,7 @@ class Exchange:
             else:
                 refusal = answers.bad_gateway(
                     service,
-                    "closed the connection without answering; see `lmproxy logs "
-                    f"{service}`",
+                    f"closed the connection without answering; see `lmproxy logs {service}`",
                 )
                 self.client._answer(request, refusal)
             return
@@ -703,7 +708,9 @@ class Exchange:
         self.cancelled = True
         self.connection.abort()
         self.request.exchange = None
-        self.client._answer(self.request, answers.timed_out(self.connection.upstream.service, seconds))
+        self.client._answer(
+            self.request, answers.timed_out(self.connection.upstream.service, seconds)
+        )
 
     def _fail_midway(self) -> None:
         """The answer broke off (or was not HTTP): the client's connection ends with it,

@@ -22,25 +22,25 @@ MAX_KEYS_FILE_BYTES = 1024 * 1024
 MAX_LEDGER_BYTES = 4 * 1024 * 1024
 
 
-class KeysUnreadable(Exception):
+class KeysFileError(Exception):
     """The ApiKeysFile could not be read: the router refuses every request (fails closed)."""
 
 
 @dataclass(frozen=True)
 class Settings:
     catalog: Catalog
-    # SHA-256 digests of the accepted keys; None: no key needed; KeysUnreadable: refuse all.
-    keys: frozenset[bytes] | None | KeysUnreadable
+    # SHA-256 digests of the accepted keys; None: no key needed; KeysFileError: refuse all.
+    keys: frozenset[bytes] | KeysFileError | None
     max_body_bytes: int
     response_timeout_s: int
     created: int  # /v1/models' "created": when the config was installed
     runtime_dir: Path  # the shims' (their ledger, their turn-away reasons)
 
-    def authorized(self, authorization: bytes | None) -> bool | KeysUnreadable:
+    def authorized(self, authorization: bytes | None) -> bool | KeysFileError:
         keys = self.keys
         if keys is None:
             return True
-        if isinstance(keys, KeysUnreadable):
+        if isinstance(keys, KeysFileError):
             return keys
         if authorization is None or authorization[:7].lower() != b"bearer ":
             return False
@@ -53,11 +53,11 @@ def settings_of(config: Config, paths: Paths, created: int) -> Settings:
         Listing(model, service.name) for service in config.routed for model in service.model_ids
     ]
     router = config.router
-    keys: frozenset[bytes] | None | KeysUnreadable = None
+    keys: frozenset[bytes] | KeysFileError | None = None
     if router.needs_keys:
         try:
             keys = frozenset(digest(key) for key in (*router.api_keys, *file_keys(router)))
-        except KeysUnreadable as error:
+        except KeysFileError as error:
             keys = error
     return Settings(
         catalog=Catalog(upstreams, listing),
@@ -88,13 +88,13 @@ def file_keys(router: Router) -> list[str]:
         with open(router.api_keys_file, "rb") as file:
             text = file.read(MAX_KEYS_FILE_BYTES + 1)
     except OSError as error:
-        raise KeysUnreadable(f"cannot read {router.api_keys_file}: {error.strerror}") from error
+        raise KeysFileError(f"cannot read {router.api_keys_file}: {error.strerror}") from error
     if len(text) > MAX_KEYS_FILE_BYTES:
-        raise KeysUnreadable(f"{router.api_keys_file} is larger than {MAX_KEYS_FILE_BYTES} bytes")
+        raise KeysFileError(f"{router.api_keys_file} is larger than {MAX_KEYS_FILE_BYTES} bytes")
     try:
         lines = text.decode().splitlines()
     except UnicodeDecodeError as error:
-        raise KeysUnreadable(f"{router.api_keys_file} is not UTF-8 text") from error
+        raise KeysFileError(f"{router.api_keys_file} is not UTF-8 text") from error
     keys = [line.strip() for line in lines]
     return [key for key in keys if key and not key.startswith("#")]
 

@@ -152,9 +152,7 @@ def test_multipart_bodies_are_routed_by_their_model_field(router: tuple[int, Pat
     conn.close()
 
 
-def test_api_keys_from_the_config_and_from_a_file(
-    systemd_sandbox: Sandbox, tmp_path: Path
-) -> None:
+def test_api_keys_from_the_config_and_from_a_file(systemd_sandbox: Sandbox, tmp_path: Path) -> None:
     port = free_port()
     keys = tmp_path / "keys"
     keys.write_text("# the team's keys\nsk-from-file-1234\n\n")

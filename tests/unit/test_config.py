@@ -1792,3 +1792,76 @@ def test_tensor_split_problems(fields: dict[str, Any], message: str) -> None:
     path, problem = service_problem(**fields)
     assert path == "$.Services[0].TensorSplit"
     assert message in problem
+
+
+# --- The OpenAI router ----------------------------------------------------------------------
+
+
+def router_only(**overrides: Any) -> dict[str, Any]:
+    service = minimal_service(**{"OpenAiApi": True, **overrides})
+    del service["ListenPort"]
+    return service
+
+
+def test_a_routed_service_needs_no_port_where_there_is_a_router() -> None:
+    config = parse(document(router_only(), OpenAiApi={"ListenPort": 8080}))
+    (service,) = config.services
+    assert service.router_only and service.listen_port is None
+    assert config.routed == (service,) and service.model_ids == ("llm",)
+    # Without the router it would be unreachable; without OpenAiApi, too.
+    path, message = only_problem(document(router_only()))
+    assert path == "$.Services[0].ListenPort" and "OpenAiApi.ListenPort" in message
+    path, _ = only_problem(document(router_only(OpenAiApi=False), OpenAiApi={"ListenPort": 1}))
+    assert path == "$.Services[0].ListenPort"
+
+
+def test_the_routers_settings_and_their_defaults() -> None:
+    config = parse(document(minimal_service(), OpenAiApi={"ListenPort": 8080}))
+    assert config.router.api_keys == () and config.router.api_keys_file is None
+    assert config.router.max_request_body_bytes == 64 * 1024 * 1024
+    assert config.router.response_timeout_s == 600
+    config = parse(
+        document(
+            minimal_service(),
+            OpenAiApi={
+                "ListenPort": 8080,
+                "ApiKeys": ["sk-1"],
+                "ApiKeysFile": "keys.txt",
+                "MaxRequestBodyBytes": 1000,
+                "ResponseTimeoutSeconds": 0,
+            },
+        )
+    )
+    assert config.router.api_keys == ("sk-1",)
+    assert config.router.api_keys_file == str(BASE / "keys.txt")
+    assert (config.router.max_request_body_bytes, config.router.response_timeout_s) == (1000, 0)
+
+
+@pytest.mark.parametrize("key", ["", "has space", "tab\tkey", "ünïcode"])
+def test_api_keys_must_fit_a_header_and_are_never_repeated_in_errors(key: str) -> None:
+    found = problems(document(minimal_service(), OpenAiApi={"ListenPort": 1, "ApiKeys": [key]}))
+    (path, message), *_ = found
+    assert path == "$.OpenAiApi.ApiKeys[0]"
+    assert all(key not in m for _, m in found if key)
+
+
+def test_one_model_id_for_two_services_is_refused_naming_both() -> None:
+    first = minimal_service(Name="a", OpenAiApi=True, OpenAiApiModels=["qwen", "x"])
+    second = minimal_service(Name="b", ListenPort="8082", OpenAiApi=True, OpenAiApiModels=["qwen"])
+    path, message = only_problem(document(first, second, OpenAiApi={"ListenPort": 8080}))
+    assert path == "$.Services[1].OpenAiApiModels"
+    assert "'qwen'" in message and "$.Services[0]" in message
+    # A service's Name stands for its models when it lists none.
+    named = minimal_service(Name="qwen", ListenPort="8083", OpenAiApi=True)
+    path, _ = only_problem(document(first, named, OpenAiApi={"ListenPort": 8080}))
+    assert path == "$.Services[1].Name"
+    # Without the router the ids route nowhere: nothing to refuse.
+    assert len(parse(document(first, second)).services) == 2
+
+
+def test_the_routers_port_is_no_one_elses() -> None:
+    path, message = only_problem(document(minimal_service(), OpenAiApi={"ListenPort": 8081}))
+    assert path == "$.OpenAiApi.ListenPort" and "8081" in message
+    both = {"OpenAiApi": {"ListenPort": 7000}, "ManagementApi": {"ListenPort": 7000}}
+    path, message = only_problem(document(minimal_service(), **both))
+    assert path == "$.ManagementApi.ListenPort" and "$.OpenAiApi.ListenPort" in message

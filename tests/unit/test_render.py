@@ -1142,6 +1142,47 @@ def test_the_management_api_listens_where_the_services_do() -> None:
     assert units["lmproxy-api@management.socket"].values("Socket", "ListenStream") == ["[::1]:7070"]
 
 
+# --- The OpenAI router ------------------------------------------------------------------------
+
+
+def test_the_router_gets_a_socket_and_a_reloadable_service_only_when_configured() -> None:
+    assert not any("openai" in name for name in render_parsed(make_config(service())))
+    for scope in Scope:
+        config = make_config(service(OpenAiApi=True), OpenAiApi={"ListenPort": 8080})
+        units = render_parsed(config, scope=scope)
+        socket_unit = units["lmproxy-api@openai.socket"]
+        assert socket_unit.values("Socket", "ListenStream") == ["127.0.0.1:8080"]
+        assert socket_unit.values("Install", "WantedBy") == ["lmproxy.target"]
+        router = units["lmproxy-api@openai.service"]
+        argv = exec_argv(router.value("Service", "ExecStart"))
+        assert argv[1:4] == ["-P", "-m", "lmproxy.router"]
+        assert argv[4:] == [scope.systemctl_flag, "--config", str(CONFIG_PATHS[scope])]
+        assert router.values("Service", "ExecReload") == ["/bin/kill -HUP $MAINPID"]
+        system = scope is Scope.SYSTEM
+        assert router.values("Service", "User") == (["lmproxy"] if system else [])
+        assert router.values("Service", "NoNewPrivileges") == (["yes"] if system else [])
+    management = render_parsed(make_config(service(), ManagementApi={"ListenPort": 7070}))
+    assert not management["lmproxy-api@management.service"].has("Service", "ExecReload")
+
+
+def test_a_service_only_the_router_reaches_listens_on_a_private_socket() -> None:
+    qwen = service("Qwen/Qwen2.5-7B-Instruct", OpenAiApi=True)
+    del qwen["ListenPort"]
+    config = make_config(qwen, OpenAiApi={"ListenPort": 8080})
+    for scope in Scope:
+        units = render_parsed(config, scope=scope)
+        socket_unit = units["lmproxy-Qwen_Qwen2.5-7B-Instruct-1bb1e77d.socket"]
+        (listen,) = socket_unit.values("Socket", "ListenStream")
+        assert re.fullmatch(r"%t/lmproxy-private/[0-9a-f]{8}\.sock", listen)
+        assert socket_unit.values("Socket", "SocketMode") == ["0600"]
+        owner = ["lmproxy"] if scope is Scope.SYSTEM else []
+        assert socket_unit.values("Socket", "SocketUser") == owner
+        assert socket_unit.values("Socket", "SocketGroup") == owner
+        # ...where the router and `lmproxy start` look for it.
+        path = paths_for(scope).socket_path(config.services[0])
+        assert path is not None and path.endswith(listen.removeprefix("%t"))
+
+
 def test_tensor_split_auto_gives_the_backend_the_split_its_shim_writes() -> None:
     units = render_parsed(make_config(service(Args="-m /m/q.gguf", TensorSplit="auto")))
     backend = units["lmproxy-backend@llm.service"]
