@@ -4,14 +4,16 @@ It installs them into a real systemd user manager (a private sandboxed one
 when this machine was not booted with systemd), connects to each in turn, and
 shows the lazy start (and how soon after the client's connect its model's
 StartUnit went out), a model put to sleep for room although its client keeps
-its answered connection open (in use means a request in flight), woken again, the commands
-(sleep, start, stop), `lmproxy status` and the logs, then removes everything
+its answered connection open (in use means a request in flight), woken again, one
+OpenAI endpoint for both (each request on one connection routed by its model), the
+commands (sleep, start, stop), `lmproxy status` and the logs, then removes everything
 it installed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import socket
 import subprocess
@@ -40,6 +42,7 @@ def demo_config(small_port: int, large_port: int) -> dict[str, object]:
             "Args": f"-m lmproxy.fakemodel --name {name} --port {port + 10000} --delay {delay}"
             + args,
             "ResourceRequirements": {GPU: vram, "RAM": 4000},
+            "OpenAiApi": True,  # reachable through the router too
             # lmproxy's own additions: found by a source checkout's interpreter too
             "Environment": dict(current_interpreter().environment),
         }
@@ -52,6 +55,8 @@ def demo_config(small_port: int, large_port: int) -> dict[str, object]:
         "Services": [small, model(LARGE, large_port, 20000, 1.5)],
         # large-model-proxy's management API: GET /status and a status page
         "ManagementApi": {"ListenPort": str(large_port + 1)},
+        # large-model-proxy's OpenAI API: one endpoint, every request routed by its model
+        "OpenAiApi": {"ListenPort": str(large_port + 2)},
     }
 
 
@@ -108,6 +113,7 @@ def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
                 )
             say(f"# the same as a page, refreshed every second: http://127.0.0.1:{api}/")
             client("small-model", small_port, f"it wakes ({LARGE} is stopped for room)")
+            routed(large_port + 2, say)
             say("\n# by hand, through the same lifecycle: sleep, start, stop")
             lmproxy("sleep", "--user", "small-model")
             lmproxy("start", "--user", LARGE)
@@ -120,6 +126,29 @@ def run(small_port: int, large_port: int, say: Callable[[str], None]) -> None:
             if pooled is not None:
                 pooled.close()
             lmproxy("uninstall", "--user")
+
+
+def routed(port: int, say: Callable[[str], None]) -> None:
+    """The router: the model list, then one keep-alive connection asking each model."""
+    say(f"\n# one OpenAI endpoint for both (OpenAiApi): http://127.0.0.1:{port}/v1")
+    listed = json.loads(http_get(port, "/v1/models"))["data"]
+    say("GET /v1/models: " + ", ".join(f"{m['id']} ({m['lmproxy']['state']})" for m in listed))
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        for model in (LARGE, "small-model"):
+            started = time.monotonic()
+            body = json.dumps({"model": model, "messages": [], "stream": True})
+            connection.request("POST", "/v1/chat/completions", body)
+            answer = connection.getresponse()
+            events = [line for line in answer.read().decode().splitlines() if "token" in line]
+            said = json.loads(events[0].removeprefix("data: "))["model"] if events else "nobody"
+            say(
+                f"POST /v1/chat/completions model={model}: {answer.status}, "
+                f"{len(events)} events from {said} after {time.monotonic() - started:.2f} s "
+                "(the other made room; same connection)"
+            )
+    finally:
+        connection.close()
 
 
 def start_sent(wrap: Wrap, environ: dict[str, str], name: str) -> float | None:

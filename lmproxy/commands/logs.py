@@ -38,7 +38,8 @@ def journalctl_argv(name: str, *, follow: bool, lines: int | None) -> list[str]:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new entries.")
 @click.option("--lines", "-n", type=int, default=None, help="Show only the last N entries.")
 def logs(name: str, follow: bool, lines: int | None) -> None:
-    """Show NAME's backend output and the shim's decisions about it."""
+    """Show NAME's backend output, the shim's decisions about it and the OpenAI
+    router's line for each of its requests."""
     if shutil.which("journalctl") is None:
         fail("journalctl is not installed")
     argv = journalctl_argv(name, follow=follow, lines=lines)

@@ -272,6 +272,26 @@ def test_a_held_request_whose_backend_goes_is_given_back_unread(
         relay.stop()
 
 
+def test_a_pool_that_closes_its_idle_connection_as_the_backend_goes_gets_nothing_back(
+    framer: str, net: Net, knocks: Knocks
+) -> None:
+    """The backend goes (its model was evicted) and the client closes its idle pooled
+    connection (the router's pool, an SDK's): a FIN is no request. Given back, it counted
+    as a client waiting, and the shim started the model again for nobody."""
+    given_back = GivenBack()
+    relay = Relay(http=True, on_knock=knocks, on_give_back=given_back)
+    relay.start()
+    try:
+        client, backend = answered_and_unclaimed(relay, net)
+        backend.close()
+        client.close()
+        wait_until(lambda: relay.active == 0)
+        time.sleep(QUIET_S)
+        assert given_back.clients == [] and not relay.knocking
+    finally:
+        relay.stop()
+
+
 def test_close_all_gives_back_the_requests_held_at_the_gate(
     framer: str, net: Net, knocks: Knocks
 ) -> None:
