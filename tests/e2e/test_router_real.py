@@ -56,7 +56,7 @@ def two_models(systemd_sandbox: Sandbox, tmp_path: Path) -> tuple[str, LlamaServ
     return f"http://127.0.0.1:{port}/v1", llama, python
 
 
-def run_client(python: Path, script: str, *args: str, timeout: float = 240) -> dict[str, Any]:
+def run_client(python: Path, script: str, *args: str, timeout: float = 240) -> Any:
     result = subprocess.run(
         [str(python), "-c", script, *args],
         capture_output=True,
@@ -65,8 +65,7 @@ def run_client(python: Path, script: str, *args: str, timeout: float = 240) -> d
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    report: dict[str, Any] = json.loads(result.stdout)
-    return report
+    return json.loads(result.stdout)
 
 
 ONE_CLIENT = r"""

@@ -175,7 +175,9 @@ def test_a_pooled_connection_closed_under_a_request_is_replaced_once() -> None:
     on it as it closed is sent again on a new one, not lost."""
     served = 0
 
-    async def once_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def once_per_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         nonlocal served
         await read_request(reader)
         served += 1
