@@ -242,10 +242,23 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse_connection(Refusal(400, "protocol upgrades are not supported here"))
+            self._malformed("protocol upgrades are not supported here")
         except httptools.HttpParserError as error:
-            if not self.closed:
-                self._refuse_connection(Refusal(400, f"malformed HTTP request: {error}"))
+            self._malformed(f"malformed HTTP request: {error}")
+
+    def _malformed(self, why: str) -> None:
+        """Bytes that are no request: a 400, unless an answer is on its way already (no
+        answer can be cut into); the connection ends either way."""
+        if self.closed:
+            return
+        exchange = self._active_exchange()
+        if exchange is not None and exchange.first_byte is not None:
+            exchange.cancel()
+            self.close()
+            return
+        if exchange is not None:
+            exchange.cancel()
+        self._refuse_connection(Refusal(400, why))
 
     def eof_received(self) -> bool:
         # A client that closes its side has gone (as Go's and nginx's proxies read it):

@@ -436,3 +436,49 @@ def test_the_management_api_runs_unprivileged_and_reads_the_shims_ledger(
     finally:
         result = lmproxy(manager, "uninstall", "--system")
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_router_runs_unprivileged_and_alone_reaches_the_private_sockets(
+    manager: SystemManager,
+) -> None:
+    router, alpha = free_port(), free_port()
+    private = fake_model(manager, "Qwen/Qwen2.5", free_port(), OpenAiApi=True)
+    del private["ListenPort"]
+    install(
+        manager,
+        [fake_model(manager, "alpha", alpha, OpenAiApi=True), private],
+        OpenAiApi={"ListenPort": router},
+    )
+    try:
+        assert manager.show("lmproxy-api@openai.service", "ActiveState") == "inactive"
+
+        def ask(model: str) -> dict[str, Any]:
+            body = json.dumps({"model": model}).encode()
+            with socket.create_connection(("127.0.0.1", router), timeout=60) as conn:
+                conn.sendall(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+                )
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200"), data
+            event = data.split(b"data: ", 1)[1].split(b"\n", 1)[0]
+            answer: dict[str, Any] = json.loads(event)
+            return answer
+
+        assert ask("Qwen/Qwen2.5")["model"] == "Qwen/Qwen2.5"
+        assert ask("alpha")["model"] == "alpha"
+        router_uids, router_groups = ids(manager, "lmproxy-api@openai.service")
+        assert router_uids == {uid(manager, "lmproxy")}
+        assert router_groups <= {gid(manager, "lmproxy")}
+        [sock] = manager.path("/run/lmproxy-private").iterdir()
+        info = sock.stat()
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (
+            uid(manager, "lmproxy"),
+            gid(manager, "lmproxy"),
+            0o600,
+        )
+    finally:
+        result = lmproxy(manager, "uninstall", "--system")
+        assert result.returncode == 0, result.stdout + result.stderr
