@@ -21,7 +21,6 @@ import contextlib
 import enum
 import errno
 import os
-import resource
 import select
 import socket
 import threading
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmproxy import checks, eviction, lifecycle, turnaway
-from lmproxy.activation import inherited_listener, notify
+from lmproxy.activation import inherited_listener, notify, raise_descriptor_limit
 from lmproxy.backend import JOB_TIMEOUT_S, Backend
 from lmproxy.config import Config, Service
 from lmproxy.journal import Logger
@@ -897,16 +896,6 @@ class Every:
             return False
         self.last = now
         return True
-
-
-def raise_descriptor_limit() -> None:
-    """Each relayed connection holds two descriptors (its sockets), and two more for
-    each direction that is moving bytes (a pipe): up to six;
-    systemd's default soft limit of 1024 would stop a shim near 170 connections.
-    The hard limit (524288 by default) is ours to take."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def main(

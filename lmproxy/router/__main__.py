@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from lmproxy.activation import inherited_listener, notify
+from lmproxy.activation import inherited_listener, notify, raise_descriptor_limit
 from lmproxy.paths import Scope, paths_for
 from lmproxy.router.requestlog import RequestLog
 from lmproxy.router.server import Router
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 3 or args[0] not in ("--user", "--system") or args[1] != "--config":
         raise SystemExit("usage: python3 -m lmproxy.router --user|--system --config PATH")
     scope = Scope.SYSTEM if args[0] == "--system" else Scope.USER
+    raise_descriptor_limit()  # two per request in flight: 1024 would stop it near 500
     try:
         import uvloop
     except ImportError:  # Debian's python3-uvloop is recommended, not required

@@ -21,6 +21,7 @@ import sys
 IDENTIFIER = "lmproxy-openai"  # as its unit's own output
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _PRIORITIES = {"error": 3, "warning": 4, "info": 6}
+_REQUEST_FIELDS = b"PRIORITY=6\nSYSLOG_IDENTIFIER=%b\nLMPROXY_EVENT=request\n" % IDENTIFIER.encode()
 
 
 class RequestLog:
@@ -50,23 +51,38 @@ class RequestLog:
         bytes_in: int,
         bytes_out: int,
     ) -> None:
+        """One request's line: written as one %-format of bytes, for it runs per request."""
         ttfb = "-" if ttfb_ms is None else f"{ttfb_ms:.1f}"
-        self.send(
-            "info",
+        message = (
             f"{method} {path} {model} -> {status} in {duration_ms:.1f} ms "
-            f"(first byte {ttfb} ms, {bytes_in} B in, {bytes_out} B out)",
-            event="request",
-            service=service,
-            model=model,
-            path=path,
-            status=status,
-            duration_ms=f"{duration_ms:.3f}",
-            ttfb_ms="" if ttfb_ms is None else f"{ttfb_ms:.3f}",
-            bytes_in=bytes_in,
-            bytes_out=bytes_out,
+            f"(first byte {ttfb} ms, {bytes_in} B in, {bytes_out} B out)"
         )
+        if self.socket is None:
+            print(f"{IDENTIFIER} info: {message}", file=sys.stderr, flush=True)
+            return
+        # The client's words (the model, the path) may hold a newline: the binary form.
+        datagram = (
+            _field("MESSAGE", message)
+            + _REQUEST_FIELDS
+            + _field("LMPROXY_SERVICE", service)
+            + _field("LMPROXY_MODEL", model)
+            + _field("LMPROXY_PATH", path)
+            + (
+                b"LMPROXY_STATUS=%d\nLMPROXY_DURATION_MS=%.3f\nLMPROXY_TTFB_MS=%b\n"
+                b"LMPROXY_BYTES_IN=%d\nLMPROXY_BYTES_OUT=%d\n"
+                % (
+                    status,
+                    duration_ms,
+                    b"" if ttfb_ms is None else b"%.3f" % ttfb_ms,
+                    bytes_in,
+                    bytes_out,
+                )
+            )
+        )
+        self._send(datagram)
 
     def send(self, level: str, message: str, *, event: str, **fields: object) -> None:
+        """Any other line of the router's (started, reloaded, a problem)."""
         if self.socket is None:
             print(f"{IDENTIFIER} {level}: {message}", file=sys.stderr, flush=True)
             return
@@ -77,8 +93,12 @@ class RequestLog:
             _field("LMPROXY_EVENT", event),
         ]
         parts += [_field(f"LMPROXY_{key.upper()}", str(value)) for key, value in fields.items()]
+        self._send(b"".join(parts))
+
+    def _send(self, datagram: bytes) -> None:
+        assert self.socket is not None
         try:
-            self.socket.send(b"".join(parts))
+            self.socket.send(datagram)
         except OSError:
             self.dropped += 1
             return

@@ -117,7 +117,7 @@ def model_from_query(query: str) -> str | Refusal:
     return values[0]
 
 
-def model_from_json(body: bytes) -> str | Refusal:
+def model_from_json(body: bytes | bytearray) -> str | Refusal:
     """The `model` of a JSON object body."""
     try:
         document = json.loads(body)

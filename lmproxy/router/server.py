@@ -60,6 +60,7 @@ POOL_IDLE_S = 2.0
 POOL_MAX_IDLE = 256  # per service
 # A request whose bytes are kept to be sent again on a new connection, at most.
 REPLAY_LIMIT = 1024 * 1024
+DEADLINE_SWEEP_S = 0.5  # a 504 comes at most this late
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -76,6 +77,28 @@ class Router:
         self.pools: dict[Upstream, list[UpstreamConnection]] = {}
         self.clients: set[ClientConnection] = set()
         self._sweeping: asyncio.TimerHandle | None = None
+        # Exchanges whose answer has not begun, under ResponseTimeoutSeconds: a sweep a
+        # second while there are any, rather than a timer per request.
+        self.waiting: set[Exchange] = set()
+        self._deadlines: asyncio.TimerHandle | None = None
+
+    def awaiting(self, exchange: Exchange) -> None:
+        timeout = self.settings.response_timeout_s
+        if not timeout:
+            return
+        exchange.deadline = time.monotonic() + timeout
+        self.waiting.add(exchange)
+        if self._deadlines is None:
+            self._deadlines = self.loop.call_later(DEADLINE_SWEEP_S, self._sweep_deadlines)
+
+    def _sweep_deadlines(self) -> None:
+        self._deadlines = None
+        now = time.monotonic()
+        for exchange in [e for e in self.waiting if e.deadline <= now]:
+            self.waiting.discard(exchange)
+            exchange.timed_out(self.settings.response_timeout_s)
+        if self.waiting:
+            self._deadlines = self.loop.call_later(DEADLINE_SWEEP_S, self._sweep_deadlines)
 
     def client(self) -> ClientConnection:
         return ClientConnection(self)
@@ -146,6 +169,23 @@ class Router:
             for connection in pool:
                 connection.close()
         self.pools.clear()
+
+
+def announce_close(data: bytes) -> bytes:
+    """The first bytes of an answer whose connection ends after it, as a client that
+    asked for that (or spoke HTTP/1.0) is told: `Connection: close` in its head, in place
+    of what the model said. A head split across reads is left as it is (the connection
+    ends all the same)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return data
+    lines = [
+        line
+        for line in data[:end].split(b"\r\n")
+        if not line[:11].lower().startswith(b"connection:")
+        and not line[:11].lower().startswith(b"keep-alive:")
+    ]
+    return b"\r\n".join([*lines, b"Connection: close"]) + data[end:]
 
 
 class Request:
@@ -361,7 +401,7 @@ class ClientConnection(asyncio.Protocol):
             if request.multipart is not None:
                 self._route_multipart(request)
             else:
-                self._route(request, model_from_json(bytes(request.body)))
+                self._route(request, model_from_json(request.body))
 
     # Requests
 
@@ -558,13 +598,13 @@ class Exchange:
         "cancelled",
         "client",
         "connection",
+        "deadline",
         "first_byte",
-        "parser",
+        "replayed",
         "request",
         "response_done",
         "reused",
         "status",
-        "timer",
     )
 
     def __init__(
@@ -579,14 +619,14 @@ class Exchange:
         self.request = request
         self.connection = connection
         self.reused = reused
-        self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.first_byte: float | None = None
         self.bytes_out = 0
         self.response_done = False
         self.body_sent = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # when its answer must have begun (0: no limit)
         self.cancelled = False
+        self.replayed = 0  # bytes kept in request.replay
 
     def start(self) -> None:
         request = self.request
@@ -600,15 +640,14 @@ class Exchange:
             data += b"0\r\n\r\n" if request.chunked else b""
             self.body_sent = True
         self._send(data)
-        timeout = self.client.router.settings.response_timeout_s
-        if timeout:
-            self.timer = self.client.router.loop.call_later(timeout, self._timed_out, timeout)
+        self.client.router.awaiting(self)
 
     def _send(self, data: bytes) -> None:
         replay = self.request.replay
         if replay is not None:
             replay.append(data)
-            if sum(len(d) for d in replay) > REPLAY_LIMIT:
+            self.replayed += len(data)
+            if self.replayed > REPLAY_LIMIT:
                 self.request.replay = None
         self.connection.transport.write(data)
 
@@ -623,27 +662,24 @@ class Exchange:
     # Upstream's bytes
 
     def received(self, data: bytes) -> None:
+        """The model's bytes, to the client as they are (the answer's head is told that the
+        connection ends with it when the client asked for that)."""
         if self.first_byte is None:
             self.first_byte = time.monotonic()
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            self._stop_timer()
+            if not self.request.keep_alive:
+                data = announce_close(data)
         self.bytes_out += len(data)
         self.client.transport.write(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._fail_midway()
 
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+    def headers_complete(self, status: int) -> None:
+        self.status = status
 
-    def on_message_complete(self) -> None:
+    def message_complete(self, keep_alive: bool) -> None:
         if 100 <= self.status < 200:
             return  # an interim answer: the final one follows
         self.response_done = True
-        keep = self.parser.should_keep_alive()
-        self._finish(upstream_reusable=keep and self.body_sent)
+        self._finish(upstream_reusable=keep_alive and self.body_sent, keep_alive=keep_alive)
 
     def upstream_closed(self) -> None:
         """The upstream connection ended before the answer did."""
@@ -671,10 +707,10 @@ class Exchange:
                 )
                 self.client._answer(request, refusal)
             return
-        if self.status and not self.parser.should_keep_alive():
+        if self.status and not self.connection.parser.should_keep_alive():
             # A body that ends with the connection: this is its end.
             self.response_done = True
-            self._finish(upstream_reusable=False)
+            self._finish(upstream_reusable=False, keep_alive=False)
             return
         self._fail_midway()
 
@@ -706,16 +742,12 @@ class Exchange:
             request.replay = None
             for data in replay:
                 connection.transport.write(data)
-            timeout = client.router.settings.response_timeout_s
-            if timeout:
-                exchange.timer = client.router.loop.call_later(
-                    timeout, exchange._timed_out, timeout
-                )
+            client.router.awaiting(exchange)
 
         client.router.loop.create_task(again())
 
-    def _timed_out(self, seconds: int) -> None:
-        self.timer = None
+    def timed_out(self, seconds: int) -> None:
+        """From the router's sweep: no answer began before the deadline."""
         if self.first_byte is not None or self.cancelled:
             return
         self.cancelled = True
@@ -734,7 +766,7 @@ class Exchange:
         self._log(self.status or 502)
         self.client.close()
 
-    def _finish(self, *, upstream_reusable: bool) -> None:
+    def _finish(self, *, upstream_reusable: bool, keep_alive: bool) -> None:
         self._stop_timer()
         request = self.request
         request.exchange = None
@@ -744,7 +776,7 @@ class Exchange:
             self.client.router.give_back(self.connection)
         else:
             self.connection.close()
-        self.client.finished(request, keep_alive=self.parser.should_keep_alive())
+        self.client.finished(request, keep_alive=keep_alive)
 
     def cancel(self) -> None:
         """The client went away: the model stops working for it now."""
@@ -756,9 +788,9 @@ class Exchange:
         self._log(499)
 
     def _stop_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline:
+            self.deadline = 0.0
+            self.client.router.waiting.discard(self)
 
     def _log(self, status: int) -> None:
         ttfb = None if self.first_byte is None else (self.first_byte - self.request.started) * 1000
@@ -781,6 +813,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.closed = False
         self.idle_since = 0.0
+        # One parser for the connection's answers, one after the other: it says where each
+        # ends (the connection is reused) and with what status (the journal line).
+        self.parser = httptools.HttpResponseParser(self)
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -791,6 +826,23 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: this connection is not to be trusted
             return
         exchange.received(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self.exchange is not None:
+                self.exchange._fail_midway()
+            else:
+                self.close()
+
+    # httptools' callbacks, for the exchange under way
+
+    def on_headers_complete(self) -> None:
+        if self.exchange is not None:
+            self.exchange.headers_complete(self.parser.get_status_code())
+
+    def on_message_complete(self) -> None:
+        if self.exchange is not None:
+            self.exchange.message_complete(self.parser.should_keep_alive())
 
     def eof_received(self) -> bool:
         return False

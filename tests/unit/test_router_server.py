@@ -15,7 +15,7 @@ from typing import Any
 
 from lmproxy.router.requestlog import RequestLog
 from lmproxy.router.routing import Catalog, Listing, Upstream
-from lmproxy.router.server import Router
+from lmproxy.router.server import Router, announce_close
 from lmproxy.router.settings import Settings
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -253,3 +253,30 @@ def test_a_request_that_is_not_http_gets_a_400() -> None:
             assert status == 400 and document["error"]["type"] == "invalid_request_error"
 
     run(test)
+
+
+def test_a_client_that_asks_to_close_is_told_the_connection_ends_with_the_answer() -> None:
+    async def keep_alive_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    async def test() -> None:
+        async with routed(keep_alive_answer) as (port, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post(BODY, b"Connection: close"))
+            answer = await reader.read()  # to the end: the router closes after it
+            head = answer.split(b"\r\n\r\n")[0].lower()
+            assert b"connection: close" in head and b"keep-alive" not in head
+            assert answer.endswith(b"\r\n\r\n{}")
+            writer.close()
+
+    run(test)
+
+
+def test_announce_close_rewrites_only_a_whole_head() -> None:
+    head = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\n{}"
+    assert announce_close(head) == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    assert announce_close(b"HTTP/1.1 200 OK\r\nContent-") == b"HTTP/1.1 200 OK\r\nContent-"
