@@ -100,8 +100,12 @@ def test_every_request_on_one_connection_goes_to_its_model(
         # The two cannot run together: the other was evicted for this one.
         assert service_status(systemd_sandbox, other)["state"] in ("cold", "stopping")
     assert get(conn, "/v1/models/qwen-7b")[1]["lmproxy"]["state"] == "stopped"
-    # The router-only service has no address anyone else can reach.
+    # The router-only service has no address anyone else can reach; the commands reach it
+    # through its private socket.
     assert service_status(systemd_sandbox, "Qwen/Qwen2.5-7B-Instruct")["listen"] == "router only"
+    result = lmproxy(systemd_sandbox, "start", "--user", "Qwen/Qwen2.5-7B-Instruct")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert get(conn, "/v1/models/qwen")[1]["lmproxy"]["state"] == "running"
     conn.close()
 
 
