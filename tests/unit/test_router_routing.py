@@ -80,8 +80,9 @@ def test_any_other_path_is_unknown(method: str, path: str) -> None:
 @given(
     st.text(min_size=1),
     st.dictionaries(
-        st.text().filter(lambda k: k != "model"),
-        st.recursive(st.none() | st.integers() | st.text(), st.lists),
+        st.text(max_size=10).filter(lambda k: k != "model"),
+        st.recursive(st.none() | st.integers() | st.text(max_size=20), st.lists, max_leaves=8),
+        max_size=5,
     ),
 )
 def test_the_model_of_any_json_object(model: str, others: dict[str, object]) -> None:

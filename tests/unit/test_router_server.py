@@ -15,8 +15,9 @@ from typing import Any
 
 from lmproxy.router.requestlog import RequestLog
 from lmproxy.router.routing import Catalog, Listing, Upstream
-from lmproxy.router.server import Router, announce_close
+from lmproxy.router.server import Router
 from lmproxy.router.settings import Settings
+from lmproxy.router.upstream import announce_close
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
