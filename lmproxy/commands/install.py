@@ -42,7 +42,8 @@ def install(
     """Render units from a config and install them into systemd.
 
     Re-running it with a changed config updates the units in place, removes
-    those of services that left the config, and leaves the others running.
+    those of services that left the config, and leaves the others running; a
+    running OpenAI router (OpenAiApi) is reloaded, without dropping a request.
     A bad config is refused (exit 2) and nothing is changed. A Command that
     cannot run here is warned of (its model's start fails until it is
     installed), or refused with --strict. Relative paths in the config resolve
