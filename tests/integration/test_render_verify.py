@@ -146,7 +146,7 @@ def test_example_verifies(
     scope: Scope, command: str, interpreter: Interpreter, tmp_path: Path
 ) -> None:
     units = render(example_with(command), scope, interpreter, tmp_path)
-    assert len(units) == 3 * 2 + 2
+    assert len(units) == 3 * 2 + 2 + 2  # two services, the static units, the router's
     verify(units, scope, tmp_path)
 
 

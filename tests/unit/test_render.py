@@ -320,10 +320,13 @@ def example_services() -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("scope", list(Scope))
-def test_example_gives_three_units_per_service_and_the_static_ones(scope: Scope) -> None:
+def test_example_gives_three_units_per_service_the_routers_and_the_static_ones(
+    scope: Scope,
+) -> None:
     names = [entry["Name"] for entry in example_services()]
     assert names == ["llama-server", "automatic1111"]
-    assert set(render_texts(example_config(), scope=scope)) == files_of(*names)
+    router = {"lmproxy-api@openai.socket", "lmproxy-api@openai.service"}
+    assert set(render_texts(example_config(), scope=scope)) == files_of(*names) | router
 
 
 def test_hand_written_config_gives_three_units_per_service() -> None:
