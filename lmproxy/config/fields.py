@@ -198,20 +198,25 @@ def service_url(r: ConfigReader, f: Fields, name: str, _v: Values, d: Defaults |
     return r.optional_text(f, name)
 
 
-def models(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
+def strings(r: ConfigReader, f: Fields, name: str) -> list[tuple[str, str]]:
+    """An array of strings: each valid one with its JSON path (the others are reported)."""
     got = f.get(name)
     if got is None:
-        return ()
+        return []
     where, value = got
     if not isinstance(value, list):
         r.error(where, f"expected an array of strings, got {show(value)}")
-        return ()
+        return []
     found = []
     for index, item in enumerate(value):
-        model = r.string_value(f"{where}[{index}]", item)
-        if model is not None:
-            found.append(model)
-    return tuple(found)
+        text = r.string_value(f"{where}[{index}]", item)
+        if text is not None:
+            found.append((f"{where}[{index}]", text))
+    return found
+
+
+def models(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
+    return tuple(model for _, model in strings(r, f, name))
 
 
 def requirements(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:

@@ -30,6 +30,7 @@ from lmproxy.config.fields import (
     service_name,
     service_shutdown,
     service_url,
+    strings,
     tensor_split,
     unix_socket,
     user,
@@ -121,23 +122,13 @@ def openai_api(r: ConfigReader, f: Fields, _v: Values, _d: Defaults | None) -> V
 
 def api_keys(r: ConfigReader, f: Fields, name: str, _v: Values, _d: Defaults | None) -> object:
     """Bearer keys: printable, no spaces (an Authorization header carries them)."""
-    got = f.get(name)
-    if got is None:
-        return ()
-    where, value = got
-    if not isinstance(value, list):
-        r.error(where, f"expected an array of strings, got {show(value)}")
-        return ()
     keys = []
-    for index, item in enumerate(value):
-        key = r.string_value(f"{where}[{index}]", item)
-        if key is None:
-            continue
-        if not API_KEY_RE.fullmatch(key):
+    for where, key in strings(r, f, name):
+        if API_KEY_RE.fullmatch(key):
+            keys.append(key)
+        else:
             # The key itself is not repeated: an error message may end up in a log.
-            r.error(f"{where}[{index}]", f"an API key must be {API_KEY_RULE}")
-            continue
-        keys.append(key)
+            r.error(where, f"an API key must be {API_KEY_RULE}")
     return tuple(keys)
 
 
