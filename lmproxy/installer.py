@@ -276,35 +276,17 @@ def _listeners(config: Config) -> list[tuple[str, str, str, int]]:
         for index, service in enumerate(config.services)
         if service.listen_port is not None  # a unix socket: systemd replaces a stale one
     ]
-    if config.openai_api_listen_port is not None:
-        found.append(
-            (
-                "$.OpenAiApi.ListenPort",
-                unitnames.api_socket(unitnames.ROUTER),
-                config.listen_address,
-                config.openai_api_listen_port,
-            )
-        )
-    if config.management_api_listen_port is not None:
-        found.append(
-            (
-                "$.ManagementApi.ListenPort",
-                unitnames.api_socket(unitnames.MANAGEMENT),
-                config.listen_address,
-                config.management_api_listen_port,
-            )
-        )
+    found += [
+        (api.path, unitnames.api_socket(api.name), config.listen_address, api.port)
+        for api in config.apis
+    ]
     return found
 
 
 def _sockets(config: Config) -> list[str]:
     """Every socket unit of an install, to start with --now."""
     sockets = [unitnames.socket_unit(s.name) for s in config.services]
-    if config.openai_api_listen_port is not None:
-        sockets.append(unitnames.api_socket(unitnames.ROUTER))
-    if config.management_api_listen_port is not None:
-        sockets.append(unitnames.api_socket(unitnames.MANAGEMENT))
-    return sockets
+    return sockets + [unitnames.api_socket(api.name) for api in config.apis]
 
 
 def _refuse_ports_in_use(config: Config, paths: Paths, manager: Manager) -> None:

@@ -177,35 +177,31 @@ def render_units(
         units[unitnames.backend_unit(service.name)] = env.get_template("backend.service.j2").render(
             values
         )
-    if config.openai_api_listen_port is not None:
+    for api in config.apis:
+        description, module = _API_SERVICES[api.name]
         units.update(
             _api_units(
-                unitnames.ROUTER,
-                "OpenAI-compatible router",
-                "lmproxy.router",
-                unitsyntax.listen_stream(config.listen_address, config.openai_api_listen_port),
+                api.name,
+                description,
+                module,
+                unitsyntax.listen_stream(config.listen_address, api.port),
                 scope=scope,
                 config_path=config_path,
                 interpreter=interpreter,
-                reloads=True,
-            )
-        )
-    if config.management_api_listen_port is not None:
-        units.update(
-            _api_units(
-                unitnames.MANAGEMENT,
-                "management API and status page",
-                "lmproxy.management",
-                unitsyntax.listen_stream(config.listen_address, config.management_api_listen_port),
-                scope=scope,
-                config_path=config_path,
-                interpreter=interpreter,
+                reloads=api.name == unitnames.ROUTER,  # it reads the config again on SIGHUP
             )
         )
     for static in sorted(resources.data_dir("units").iterdir()):
         if static.suffix in (".target", ".slice"):
             units[static.name] = static.read_text()
     return units
+
+
+# What each of lmproxy's own services is (its Description=) and runs.
+_API_SERVICES = {
+    unitnames.ROUTER: ("OpenAI-compatible router", "lmproxy.router"),
+    unitnames.MANAGEMENT: ("management API and status page", "lmproxy.management"),
+}
 
 
 def _api_units(

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
-from lmproxy import unitsyntax
+from lmproxy import unitnames, unitsyntax
 
 # Where the sockets of services reachable only through the router are, in the manager's
 # runtime directory (beside lmproxy's own, which its shims own: this one is systemd's).
@@ -50,6 +50,21 @@ class Sleep:
 DEFAULT_MAX_REQUEST_BODY_BYTES = 64 * 1024 * 1024
 # How long the router waits for a model's answer to begin (a cold start included).
 DEFAULT_RESPONSE_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class OwnApi:
+    """One of lmproxy's own socket-activated services that a config asks for: the OpenAI
+    router or the management API (`lmproxy-api@NAME.socket` on ListenAddress)."""
+
+    name: str  # unitnames.ROUTER or unitnames.MANAGEMENT
+    field: str  # its top-level object: "OpenAiApi" or "ManagementApi"
+    port: int
+
+    @property
+    def path(self) -> str:
+        """Its port's JSON path, for errors."""
+        return f"$.{self.field}.ListenPort"
 
 
 @dataclass(frozen=True)
@@ -172,6 +187,15 @@ class Config:
     # `lmproxy install` reads from NVML (until then UNBOUNDED; lmproxy.gpuresources).
     auto_amounts: AbstractSet[str] = frozenset()
     router: Router = field(default_factory=Router)
+
+    @property
+    def apis(self) -> tuple[OwnApi, ...]:
+        """lmproxy's own services this config has: the router's first."""
+        ports = (
+            (unitnames.ROUTER, "OpenAiApi", self.openai_api_listen_port),
+            (unitnames.MANAGEMENT, "ManagementApi", self.management_api_listen_port),
+        )
+        return tuple(OwnApi(name, field, port) for name, field, port in ports if port is not None)
 
     @property
     def routed(self) -> tuple[Service, ...]:

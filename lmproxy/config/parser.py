@@ -152,13 +152,16 @@ class Parser(ConfigReader):
     def check_api_ports(self, entries: list[_Entry], values: Values) -> None:
         """lmproxy's own ports (the router's, the management API's) are no service's, nor
         each other's."""
-        apis = [
-            ("$.OpenAiApi.ListenPort", values["openai_api_listen_port"]),
-            ("$.ManagementApi.ListenPort", values["management_api_listen_port"]),
-        ]
-        if apis[0][1] is not None and apis[0][1] == apis[1][1]:
-            self.error(apis[1][0], f"ListenPort {apis[1][1]} is already used by {apis[0][0]}")
-        for path, port in apis:
+        router, management = values["openai_api_listen_port"], values["management_api_listen_port"]
+        if router is not None and router == management:
+            self.error(
+                "$.ManagementApi.ListenPort",
+                f"ListenPort {management} is already used by $.OpenAiApi.ListenPort",
+            )
+        for path, port in (
+            ("$.OpenAiApi.ListenPort", router),
+            ("$.ManagementApi.ListenPort", management),
+        ):
             for entry in entries:
                 if port is not None and entry.listen_port == port:
                     self.error(
