@@ -243,8 +243,8 @@ class ClientConnection(asyncio.Protocol):
             exchange.send_body(data)
             return
         request.body += data
-        if request is self.requests[0] and request.multipart is not None:
-            self._route_multipart(request)
+        if request is self.requests[0]:
+            self._route_body(request)
 
     def on_message_complete(self) -> None:
         request = self.building
@@ -258,11 +258,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if request.exchange is not None:
             request.exchange.end_body()
-        elif request.upstream is None and request.route_kind is Kind.BODY:
-            if request.multipart is not None:
-                self._route_multipart(request)
-            else:
-                self._route(request, model_from_json(request.body))
+        else:
+            self._route_body(request)
 
     # Requests
 
@@ -293,10 +290,7 @@ class ClientConnection(asyncio.Protocol):
                 request.multipart = MultipartModel(boundary)
             if request.expect_continue:
                 self.transport.write(CONTINUE)
-            if request.body:
-                self.on_body_so_far(request)
-            elif request.complete:
-                self.on_message_complete_so_far(request)
+            self._route_body(request)  # (a pipelined one may have come whole already)
         elif route.kind is Kind.QUERY:
             self._route(request, model_from_query(route.query))
         elif route.kind is Kind.MODELS:
@@ -312,20 +306,18 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.answer(request, answers.unknown_url(request.method, route.path))
 
-    def on_body_so_far(self, request: Request) -> None:
-        """A pipelined request's body came before its turn."""
-        if request.body_size > self.router.settings.max_body_bytes:
-            self._refuse_connection(answers.too_large(self.router.settings.max_body_bytes))
-        elif request.multipart is not None:
-            self._route_multipart(request)
-        elif request.complete:
-            self._route(request, model_from_json(bytes(request.body)))
-
-    def on_message_complete_so_far(self, request: Request) -> None:
+    def _route_body(self, request: Request) -> None:
+        """Routes a request whose model is in its body once enough of the body is here:
+        a multipart one up to its model field, a JSON one whole. (A body over the limit
+        was refused as it came, in on_body.)"""
+        if request.route_kind is not Kind.BODY or request.upstream is not None:
+            return
+        if request.answered:
+            return
         if request.multipart is not None:
             self._route_multipart(request)
-        else:
-            self._route(request, model_from_json(bytes(request.body)))
+        elif request.complete:
+            self._route(request, model_from_json(request.body))
 
     def _reply_model(self, request: Request, model: str) -> None:
         settings = self.router.settings
@@ -357,9 +349,13 @@ class ClientConnection(asyncio.Protocol):
         if connection is not None:
             Exchange(self, request, connection, reused=True).start()
         else:
-            self.router.loop.create_task(self._connect(request, upstream))
+            self.router.loop.create_task(self.connect(request, upstream))
 
-    async def _connect(self, request: Request, upstream: Upstream) -> None:
+    async def connect(
+        self, request: Request, upstream: Upstream, replay: list[bytes] | None = None
+    ) -> None:
+        """Sends request over a new connection to upstream: from its start, or again
+        (replay: the bytes it was sent with before, on a connection found closed)."""
         try:
             connection = await self.router.connect(upstream)
         except OSError as error:
@@ -371,7 +367,11 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             connection.close()
             return
-        Exchange(self, request, connection, reused=False).start()
+        exchange = Exchange(self, request, connection, reused=False)
+        if replay is None:
+            exchange.start()
+        else:
+            exchange.resend(replay)
 
     # An answer of the router's own: the rest of the request's body, if any, is read and
     # dropped, and the connection goes on with the next request.

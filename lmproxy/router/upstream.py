@@ -37,8 +37,7 @@ def announce_close(data: bytes) -> bytes:
     lines = [
         line
         for line in data[:end].split(b"\r\n")
-        if not line[:11].lower().startswith(b"connection:")
-        and not line[:11].lower().startswith(b"keep-alive:")
+        if not line[:11].lower().startswith((b"connection:", b"keep-alive:"))
     ]
     return b"\r\n".join([*lines, b"Connection: close"]) + data[end:]
 
@@ -176,29 +175,18 @@ class Exchange:
         request.exchange = None
         self._stop_timer()
         client = self.client
+        client.router.loop.create_task(client.connect(request, self.connection.upstream, replay))
 
-        async def again() -> None:
-            upstream = self.connection.upstream
-            try:
-                connection = await client.router.connect(upstream)
-            except OSError as error:
-                if not client.closed:
-                    why = f"is not reachable ({error.strerror or error})"
-                    client.answer(request, answers.unavailable(upstream.service, why))
-                return
-            if client.closed:
-                connection.close()
-                return
-            exchange = Exchange(client, request, connection, reused=False)
-            request.exchange = exchange
-            connection.exchange = exchange
-            exchange.body_sent = True
-            request.replay = None
-            for data in replay:
-                connection.transport.write(data)
-            client.router.awaiting(exchange)
-
-        client.router.loop.create_task(again())
+    def resend(self, replay: list[bytes]) -> None:
+        """start() for a request sent before: its bytes as they went, whole."""
+        request = self.request
+        request.exchange = self
+        self.connection.exchange = self
+        self.body_sent = True
+        request.replay = None  # not a third time
+        for data in replay:
+            self.connection.transport.write(data)
+        self.client.router.awaiting(self)
 
     def timed_out(self, seconds: int) -> None:
         """From the router's sweep: no answer began before the deadline."""
