@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
 from lmproxy import unitnames
+from lmproxy.files import write_atomically
 
 FOLDER = "turned-away"
 MAX_BYTES = 16 * 1024
@@ -28,12 +28,10 @@ def record_path(runtime_dir: Path, name: str) -> Path:
 def record(runtime_dir: Path, name: str, reason: str) -> None:
     """Best effort: the journal has the reason too."""
     path = record_path(runtime_dir, name)
+    data = json.dumps({"at": time.time(), "reason": reason[:4000]}).encode()
     with contextlib.suppress(OSError):
         path.parent.mkdir(mode=0o755, exist_ok=True)
-        staged = path.with_suffix(f".{os.getpid()}.tmp")
-        staged.write_text(json.dumps({"at": time.time(), "reason": reason[:4000]}))
-        os.chmod(staged, 0o644)
-        os.replace(staged, path)
+        write_atomically(path, data, 0o644, durable=False)  # a tmpfs
 
 
 def reason_since(runtime_dir: Path, name: str, since: float) -> str | None:
