@@ -398,6 +398,19 @@ def start_lmproxy(source: Path, folder: Path, delay: float, stack: contextlib.Ex
     return proxy
 
 
+def stop_peer(process: subprocess.Popen[bytes]) -> None:
+    """large-model-proxy stopped with SIGINT, as it expects (it stops its services);
+    killed with its process group after 10 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 @contextlib.contextmanager
 def large_model_proxy(peer: Path, folder: Path, delay: float) -> Iterator[LargeModelProxy]:
     """The peer, running in folder (its logs/ go there), stopped with SIGINT as it expects
@@ -439,14 +452,7 @@ def large_model_proxy(peer: Path, folder: Path, delay: float) -> Iterator[LargeM
             time.sleep(0.05)
         yield proxy
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_peer(process)
         # It starts its services in process groups of their own: the last one, if it is left.
         pid = proxy.newest_model()
         if pid is not None and not pid_gone(pid):

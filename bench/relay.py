@@ -1099,19 +1099,25 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
+def as_root(script: str, run: Callable[[], int]) -> int:
+    """Runs a benchmark that needs root (the systemd sandbox) from the checkout; SIGTERM
+    and SIGHUP end it as Ctrl-C does, and everything it started is stopped."""
     if os.geteuid() != 0:
-        say("bench/relay.py needs root (the systemd sandbox); run it with sudo")
+        say(f"{script} needs root (the systemd sandbox); run it with sudo")
         return 2
     os.chdir(ROOT)  # `python3 -m lmproxy` finds this checkout first
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     try:
-        return run(args)
+        return run()
     except KeyboardInterrupt:
         say("interrupted; everything it started has been stopped")
         return 130
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    return as_root("bench/relay.py", lambda: run(args))
 
 
 if __name__ == "__main__":

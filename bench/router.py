@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import cast
 
 BENCH = Path(__file__).resolve().parent
@@ -45,8 +44,8 @@ for folder in (str(ROOT), str(BENCH)):
     if folder not in sys.path:
         sys.path.insert(0, folder)
 
-from coldstart import describe, free_ports, tail  # noqa: E402
-from relay import cpu_seconds, loadavg, machine, run_tool, say, status_kib  # noqa: E402
+from coldstart import describe, free_ports, stop_peer, tail  # noqa: E402
+from relay import as_root, cpu_seconds, loadavg, machine, run_tool, say, status_kib  # noqa: E402
 
 from lmproxy import sandbox as sandbox_module  # noqa: E402
 from lmproxy.sandbox import Sandbox  # noqa: E402
@@ -258,14 +257,7 @@ def large_model_proxy(work: Path, ports: Sequence[int]) -> Iterator[subprocess.P
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_peer(process)
         with contextlib.suppress(OSError, ValueError):
             pid = int(pidfile.read_text())
             if b"--backend" in Path(f"/proc/{pid}/cmdline").read_bytes():
@@ -570,26 +562,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     if args.backend is not None:
         serve_backend(args.backend, args.pidfile)
         return 0
-    if os.geteuid() != 0:
-        say("bench/router.py needs root (the systemd sandbox); run it with sudo")
-        return 2
-    os.chdir(ROOT)  # `python3 -m lmproxy` finds this checkout first
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        say("interrupted; everything it started has been stopped")
-        return 130
+    return as_root("bench/router.py", lambda: run(args))
 
 
 if __name__ == "__main__":
