@@ -9,7 +9,6 @@ limits. The states /v1/models shows come from the ledger, read without its lock 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from lmproxy.paths import Paths
 from lmproxy.router.routing import Catalog, Listing, Upstream
 
 MAX_KEYS_FILE_BYTES = 1024 * 1024
-MAX_LEDGER_BYTES = 4 * 1024 * 1024
 
 
 class KeysFileError(Exception):
@@ -100,10 +98,13 @@ def file_keys(router: Router) -> list[str]:
 
 
 def service_states(runtime_dir: Path) -> dict[str, str]:
-    """Each service's state as the ledger last says (absent: stopped); {} if unreadable."""
+    """Each service's state as the ledger last says (absent: stopped); {} if unreadable.
+    Read by the ledger's own reader, without its lock, as `lmproxy status` reads it: the
+    file must be the shims' regular file (a FIFO put in its place cannot hang the router)."""
+    from lmproxy.ledger import Ledger, LedgerError  # (at the first /v1/models, not at start)
+
     try:
-        with open(runtime_dir / "ledger.json", "rb") as file:
-            data = json.loads(file.read(MAX_LEDGER_BYTES))
-        return {str(name): str(entry["state"]) for name, entry in data["services"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        entries = Ledger(runtime_dir, {}, {}, lambda _: {}, lambda _: None).snapshot()
+    except (OSError, LedgerError):
         return {}
+    return {name: entry.phase.value for name, entry in entries.items()}
